@@ -1,0 +1,53 @@
+//! Where DFU messages travel: MQTT topics `dfu/{device_id}/status` and
+//! `dfu/{device_id}/command`, and the device-id grammar they share with CoAP paths.
+
+/// Longest accepted device id, in bytes.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// The filter the gateway subscribes to for every device's Status.
+pub const STATUS_FILTER: &str = "dfu/+/status";
+
+/// A device id: UUIDs, Cray xnames and plain names. Letters, digits and `-_.:`, so it can
+/// never contain an MQTT wildcard or separator.
+pub fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DEVICE_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+pub fn status_topic(device_id: &str) -> String {
+    format!("dfu/{device_id}/status")
+}
+
+pub fn command_topic(device_id: &str) -> String {
+    format!("dfu/{device_id}/command")
+}
+
+/// The device id of a Status topic, or `None` if the topic is not one.
+pub fn parse_status_topic(topic: &[u8]) -> Option<&str> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let id = topic.strip_prefix("dfu/")?.strip_suffix("/status")?;
+    valid_device_id(id).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_topics_round_trip() {
+        assert_eq!(parse_status_topic(status_topic("x3000c0s19b1n0").as_bytes()), Some("x3000c0s19b1n0"));
+        assert_eq!(parse_status_topic(b"dfu/a/b/status"), None);
+        assert_eq!(parse_status_topic(b"dfu//status"), None);
+        assert_eq!(parse_status_topic(b"dfu/dev1/command"), None);
+        assert_eq!(parse_status_topic(b"dfu/\xff/status"), None);
+    }
+
+    #[test]
+    fn ids_exclude_wildcards_and_bounds() {
+        assert!(valid_device_id("9d5b1a4e-7c1f-4a55-9a0e-1f6ad1c2b3e4"));
+        assert!(!valid_device_id("a+b"));
+        assert!(!valid_device_id("a#"));
+        assert!(!valid_device_id(&"a".repeat(MAX_DEVICE_ID_LEN + 1)));
+    }
+}
