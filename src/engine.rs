@@ -98,11 +98,7 @@ pub fn wait<'a>(cfg: &EngineConfig, status: &Status<'a>) -> Command<'a> {
 
 /// One DFU step. `op` is the device's current operation for the Status's component and the
 /// target it installs, or `None` when nothing is assigned.
-pub fn handle_status<'a>(
-    cfg: &EngineConfig,
-    status: &Status<'a>,
-    op: Option<(OpState, Target<'a>)>,
-) -> Step<'a> {
+pub fn handle_status<'a>(cfg: &EngineConfig, status: &Status<'a>, op: Option<(OpState, Target<'a>)>) -> Step<'a> {
     let cid = status.correlation_id;
     let sync = |version| Command::Sync { version, correlation_id: cid, poll: Some(cfg.sync_poll) };
     let Some((state, target)) = op else {

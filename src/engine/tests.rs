@@ -1,7 +1,8 @@
 use super::*;
 use crate::protocol::UpdateProgress;
 
-const CFG: EngineConfig = EngineConfig { max_block: 1024, default_mtu: 512, max_window: 4, sync_poll: 300, wait_poll: 30 };
+const CFG: EngineConfig =
+    EngineConfig { max_block: 1024, default_mtu: 512, max_window: 4, sync_poll: 300, wait_poll: 30 };
 
 fn image() -> Vec<u8> {
     (0..2500u32).map(|i| (i % 251) as u8).collect()
@@ -59,9 +60,11 @@ fn resumes_at_the_reported_offset_and_caps_block_and_window() {
 #[test]
 fn another_update_version_or_offset_past_the_end_restarts() {
     let img = image();
-    let other = handle_status(&CFG, &status("1.0.0", Some(("0.9.9", 2000))), Some((OpState::Downloading, target(&img))));
+    let other =
+        handle_status(&CFG, &status("1.0.0", Some(("0.9.9", 2000))), Some((OpState::Downloading, target(&img))));
     assert_eq!(writes(&other), vec![(0, 512)]);
-    let past = handle_status(&CFG, &status("1.0.0", Some(("1.1.0", 99_999))), Some((OpState::Downloading, target(&img))));
+    let past =
+        handle_status(&CFG, &status("1.0.0", Some(("1.1.0", 99_999))), Some((OpState::Downloading, target(&img))));
     assert_eq!(writes(&past), vec![(0, 512)]);
 }
 

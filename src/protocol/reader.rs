@@ -107,9 +107,7 @@ impl<'b> Reader<'b> {
 
     pub(crate) fn int_key(&mut self) -> Result<u64, DecodeError> {
         match self.datatype("key")? {
-            Type::U8 | Type::U16 | Type::U32 | Type::U64 => {
-                self.d.u64().map_err(|e| self.err(e, "key"))
-            }
+            Type::U8 | Type::U16 | Type::U32 | Type::U64 => self.d.u64().map_err(|e| self.err(e, "key")),
             _ => Err(DecodeError::WrongType("key")),
         }
     }
@@ -154,9 +152,7 @@ impl<'b> Reader<'b> {
         match self.datatype(field)? {
             Type::U8 | Type::U16 | Type::U32 => self.d.u32().map_err(|e| self.err(e, field)),
             Type::U64 => Err(DecodeError::OutOfRange(field)),
-            Type::I8 | Type::I16 | Type::I32 | Type::I64 | Type::Int => {
-                Err(DecodeError::OutOfRange(field))
-            }
+            Type::I8 | Type::I16 | Type::I32 | Type::I64 | Type::Int => Err(DecodeError::OutOfRange(field)),
             _ => Err(DecodeError::WrongType(field)),
         }
     }

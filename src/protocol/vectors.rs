@@ -61,10 +61,9 @@ fn valid_statuses_decode_to_their_meaning_and_reencode() {
             version: text(m, "version").unwrap(),
             mtu: num(m, "mtu"),
             correlation_id: num(m, "correlation_id"),
-            update: m.get("update").map(|u| UpdateProgress {
-                version: text(u, "version").unwrap(),
-                offset: num(u, "offset").unwrap(),
-            }),
+            update: m
+                .get("update")
+                .map(|u| UpdateProgress { version: text(u, "version").unwrap(), offset: num(u, "offset").unwrap() }),
             component: text(m, "component"),
             window: num(m, "window"),
         };
@@ -105,7 +104,9 @@ fn valid_commands_decode_to_their_meaning_and_reencode() {
                 offset: num(m, "offset").unwrap(),
                 data: data.as_deref().unwrap(),
             },
-            "SWAP" => Command::Swap { version: text(m, "version").unwrap(), correlation_id: cid, checksum: checksum.unwrap() },
+            "SWAP" => {
+                Command::Swap { version: text(m, "version").unwrap(), correlation_id: cid, checksum: checksum.unwrap() }
+            }
             op => panic!("{name}: unexpected op {op}"),
         };
         assert_eq!(c, want, "{name}");
