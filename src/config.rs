@@ -1,0 +1,368 @@
+//! Configuration: `config/fwgate.toml`, overridden key by key by `FWGATE_<SECTION>__<KEY>`
+//! environment variables, validated once at start-up into a typed error naming the key.
+//!
+//! Every bound the gateway enforces lives here, with its default and meaning documented in
+//! `config/fwgate.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: invalid toml: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_owned(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub firmware: FirmwareConfig,
+    pub dfu: DfuConfig,
+    pub mqtt: MqttConfig,
+    pub admin: AdminConfig,
+    pub fleet: FleetConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub sync_writes: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { data_dir: PathBuf::from("./data"), sync_writes: false }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirmwareConfig {
+    pub max_image_bytes: u64,
+    pub hot_cache_bytes: u64,
+    pub chunk_bytes: u32,
+}
+
+impl Default for FirmwareConfig {
+    fn default() -> Self {
+        FirmwareConfig { max_image_bytes: 64 << 20, hot_cache_bytes: 256 << 20, chunk_bytes: 64 << 10 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DfuConfig {
+    pub max_block_size: u32,
+    pub default_mtu: u32,
+    pub max_window: u32,
+    pub sync_poll_secs: u32,
+    pub wait_poll_secs: u32,
+    pub op_timeout_secs: u64,
+    pub timeout_sweep_secs: u64,
+}
+
+impl Default for DfuConfig {
+    fn default() -> Self {
+        DfuConfig {
+            max_block_size: 4096,
+            default_mtu: 512,
+            max_window: 8,
+            sync_poll_secs: 300,
+            wait_poll_secs: 30,
+            op_timeout_secs: 3600,
+            timeout_sweep_secs: 10,
+        }
+    }
+}
+
+impl DfuConfig {
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            max_block: self.max_block_size,
+            default_mtu: self.default_mtu.min(self.max_block_size),
+            max_window: self.max_window,
+            sync_poll: self.sync_poll_secs,
+            wait_poll: self.wait_poll_secs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Empty string: no MQTT 5 listener.
+    pub listen_v5: String,
+    pub max_connections: usize,
+    pub max_payload_bytes: usize,
+    pub connection_timeout_ms: u16,
+    pub max_inflight: usize,
+    pub status_log_bytes: usize,
+    pub command_log_bytes: usize,
+    pub auth: bool,
+    pub device_secret: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_v5: "0.0.0.0:1884".into(),
+            max_connections: 20_000,
+            max_payload_bytes: 0,
+            connection_timeout_ms: 5000,
+            max_inflight: 100,
+            status_log_bytes: 1 << 20,
+            command_log_bytes: 0,
+            auth: false,
+            device_secret: String::new(),
+        }
+    }
+}
+
+/// Room for a Command's CBOR framing (op, version, offset, size) around a block.
+const COMMAND_OVERHEAD: usize = 1024;
+
+impl MqttConfig {
+    /// The largest MQTT payload accepted: explicit, or derived from the block size so that a
+    /// WRITE always fits and nothing much larger is ever buffered.
+    pub fn payload_limit(&self, dfu: &DfuConfig) -> usize {
+        if self.max_payload_bytes > 0 {
+            self.max_payload_bytes
+        } else {
+            dfu.max_block_size as usize + COMMAND_OVERHEAD
+        }
+    }
+
+    /// Bytes the broker keeps per device command topic: a full window of WRITEs.
+    pub fn command_log_limit(&self, dfu: &DfuConfig) -> usize {
+        if self.command_log_bytes > 0 {
+            self.command_log_bytes
+        } else {
+            (dfu.max_window as usize * (dfu.max_block_size as usize + COMMAND_OVERHEAD)).max(1024)
+        }
+    }
+
+    pub fn v5_listen(&self) -> Option<SocketAddr> {
+        self.listen_v5.parse().ok()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Empty: a token is generated once into `<data_dir>/admin.token`.
+    pub token: String,
+    pub list_limit: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), token: String::new(), list_limit: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    pub max_devices: usize,
+    pub last_seen_flush_secs: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig { max_devices: 1_000_000, last_seen_flush_secs: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info,rumqttd=warn".into() }
+    }
+}
+
+/// Environment variables that configure the CLI, not the gateway.
+const CLI_VARS: &[&str] = &["FWGATE_SERVER", "FWGATE_TOKEN", "FWGATE_CONFIG"];
+
+impl Config {
+    /// Reads `path`, applies `FWGATE_*` overrides from `env`, and validates.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text, path, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_owned() })?;
+        for (var, value) in env {
+            apply_env(&mut tree, &var, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(&key, e.into_inner().message().to_owned())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.dfu;
+        if !(16..=crate::protocol::MAX_DATA_LEN as u32).contains(&d.max_block_size) {
+            return Err(invalid("dfu.max_block_size", format!("must be 16..={}", crate::protocol::MAX_DATA_LEN)));
+        }
+        if d.default_mtu == 0 {
+            return Err(invalid("dfu.default_mtu", "must be at least 1"));
+        }
+        if !(1..=64).contains(&d.max_window) {
+            return Err(invalid("dfu.max_window", "must be 1..=64"));
+        }
+        if d.op_timeout_secs == 0 || d.timeout_sweep_secs == 0 {
+            return Err(invalid("dfu.op_timeout_secs", "timeouts must be at least 1 second"));
+        }
+        let f = &self.firmware;
+        if f.max_image_bytes == 0 || f.max_image_bytes > u32::MAX as u64 {
+            return Err(invalid("firmware.max_image_bytes", "must be 1..=4294967295 (offsets are 32-bit)"));
+        }
+        if f.hot_cache_bytes < f.max_image_bytes {
+            return Err(invalid("firmware.hot_cache_bytes", "must be at least firmware.max_image_bytes"));
+        }
+        if f.chunk_bytes < 1024 {
+            return Err(invalid("firmware.chunk_bytes", "must be at least 1024"));
+        }
+        let m = &self.mqtt;
+        if m.enabled {
+            if m.max_connections == 0 {
+                return Err(invalid("mqtt.max_connections", "must be at least 1"));
+            }
+            if m.max_payload_bytes != 0 && m.max_payload_bytes < d.max_block_size as usize + COMMAND_OVERHEAD {
+                return Err(invalid(
+                    "mqtt.max_payload_bytes",
+                    "must fit a WRITE of dfu.max_block_size (or be 0 to derive)",
+                ));
+            }
+            if !m.listen_v5.is_empty() && m.v5_listen().is_none() {
+                return Err(invalid("mqtt.listen_v5", "must be an address like 0.0.0.0:1884, or empty"));
+            }
+            if m.status_log_bytes < 1024 || (m.command_log_bytes != 0 && m.command_log_bytes < 1024) {
+                return Err(invalid("mqtt.status_log_bytes", "broker logs must be at least 1024 bytes"));
+            }
+            if m.auth && m.device_secret.len() < 16 {
+                return Err(invalid("mqtt.device_secret", "must be at least 16 characters when mqtt.auth = true"));
+            }
+        }
+        if self.fleet.max_devices == 0 {
+            return Err(invalid("fleet.max_devices", "must be at least 1"));
+        }
+        if self.admin.list_limit == 0 {
+            return Err(invalid("admin.list_limit", "must be at least 1"));
+        }
+        if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
+            return Err(invalid("log.level", "not a tracing filter such as info or fwgate=debug"));
+        }
+        Ok(())
+    }
+}
+
+/// `FWGATE_MQTT__LISTEN=0.0.0.0:1883` sets `mqtt.listen`. The value is read as a TOML value
+/// when it parses as one (numbers, booleans), else as a string.
+fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let Some(rest) = var.strip_prefix("FWGATE_") else { return Ok(()) };
+    if CLI_VARS.contains(&var) || !rest.contains("__") {
+        return Ok(());
+    }
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    let env_err = |message: &str| ConfigError::Env { var: var.to_owned(), message: message.to_owned() };
+    if path.len() != 2 || path.iter().any(String::is_empty) {
+        return Err(env_err("expected FWGATE_<SECTION>__<KEY>"));
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let section = tree
+        .entry(path[0].clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .ok_or_else(|| env_err("the section is not a table"))?;
+    section.insert(path[1].clone(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("t.toml"), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn shipped_config_is_valid_and_matches_the_defaults() {
+        let shipped = load(include_str!("../config/fwgate.toml"), &[]).expect("config/fwgate.toml is valid");
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(toml::to_string(&shipped).unwrap(), defaults, "documented values drifted from the code's defaults");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_their_path() {
+        let err = load("[mqtt]\nlisten = \"0.0.0.0:1883\"\nmax_conections = 5\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("mqtt.max_conections:"), "{text}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_name_the_key() {
+        assert!(load("[dfu]\nmax_block_size = \"big\"\n", &[])
+            .unwrap_err()
+            .to_string()
+            .starts_with("dfu.max_block_size:"));
+        assert!(load("[dfu]\nmax_block_size = 1\n", &[]).unwrap_err().to_string().starts_with("dfu.max_block_size:"));
+        assert!(load("[mqtt]\nauth = true\n", &[]).unwrap_err().to_string().starts_with("mqtt.device_secret:"));
+    }
+
+    #[test]
+    fn env_overrides_win_and_are_checked() {
+        let c = load(
+            "[dfu]\nmax_block_size = 512\n",
+            &[("FWGATE_DFU__MAX_BLOCK_SIZE", "1024"), ("FWGATE_STORE__DATA_DIR", "/tmp/x")],
+        )
+        .unwrap();
+        assert_eq!(c.dfu.max_block_size, 1024);
+        assert_eq!(c.store.data_dir, PathBuf::from("/tmp/x"));
+        // CLI variables are not config keys.
+        assert!(load("", &[("FWGATE_SERVER", "http://x"), ("FWGATE_TOKEN", "t")]).is_ok());
+        let err = load("", &[("FWGATE_DFU__NOPE", "1")]).unwrap_err();
+        assert!(err.to_string().starts_with("dfu.nope:"), "{err}");
+    }
+}

@@ -1,0 +1,322 @@
+//! Firmware images: ingest (sha256, length), chunked storage in RocksDB, and the hot-image
+//! cache that makes serving a block a slice of `Bytes` instead of a database read.
+//!
+//! Must not know: devices, operations, transports.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::FirmwareConfig;
+use crate::store::{Cf, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("image {name}@{version} already exists with different content (sha256 {existing})")]
+    Conflict { name: String, version: String, existing: String },
+    #[error("image is empty")]
+    Empty,
+    #[error("image of {size} bytes exceeds firmware.max_image_bytes ({max})")]
+    TooLarge { size: u64, max: u64 },
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: &'static str },
+    #[error("no image {0}")]
+    NotFound(String),
+    #[error("image {0} is damaged in the store: chunks do not match its sha256")]
+    Damaged(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the gateway knows of an image; the bytes live in chunks and in the hot cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    pub name: String,
+    pub version: String,
+    pub length: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// Device types this image is for; empty means any.
+    pub hardware: Vec<String>,
+    pub chunk_bytes: u32,
+    /// Unix seconds.
+    pub created_at: u64,
+}
+
+impl ImageMeta {
+    pub fn id(&self) -> String {
+        format!("{}@{}", self.name, self.version)
+    }
+
+    pub fn digest(&self) -> [u8; 32] {
+        let mut d = [0u8; 32];
+        // Validated at ingest; a record that does not parse leaves zeros, which no image has.
+        let _ = hex::decode_to_slice(&self.sha256, &mut d);
+        d
+    }
+
+    pub fn fits_hardware(&self, hardware: Option<&str>) -> bool {
+        self.hardware.is_empty() || hardware.is_some_and(|h| self.hardware.iter().any(|x| x == h))
+    }
+}
+
+/// Validates an image name or version: printable, no separators the CLI or topics use.
+pub fn check_label(field: &'static str, s: &str) -> Result<(), FirmwareError> {
+    if s.is_empty() || s.len() > crate::protocol::MAX_TEXT_LEN {
+        return Err(FirmwareError::Invalid { field, message: "must be 1 to 128 characters" });
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic() && b != b'@' && b != b'/') {
+        return Err(FirmwareError::Invalid { field, message: "printable ascii without '@' or '/'" });
+    }
+    Ok(())
+}
+
+fn meta_key(name: &str, version: &str) -> Vec<u8> {
+    [name.as_bytes(), b"\0", version.as_bytes()].concat()
+}
+
+fn chunk_key(digest: &[u8; 32], index: u32) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..32].copy_from_slice(digest);
+    k[32..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Images held whole in memory, bounded by total bytes, least recently used dropped first.
+struct HotCache {
+    entries: DashMap<[u8; 32], (Bytes, AtomicU64)>,
+    bytes: AtomicUsize,
+    budget: usize,
+    clock: AtomicU64,
+    /// Serializes inserts and evictions; lookups never take it.
+    admit: Mutex<()>,
+}
+
+impl HotCache {
+    fn get(&self, digest: &[u8; 32]) -> Option<Bytes> {
+        let e = self.entries.get(digest)?;
+        e.1.store(self.clock.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        Some(e.0.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], data: Bytes) {
+        let _guard = self.admit.lock().unwrap_or_else(|p| p.into_inner());
+        if self.entries.contains_key(&digest) {
+            return;
+        }
+        while self.bytes.load(Ordering::Relaxed) + data.len() > self.budget {
+            let oldest = self.entries.iter().min_by_key(|e| e.value().1.load(Ordering::Relaxed)).map(|e| *e.key());
+            let Some(k) = oldest else { break };
+            if let Some((_, (b, _))) = self.entries.remove(&k) {
+                self.bytes.fetch_sub(b.len(), Ordering::Relaxed);
+            }
+        }
+        self.bytes.fetch_add(data.len(), Ordering::Relaxed);
+        let tick = AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed));
+        self.entries.insert(digest, (data, tick));
+    }
+}
+
+pub struct Firmware {
+    store: Store,
+    cfg: FirmwareConfig,
+    index: DashMap<String, Arc<ImageMeta>>,
+    hot: HotCache,
+}
+
+impl Firmware {
+    /// Loads the image index from the store. Bytes are read on first use.
+    pub fn open(store: Store, cfg: FirmwareConfig) -> Result<Firmware, FirmwareError> {
+        let index = DashMap::new();
+        for meta in store.load_all::<ImageMeta>(Cf::Images)? {
+            index.insert(meta.id(), Arc::new(meta));
+        }
+        let hot = HotCache {
+            entries: DashMap::new(),
+            bytes: AtomicUsize::new(0),
+            budget: cfg.hot_cache_bytes as usize,
+            clock: AtomicU64::new(0),
+            admit: Mutex::new(()),
+        };
+        Ok(Firmware { store, cfg, index, hot })
+    }
+
+    /// Stores an image. The same name@version with the same bytes is accepted again
+    /// (`Ok((meta, false))`); with other bytes it is refused.
+    pub fn add(
+        &self,
+        name: &str,
+        version: &str,
+        hardware: Vec<String>,
+        data: Bytes,
+        now: u64,
+    ) -> Result<(Arc<ImageMeta>, bool), FirmwareError> {
+        check_label("name", name)?;
+        check_label("version", version)?;
+        for h in &hardware {
+            check_label("hardware", h)?;
+        }
+        if data.is_empty() {
+            return Err(FirmwareError::Empty);
+        }
+        if data.len() as u64 > self.cfg.max_image_bytes {
+            return Err(FirmwareError::TooLarge { size: data.len() as u64, max: self.cfg.max_image_bytes });
+        }
+        let digest: [u8; 32] = Sha256::digest(&data).into();
+        let sha256 = hex::encode(digest);
+        let id = format!("{name}@{version}");
+        if let Some(existing) = self.index.get(&id) {
+            if existing.sha256 == sha256 {
+                return Ok((existing.clone(), false));
+            }
+            return Err(FirmwareError::Conflict {
+                name: name.into(),
+                version: version.into(),
+                existing: existing.sha256.clone(),
+            });
+        }
+        let meta = ImageMeta {
+            name: name.into(),
+            version: version.into(),
+            length: data.len() as u64,
+            sha256,
+            hardware,
+            chunk_bytes: self.cfg.chunk_bytes,
+            created_at: now,
+        };
+        let mut batch = self.store.batch();
+        for (i, chunk) in data.chunks(self.cfg.chunk_bytes as usize).enumerate() {
+            batch.put(Cf::Chunks, &chunk_key(&digest, i as u32), chunk);
+        }
+        batch.put_json(Cf::Images, &meta_key(name, version), &meta)?;
+        batch.commit()?;
+        let meta = Arc::new(meta);
+        // Two uploads of the same id racing: the first one indexed wins, as if sequential.
+        let winner = self.index.entry(id).or_insert_with(|| meta.clone()).clone();
+        if winner.sha256 != meta.sha256 {
+            return Err(FirmwareError::Conflict {
+                name: name.into(),
+                version: version.into(),
+                existing: winner.sha256.clone(),
+            });
+        }
+        self.hot.insert(digest, data);
+        Ok((meta, true))
+    }
+
+    pub fn get(&self, name: &str, version: &str) -> Option<Arc<ImageMeta>> {
+        self.index.get(&format!("{name}@{version}")).map(|m| m.clone())
+    }
+
+    /// All images, ordered by name then version.
+    pub fn list(&self) -> Vec<Arc<ImageMeta>> {
+        let mut v: Vec<_> = self.index.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+        v
+    }
+
+    /// The whole image. A hot image is a reference-count bump; a cold one is assembled from
+    /// its chunks once, checked against its sha256 and kept hot.
+    pub fn bytes(&self, meta: &ImageMeta) -> Result<Bytes, FirmwareError> {
+        let digest = meta.digest();
+        if let Some(b) = self.hot.get(&digest) {
+            return Ok(b);
+        }
+        let mut buf = BytesMut::with_capacity(meta.length as usize);
+        let chunks = meta.length.div_ceil(meta.chunk_bytes as u64) as u32;
+        for i in 0..chunks {
+            let chunk =
+                self.store.get(Cf::Chunks, &chunk_key(&digest, i))?.ok_or_else(|| FirmwareError::Damaged(meta.id()))?;
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() as u64 != meta.length || <[u8; 32]>::from(Sha256::digest(&buf)) != digest {
+            return Err(FirmwareError::Damaged(meta.id()));
+        }
+        let b = buf.freeze();
+        self.hot.insert(digest, b.clone());
+        Ok(b)
+    }
+
+    pub fn hot_bytes(&self) -> usize {
+        self.hot.bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fw(dir: &std::path::Path, cache: u64) -> Firmware {
+        let cfg = FirmwareConfig { max_image_bytes: 1 << 20, hot_cache_bytes: cache, chunk_bytes: 1024 };
+        Firmware::open(Store::open(dir, false).unwrap(), cfg).unwrap()
+    }
+
+    fn data(n: usize, seed: u8) -> Bytes {
+        Bytes::from((0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn ingest_hashes_chunks_and_reloads_cold() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = data(5000, 1);
+        let (meta, created) = fw(dir.path(), 1 << 20).add("app", "1.0.0", vec![], img.clone(), 7).unwrap();
+        assert!(created);
+        assert_eq!(meta.sha256, hex::encode(Sha256::digest(&img)));
+        assert_eq!(meta.length, 5000);
+        // A fresh process has the image in its index but not in memory: it reloads the chunks.
+        let fw = fw(dir.path(), 1 << 20);
+        assert_eq!(fw.hot_bytes(), 0);
+        let m = fw.get("app", "1.0.0").unwrap();
+        assert_eq!(fw.bytes(&m).unwrap(), img);
+        assert_eq!(fw.hot_bytes(), 5000);
+    }
+
+    #[test]
+    fn same_bytes_again_is_fine_other_bytes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = fw(dir.path(), 1 << 20);
+        fw.add("app", "1.0.0", vec![], data(100, 1), 0).unwrap();
+        assert!(!fw.add("app", "1.0.0", vec![], data(100, 1), 0).unwrap().1);
+        assert!(matches!(fw.add("app", "1.0.0", vec![], data(100, 2), 0), Err(FirmwareError::Conflict { .. })));
+        assert!(matches!(fw.add("app", "1.0.1", vec![], Bytes::new(), 0), Err(FirmwareError::Empty)));
+        assert!(matches!(fw.add("a@b", "1", vec![], data(1, 1), 0), Err(FirmwareError::Invalid { field: "name", .. })));
+        assert!(matches!(fw.add("app", "2", vec![], data(2 << 20, 1), 0), Err(FirmwareError::TooLarge { .. })));
+        assert_eq!(fw.list().len(), 1);
+    }
+
+    #[test]
+    fn hot_cache_stays_within_its_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = fw(dir.path(), 10_000);
+        for v in 0..5u8 {
+            fw.add("app", &v.to_string(), vec![], data(4000, v), 0).unwrap();
+            assert!(fw.hot_bytes() <= 10_000);
+        }
+        // Every image still serves, evicting others as needed.
+        for v in 0..5u8 {
+            let m = fw.get("app", &v.to_string()).unwrap();
+            assert_eq!(fw.bytes(&m).unwrap(), data(4000, v));
+            assert!(fw.hot_bytes() <= 10_000);
+        }
+    }
+
+    #[test]
+    fn hardware_compatibility() {
+        let m = ImageMeta {
+            name: "a".into(),
+            version: "1".into(),
+            length: 1,
+            sha256: String::new(),
+            hardware: vec!["nrf52".into()],
+            chunk_bytes: 1024,
+            created_at: 0,
+        };
+        assert!(m.fits_hardware(Some("nrf52")));
+        assert!(!m.fits_hardware(Some("esp32")));
+        assert!(!m.fits_hardware(None));
+    }
+}

@@ -1,0 +1,316 @@
+//! The device registry: ids, the tag a device follows, groups, the production flag, hardware
+//! type, running versions and last-seen times. An in-memory index over the store.
+//!
+//! Must not know: DFU, operations, transports.
+
+use std::collections::BTreeMap;
+
+use dashmap::DashMap;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::protocol::topic::valid_device_id;
+use crate::store::{Cf, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("invalid device id {0:?}: 1 to 64 of letters, digits and -_.:")]
+    InvalidId(String),
+    #[error("invalid {field} {value:?}: {message}")]
+    Invalid { field: &'static str, value: String, message: &'static str },
+    #[error("no device {0}")]
+    NotFound(String),
+    #[error("the registry is full: fleet.max_devices is {0}")]
+    Full(usize),
+    #[error("device {0} appears twice in one request")]
+    Duplicate(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The main firmware target, when a Status names no component.
+pub const MAIN_COMPONENT: &str = "main";
+
+/// What an operator says about a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    pub id: String,
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub production: bool,
+    #[serde(default)]
+    pub hardware: Option<String>,
+}
+
+/// A device as the registry holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    #[serde(flatten)]
+    pub spec: DeviceSpec,
+    /// Running version per component, as last reported.
+    #[serde(default)]
+    pub running: BTreeMap<String, String>,
+    /// Unix seconds of the last Status, if any.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
+    pub created_at: u64,
+}
+
+fn check_text(field: &'static str, v: &str) -> Result<(), FleetError> {
+    if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        return Err(FleetError::Invalid { field, value: v.into(), message: "1 to 64 printable characters, no comma" });
+    }
+    Ok(())
+}
+
+impl DeviceSpec {
+    pub fn validate(&self) -> Result<(), FleetError> {
+        if !valid_device_id(&self.id) {
+            return Err(FleetError::InvalidId(self.id.clone()));
+        }
+        if let Some(t) = &self.tag {
+            check_text("tag", t)?;
+        }
+        if let Some(h) = &self.hardware {
+            check_text("hardware", h)?;
+        }
+        if self.groups.len() > 32 {
+            return Err(FleetError::Invalid {
+                field: "groups",
+                value: self.groups.len().to_string(),
+                message: "at most 32",
+            });
+        }
+        self.groups.iter().try_for_each(|g| check_text("group", g))
+    }
+}
+
+/// Outcome of an upsert batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upserted {
+    pub created: usize,
+    pub updated: usize,
+}
+
+struct Entry {
+    device: Device,
+    /// `last_seen` moved since the record was last written.
+    dirty: bool,
+}
+
+pub struct Fleet {
+    store: Store,
+    devices: DashMap<String, Entry>,
+    max_devices: usize,
+}
+
+impl Fleet {
+    pub fn open(store: Store, max_devices: usize) -> Result<Fleet, FleetError> {
+        let devices = DashMap::new();
+        for d in store.load_all::<Device>(Cf::Devices)? {
+            devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false });
+        }
+        Ok(Fleet { store, devices, max_devices })
+    }
+
+    /// Adds devices or updates what an operator says of existing ones (tag, groups,
+    /// production, hardware), all in one write: every spec is checked before anything changes.
+    pub fn upsert(&self, specs: Vec<DeviceSpec>, now: u64) -> Result<Upserted, FleetError> {
+        let mut seen = std::collections::HashSet::new();
+        for s in &specs {
+            s.validate()?;
+            if !seen.insert(s.id.as_str()) {
+                return Err(FleetError::Duplicate(s.id.clone()));
+            }
+        }
+        let new = specs.iter().filter(|s| !self.devices.contains_key(&s.id)).count();
+        if self.devices.len() + new > self.max_devices {
+            return Err(FleetError::Full(self.max_devices));
+        }
+        let mut out = Upserted::default();
+        let mut batch = self.store.batch();
+        let mut records = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let device = match self.devices.get(&spec.id) {
+                Some(e) => {
+                    out.updated += 1;
+                    Device { spec, ..e.device.clone() }
+                }
+                None => {
+                    out.created += 1;
+                    Device { spec, running: BTreeMap::new(), last_seen: None, created_at: now }
+                }
+            };
+            batch.put_json(Cf::Devices, device.spec.id.as_bytes(), &device)?;
+            records.push(device);
+        }
+        batch.commit()?;
+        for d in records {
+            self.devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false });
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Device> {
+        self.devices.get(id).map(|e| e.device.clone())
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.devices.contains_key(id)
+    }
+
+    pub fn hardware(&self, id: &str) -> Option<Option<String>> {
+        self.devices.get(id).map(|e| e.device.spec.hardware.clone())
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Devices in id order, at most `limit`, starting after `after`.
+    pub fn list(&self, after: Option<&str>, limit: usize) -> Vec<Device> {
+        let mut ids: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|e| after.is_none_or(|a| e.key().as_str() > a))
+            .map(|e| e.key().clone())
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(limit);
+        ids.iter().filter_map(|id| self.get(id)).collect()
+    }
+
+    /// Records a Status from a known device. A changed running version is written at once;
+    /// last-seen is only marked dirty and written by [`Fleet::flush_last_seen`].
+    /// Returns false for an unknown device.
+    pub fn observe(&self, id: &str, component: &str, version: &str, now: u64) -> Result<bool, FleetError> {
+        let Some(mut e) = self.devices.get_mut(id) else { return Ok(false) };
+        e.device.last_seen = Some(now);
+        if e.device.running.get(component).map(String::as_str) != Some(version) {
+            if e.device.running.len() >= 16 && !e.device.running.contains_key(component) {
+                // Components come from devices: keep their number bounded.
+                return Ok(true);
+            }
+            e.device.running.insert(component.to_owned(), version.to_owned());
+            let mut b = self.store.batch();
+            b.put_json(Cf::Devices, id.as_bytes(), &e.device)?;
+            b.commit()?;
+            e.dirty = false;
+        } else {
+            e.dirty = true;
+        }
+        Ok(true)
+    }
+
+    /// Writes last-seen times that changed since the last flush, in one batch.
+    pub fn flush_last_seen(&self) -> Result<usize, FleetError> {
+        let mut b = self.store.batch();
+        let mut n = 0;
+        for mut e in self.devices.iter_mut() {
+            if e.dirty {
+                b.put_json(Cf::Devices, e.key().as_bytes(), &e.device)?;
+                e.dirty = false;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            b.commit()?;
+        }
+        Ok(n)
+    }
+}
+
+/// The per-device MQTT password: hex HMAC-SHA256 of the device id under the configured secret.
+pub fn device_token(secret: &str, device_id: &str) -> String {
+    hex::encode(token_mac(secret, device_id).finalize().into_bytes())
+}
+
+fn token_mac(secret: &str, device_id: &str) -> Hmac<Sha256> {
+    // HMAC takes keys of any length, so this cannot fail.
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("hmac accepts any key length");
+    mac.update(device_id.as_bytes());
+    mac
+}
+
+pub fn token_ok(secret: &str, device_id: &str, password: &str) -> bool {
+    match hex::decode(password) {
+        Ok(tag) => token_mac(secret, device_id).verify_slice(&tag).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_tokens_verify_only_for_their_device_and_secret() {
+        let t = device_token("0123456789abcdef", "dev1");
+        assert_eq!(t.len(), 64);
+        assert!(token_ok("0123456789abcdef", "dev1", &t));
+        assert!(!token_ok("0123456789abcdef", "dev2", &t));
+        assert!(!token_ok("0123456789abcdeX", "dev1", &t));
+        assert!(!token_ok("0123456789abcdef", "dev1", "not hex"));
+    }
+
+    fn spec(id: &str) -> DeviceSpec {
+        DeviceSpec { id: id.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn upsert_validates_everything_first_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+            assert_eq!(f.upsert(vec![spec("a"), spec("b")], 1).unwrap(), Upserted { created: 2, updated: 0 });
+            // One bad spec and nothing of the batch is written.
+            assert!(matches!(f.upsert(vec![spec("c"), spec("bad/id")], 1), Err(FleetError::InvalidId(_))));
+            assert!(!f.contains("c"));
+            assert!(matches!(f.upsert(vec![spec("d"), spec("d")], 1), Err(FleetError::Duplicate(_))));
+            let prod = DeviceSpec { production: true, tag: Some("prod".into()), ..spec("a") };
+            assert_eq!(f.upsert(vec![prod], 2).unwrap(), Upserted { created: 0, updated: 1 });
+            assert!(f.observe("a", MAIN_COMPONENT, "1.0.0", 5).unwrap());
+            assert!(!f.observe("zz", MAIN_COMPONENT, "1.0.0", 5).unwrap());
+        }
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+        let a = f.get("a").unwrap();
+        assert!(a.spec.production);
+        assert_eq!(a.running.get(MAIN_COMPONENT).map(String::as_str), Some("1.0.0"));
+        assert_eq!(a.created_at, 1);
+        assert_eq!(f.list(Some("a"), 10).iter().map(|d| d.spec.id.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn the_registry_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 2).unwrap();
+        f.upsert(vec![spec("a"), spec("b")], 0).unwrap();
+        assert!(matches!(f.upsert(vec![spec("c")], 0), Err(FleetError::Full(2))));
+        // Updating existing devices is still fine when full.
+        assert!(f.upsert(vec![spec("a")], 0).is_ok());
+    }
+
+    #[test]
+    fn last_seen_is_flushed_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+            f.upsert(vec![spec("a")], 0).unwrap();
+            f.observe("a", MAIN_COMPONENT, "1", 10).unwrap();
+            f.observe("a", MAIN_COMPONENT, "1", 20).unwrap();
+            assert_eq!(f.flush_last_seen().unwrap(), 1);
+            assert_eq!(f.flush_last_seen().unwrap(), 0);
+        }
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+        assert_eq!(f.get("a").unwrap().last_seen, Some(20));
+    }
+}

@@ -1,0 +1,108 @@
+//! The gateway's metrics, one registry per gateway instance (so tests running several
+//! gateways in one process see their own counts), rendered in Prometheus text format by the
+//! admin listener.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Label = [(&'static str, &'static str); 1];
+
+pub struct Telemetry {
+    registry: Registry,
+    blocks: Family<Label, Counter>,
+    bytes: Family<Label, Counter>,
+    statuses: Family<Label, Counter>,
+    bad_input: Family<Label, Counter>,
+    connected: Gauge<i64, std::sync::atomic::AtomicI64>,
+    operations: Family<Label, Gauge<i64, std::sync::atomic::AtomicI64>>,
+    hot_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
+    store_errors: Counter<u64, AtomicU64>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let mut registry = Registry::with_prefix("fwgate");
+        let t = Telemetry {
+            blocks: Family::default(),
+            bytes: Family::default(),
+            statuses: Family::default(),
+            bad_input: Family::default(),
+            connected: Gauge::default(),
+            operations: Family::default(),
+            hot_bytes: Gauge::default(),
+            store_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
+        registry.register("bytes_served", "Firmware bytes sent in WRITE blocks, by transport", t.bytes.clone());
+        registry.register(
+            "status_messages",
+            "Device Status messages handled, by outcome (write, swap, sync, wait, unknown_device, bad_input, error)",
+            t.statuses.clone(),
+        );
+        registry.register("bad_input", "Device messages refused, by kind of error", t.bad_input.clone());
+        registry.register("connected_devices", "MQTT connections the broker holds", t.connected.clone());
+        registry.register("operations", "Operations by state", t.operations.clone());
+        registry.register("hot_cache_bytes", "Bytes of images held in memory", t.hot_bytes.clone());
+        registry.register("store_errors", "Store failures while handling device messages", t.store_errors.clone());
+        Telemetry { registry, ..t }
+    }
+
+    pub fn served(&self, transport: &'static str, blocks: u64, bytes: u64) {
+        self.blocks.get_or_create(&[("transport", transport)]).inc_by(blocks);
+        self.bytes.get_or_create(&[("transport", transport)]).inc_by(bytes);
+    }
+
+    pub fn status(&self, outcome: &'static str) {
+        self.statuses.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    pub fn bad_input(&self, kind: &'static str) {
+        self.bad_input.get_or_create(&[("kind", kind)]).inc();
+        self.status("bad_input");
+    }
+
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+        self.status("error");
+    }
+
+    pub fn set_connected(&self, n: i64) {
+        self.connected.set(n);
+    }
+
+    pub fn set_operations(&self, state: &'static str, n: i64) {
+        self.operations.get_or_create(&[("state", state)]).set(n);
+    }
+
+    pub fn set_hot_bytes(&self, n: i64) {
+        self.hot_bytes.set(n);
+    }
+
+    /// Counter value, for tests and the CLI's summaries.
+    pub fn status_count(&self, outcome: &'static str) -> u64 {
+        self.statuses.get_or_create(&[("outcome", outcome)]).get()
+    }
+
+    pub fn bad_input_count(&self, kind: &'static str) -> u64 {
+        self.bad_input.get_or_create(&[("kind", kind)]).get()
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
