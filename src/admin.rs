@@ -1,0 +1,325 @@
+//! The admin HTTP API (JSON over axum): images, devices, assignment, `/metrics`, `/livez`,
+//! `/readyz`. Every mutating route — and the one that reveals device tokens — needs the
+//! bearer token.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRef, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::firmware::{Firmware, FirmwareError, ImageMeta};
+use crate::fleet::{Device, DeviceSpec, Fleet, FleetError, Upserted, MAIN_COMPONENT};
+use crate::planner::{Operation, Planner, PlannerError};
+use crate::telemetry::Telemetry;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub fleet: Arc<Fleet>,
+    pub firmware: Arc<Firmware>,
+    pub planner: Arc<Planner>,
+    pub telemetry: Arc<Telemetry>,
+    pub token: Arc<str>,
+    pub list_limit: usize,
+    pub max_image_bytes: usize,
+    /// Set once every listener is up.
+    pub ready: Arc<AtomicBool>,
+    /// The MQTT device secret, when device authentication is on.
+    pub device_secret: Option<Arc<str>>,
+}
+
+/// An operator error, as JSON `{"error": "...", "kind": "..."}` with a fitting status.
+#[derive(Debug)]
+pub struct AppError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl AppError {
+    fn new(status: StatusCode, kind: &'static str, message: impl ToString) -> AppError {
+        AppError { status, kind, message: message.to_string() }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({"error": self.message, "kind": self.kind}))).into_response()
+    }
+}
+
+impl From<FirmwareError> for AppError {
+    fn from(e: FirmwareError) -> Self {
+        let (status, kind) = match &e {
+            FirmwareError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+            FirmwareError::Empty | FirmwareError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
+            FirmwareError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            FirmwareError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FirmwareError::Damaged(_) | FirmwareError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        AppError::new(status, kind, e)
+    }
+}
+
+impl From<FleetError> for AppError {
+    fn from(e: FleetError) -> Self {
+        let (status, kind) = match &e {
+            FleetError::InvalidId(_) | FleetError::Invalid { .. } | FleetError::Duplicate(_) => {
+                (StatusCode::BAD_REQUEST, "invalid")
+            }
+            FleetError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FleetError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "full"),
+            FleetError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        AppError::new(status, kind, e)
+    }
+}
+
+impl From<PlannerError> for AppError {
+    fn from(e: PlannerError) -> Self {
+        match e {
+            PlannerError::Fleet(e) => e.into(),
+            PlannerError::Firmware(e) => e.into(),
+            PlannerError::UnknownDevice(_) | PlannerError::UnknownImage(_) => {
+                AppError::new(StatusCode::NOT_FOUND, "not_found", e)
+            }
+            PlannerError::BadImageRef(_) | PlannerError::Hardware { .. } => {
+                AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e)
+            }
+            PlannerError::InFlight { .. } => AppError::new(StatusCode::CONFLICT, "in_flight", e),
+            PlannerError::Store(_) => AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        }
+    }
+}
+
+/// Proof that the request carried the admin bearer token.
+pub struct Authorized;
+
+fn same(a: &[u8], b: &[u8]) -> bool {
+    // Constant time in the token's content, so timing does not reveal a prefix.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Authorized
+where
+    AppState: FromRef<S>,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let state = AppState::from_ref(state);
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if same(t.trim().as_bytes(), state.token.as_bytes()) => Ok(Authorized),
+            Some(_) => Err(AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token")),
+            None => Err(AppError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this route needs Authorization: Bearer <token>",
+            )),
+        }
+    }
+}
+
+pub fn app(state: AppState) -> Router {
+    let image_limit = state.max_image_bytes + 1;
+    Router::new()
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/images", get(list_images).post(add_image).layer(DefaultBodyLimit::max(image_limit)))
+        .route("/api/v1/images/{name}/{version}", get(show_image))
+        .route("/api/v1/devices", get(list_devices).post(add_devices))
+        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}/assignment", put(assign))
+        .route("/api/v1/devices/{id}/token", post(device_token))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    for (state, n) in s.planner.counts() {
+        s.telemetry.set_operations(state.as_str(), n as i64);
+    }
+    s.telemetry.set_hot_bytes(s.firmware.hot_bytes() as i64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.telemetry.render())
+}
+
+async fn list_images(State(s): State<AppState>) -> Json<Vec<ImageMeta>> {
+    Json(s.firmware.list().iter().map(|m| (**m).clone()).collect())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddImage {
+    pub name: String,
+    pub version: String,
+    /// Comma-separated device types; empty or absent means any.
+    #[serde(default)]
+    pub hardware: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct Added<T> {
+    pub created: bool,
+    #[serde(flatten)]
+    pub item: T,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn add_image(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Query(q): Query<AddImage>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Added<ImageMeta>>), AppError> {
+    let hardware: Vec<String> = q
+        .hardware
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .collect();
+    let fw = s.firmware.clone();
+    // Hashing and writing tens of MiB is blocking work.
+    let (meta, created) = tokio::task::spawn_blocking(move || fw.add(&q.name, &q.version, hardware, body, now_secs()))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(Added { created, item: (*meta).clone() })))
+}
+
+async fn show_image(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ImageMeta>, AppError> {
+    s.firmware
+        .get(&name, &version)
+        .map(|m| Json((*m).clone()))
+        .ok_or_else(|| FirmwareError::NotFound(format!("{name}@{version}")).into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+async fn list_devices(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Json<Vec<Device>> {
+    let limit = q.limit.unwrap_or(s.list_limit).clamp(1, s.list_limit);
+    Json(s.fleet.list(q.after.as_deref(), limit))
+}
+
+/// One device or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(DeviceSpec),
+    Many(Vec<DeviceSpec>),
+}
+
+async fn add_devices(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Json(body): Json<OneOrMany>,
+) -> Result<Json<Upserted>, AppError> {
+    let specs = match body {
+        OneOrMany::One(d) => vec![d],
+        OneOrMany::Many(v) => v,
+    };
+    let fleet = s.fleet.clone();
+    let out = tokio::task::spawn_blocking(move || fleet.upsert(specs, now_secs()))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    Ok(Json(out))
+}
+
+/// A device with its operations, as `devices show` prints it.
+#[derive(Serialize, Deserialize)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    pub device: Device,
+    pub operations: Vec<OperationView>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct OperationView {
+    #[serde(flatten)]
+    pub op: Operation,
+    pub progress_percent: f64,
+}
+
+impl From<Operation> for OperationView {
+    fn from(op: Operation) -> Self {
+        OperationView { progress_percent: op.progress_percent(), op }
+    }
+}
+
+async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, AppError> {
+    let device = s.fleet.get(&id).ok_or_else(|| FleetError::NotFound(id.clone()))?;
+    let operations = s.planner.operations_of(&id).into_iter().map(OperationView::from).collect();
+    Ok(Json(DeviceView { device, operations }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignBody {
+    /// NAME@VERSION.
+    pub image: String,
+    #[serde(default)]
+    pub component: Option<String>,
+}
+
+async fn assign(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Json(b): Json<AssignBody>,
+) -> Result<Json<OperationView>, AppError> {
+    let component = b.component.unwrap_or_else(|| MAIN_COMPONENT.to_owned());
+    if component.is_empty() || component.len() > crate::protocol::MAX_TEXT_LEN {
+        return Err(AppError::new(StatusCode::BAD_REQUEST, "invalid", "component must be 1 to 128 characters"));
+    }
+    let planner = s.planner.clone();
+    let op = tokio::task::spawn_blocking(move || planner.assign(&id, &component, &b.image, now_secs()))
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    Ok(Json(op.into()))
+}
+
+async fn device_token(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let secret = s.device_secret.as_deref().ok_or_else(|| {
+        AppError::new(StatusCode::CONFLICT, "auth_off", "device authentication is off (mqtt.auth = false)")
+    })?;
+    if !s.fleet.contains(&id) {
+        return Err(FleetError::NotFound(id).into());
+    }
+    Ok(Json(serde_json::json!({"device": id, "token": crate::fleet::device_token(secret, &id)})))
+}

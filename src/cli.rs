@@ -1,0 +1,450 @@
+//! The `fwgate` command line. `serve` and `config check` run locally; every operator command
+//! is an HTTP call to the admin API (`--server`, `FWGATE_SERVER`; token from `--token`,
+//! `FWGATE_TOKEN`, or the gateway's generated `<data_dir>/admin.token`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::Value;
+
+use crate::fleet::DeviceSpec;
+
+const DEFAULT_CONFIG: &str = "config/fwgate.toml";
+
+#[derive(Parser)]
+#[command(name = "fwgate", version, about = "Firmware-update gateway for large device fleets")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct Remote {
+    /// Admin API address.
+    #[arg(long, env = "FWGATE_SERVER", default_value = "http://127.0.0.1:8080", global = true)]
+    pub server: String,
+    /// Admin bearer token (default: read <data_dir>/admin.token of --config).
+    #[arg(long, env = "FWGATE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Config file, used to find the generated admin token.
+    #[arg(long, env = "FWGATE_CONFIG", default_value = DEFAULT_CONFIG, global = true)]
+    pub config: PathBuf,
+    /// Print the server's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the gateway: MQTT broker, admin API, planner.
+    Serve {
+        #[arg(long, env = "FWGATE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Firmware images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Devices and their assignments.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file (with FWGATE_* overrides applied); reports the first invalid key.
+    Check {
+        #[arg(long, env = "FWGATE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ImagesCommand {
+    /// Upload an image file.
+    Add {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// A device type the image is for (repeatable); none means any.
+        #[arg(long = "hw")]
+        hardware: Vec<String>,
+    },
+    /// List images.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum DevicesCommand {
+    /// Register a device (or update its tag, groups, production flag, hardware).
+    Add {
+        id: String,
+        #[arg(long)]
+        tag: Option<String>,
+        /// A group (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        #[arg(long)]
+        production: bool,
+        #[arg(long = "hw")]
+        hardware: Option<String>,
+    },
+    /// Register devices from a CSV file with header id,tag,groups,production,hardware
+    /// (groups separated by ';'; only id is required). All or nothing.
+    Import { file: PathBuf },
+    /// List devices, in id order.
+    List {
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Assign an image (NAME@VERSION) to a device.
+    Assign {
+        id: String,
+        image: String,
+        /// Firmware target of the device (default: main).
+        #[arg(long)]
+        component: Option<String>,
+    },
+    /// A device's running and assigned versions, progress, last seen and outcome.
+    Show { id: String },
+    /// Print a device's MQTT password (when mqtt.auth is on).
+    Token { id: String },
+}
+
+/// Reads the CSV of `devices import`; errors name the line.
+pub fn read_devices_csv(path: &Path) -> Result<Vec<DeviceSpec>> {
+    let mut r = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let headers = r.headers()?.clone();
+    let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+    let id_col = col("id").ok_or_else(|| anyhow!("{}: the header has no `id` column", path.display()))?;
+    for h in headers.iter() {
+        if !["id", "tag", "groups", "production", "hardware"].contains(&h.to_ascii_lowercase().as_str()) {
+            bail!("{}: unknown column `{h}` (expected id,tag,groups,production,hardware)", path.display());
+        }
+    }
+    let mut out = Vec::new();
+    for (i, rec) in r.records().enumerate() {
+        let line = i + 2;
+        let rec = rec.with_context(|| format!("{}:{line}", path.display()))?;
+        let get = |c: Option<usize>| c.and_then(|c| rec.get(c)).filter(|v| !v.is_empty()).map(str::to_owned);
+        let production = match get(col("production")).as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("false") | Some("no") | Some("0") => false,
+            Some("true") | Some("yes") | Some("1") => true,
+            Some(v) => bail!("{}:{line}: production must be true or false, not {v:?}", path.display()),
+        };
+        let spec = DeviceSpec {
+            id: get(Some(id_col)).ok_or_else(|| anyhow!("{}:{line}: empty id", path.display()))?,
+            tag: get(col("tag")),
+            groups: get(col("groups"))
+                .map(|g| g.split(';').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default(),
+            production,
+            hardware: get(col("hardware")),
+        };
+        spec.validate().with_context(|| format!("{}:{line}", path.display()))?;
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(remote: &Remote) -> Client {
+        let token = remote.token.clone().or_else(|| {
+            let dir = crate::load_config(&remote.config)
+                .map(|c| c.store.data_dir)
+                .unwrap_or_else(|_| PathBuf::from("./data"));
+            std::fs::read_to_string(dir.join("admin.token")).ok().map(|t| t.trim().to_owned())
+        });
+        Client { http: reqwest::Client::new(), base: remote.server.trim_end_matches('/').to_owned(), token }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.with_context(|| format!("cannot reach the gateway at {}", self.base))?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        if !status.is_success() {
+            let msg = v.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| v.to_string());
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                bail!("{msg} (set FWGATE_TOKEN or --token; the gateway writes one to <data_dir>/admin.token)");
+            }
+            bail!("{msg} (HTTP {status})");
+        }
+        Ok(v)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        None | Some(Value::Null) => "-".into(),
+        Some(Value::String(x)) => x.clone(),
+        Some(x) => x.to_string(),
+    }
+}
+
+fn ago(v: &Value) -> String {
+    match v.as_u64() {
+        None => "never".into(),
+        Some(t) => format!("{} s ago", crate::now_secs().saturating_sub(t)),
+    }
+}
+
+fn print_device(v: &Value) {
+    println!("device      {}", s(v, "id"));
+    println!("tag         {}", s(v, "tag"));
+    println!(
+        "groups      {}",
+        v["groups"]
+            .as_array()
+            .map(|g| g.iter().map(|x| x.as_str().unwrap_or("")).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    );
+    println!("production  {}", s(v, "production"));
+    println!("hardware    {}", s(v, "hardware"));
+    println!("last seen   {}", ago(&v["last_seen"]));
+    let running = v["running"].as_object().cloned().unwrap_or_default();
+    if running.is_empty() {
+        println!("running     - (no Status yet)");
+    }
+    for (component, version) in running {
+        println!("running     {} ({component})", version.as_str().unwrap_or(""));
+    }
+    let ops = v["operations"].as_array().cloned().unwrap_or_default();
+    if ops.is_empty() {
+        println!("assigned    - (nothing assigned)");
+    }
+    for op in ops {
+        println!("assigned    {} ({})", s(&op, "image"), s(&op, "component"));
+        println!("  outcome   {}", s(&op, "state"));
+        println!(
+            "  progress  {:.1}% ({} of {} bytes)",
+            op["progress_percent"].as_f64().unwrap_or(0.0),
+            s(&op, "offset"),
+            s(&op, "length")
+        );
+        if let Some(d) = op["detail"].as_str() {
+            println!("  detail    {d}");
+        }
+    }
+}
+
+async fn images(cmd: ImagesCommand, remote: &Remote) -> Result<()> {
+    let c = Client::new(remote);
+    match cmd {
+        ImagesCommand::Add { file, name, version, hardware } => {
+            let data = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
+            let mut q = vec![("name", name), ("version", version)];
+            if !hardware.is_empty() {
+                q.push(("hardware", hardware.join(",")));
+            }
+            let v = c.send(c.http.post(c.url("/api/v1/images")).query(&q).body(data)).await?;
+            if remote.json {
+                println!("{v:#}");
+            } else {
+                let what = if v["created"].as_bool() == Some(true) { "added" } else { "already present (same bytes)" };
+                println!(
+                    "{}@{} {what}: {} bytes, sha256 {}",
+                    s(&v, "name"),
+                    s(&v, "version"),
+                    s(&v, "length"),
+                    s(&v, "sha256")
+                );
+            }
+        }
+        ImagesCommand::List => {
+            let v = c.send(c.http.get(c.url("/api/v1/images"))).await?;
+            if remote.json {
+                println!("{v:#}");
+                return Ok(());
+            }
+            println!("{:<24} {:<16} {:>10}  {:<16} HARDWARE", "NAME", "VERSION", "BYTES", "SHA256");
+            for i in v.as_array().into_iter().flatten() {
+                let hw = i["hardware"]
+                    .as_array()
+                    .map(|h| h.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default();
+                let sha = s(i, "sha256");
+                println!(
+                    "{:<24} {:<16} {:>10}  {:<16} {}",
+                    s(i, "name"),
+                    s(i, "version"),
+                    s(i, "length"),
+                    &sha[..sha.len().min(16)],
+                    if hw.is_empty() { "any".into() } else { hw }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
+    let c = Client::new(remote);
+    let out = |v: &Value, text: String| {
+        if remote.json {
+            println!("{v:#}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match cmd {
+        DevicesCommand::Add { id, tag, groups, production, hardware } => {
+            let spec = DeviceSpec { id, tag, groups, production, hardware };
+            let v = c.send(c.http.post(c.url("/api/v1/devices")).json(&spec)).await?;
+            out(&v, format!("{} {}", spec.id, if v["created"] == 1 { "added" } else { "updated" }));
+        }
+        DevicesCommand::Import { file } => {
+            let specs = read_devices_csv(&file)?;
+            let n = specs.len();
+            let v = c.send(c.http.post(c.url("/api/v1/devices")).json(&specs)).await?;
+            out(&v, format!("{n} devices imported: {} added, {} updated", s(&v, "created"), s(&v, "updated")));
+        }
+        DevicesCommand::List { after, limit } => {
+            let mut q: Vec<(&str, String)> = Vec::new();
+            if let Some(a) = after {
+                q.push(("after", a));
+            }
+            if let Some(l) = limit {
+                q.push(("limit", l.to_string()));
+            }
+            let v = c.send(c.http.get(c.url("/api/v1/devices")).query(&q)).await?;
+            if remote.json {
+                println!("{v:#}");
+                return Ok(());
+            }
+            println!("{:<38} {:<12} {:<5} {:<12} {:<14} LAST SEEN", "ID", "TAG", "PROD", "HARDWARE", "RUNNING");
+            for d in v.as_array().into_iter().flatten() {
+                let running = d["running"].get("main").and_then(Value::as_str).unwrap_or("-");
+                println!(
+                    "{:<38} {:<12} {:<5} {:<12} {:<14} {}",
+                    s(d, "id"),
+                    s(d, "tag"),
+                    s(d, "production"),
+                    s(d, "hardware"),
+                    running,
+                    ago(&d["last_seen"])
+                );
+            }
+        }
+        DevicesCommand::Assign { id, image, component } => {
+            let body = serde_json::json!({"image": image, "component": component});
+            let v = c.send(c.http.put(c.url(&format!("/api/v1/devices/{id}/assignment"))).json(&body)).await?;
+            out(&v, format!("{id}: {} assigned ({}), state {}", s(&v, "image"), s(&v, "component"), s(&v, "state")));
+        }
+        DevicesCommand::Show { id } => {
+            let v = c.send(c.http.get(c.url(&format!("/api/v1/devices/{id}")))).await?;
+            if remote.json {
+                println!("{v:#}");
+            } else {
+                print_device(&v);
+            }
+        }
+        DevicesCommand::Token { id } => {
+            let v = c.send(c.http.post(c.url(&format!("/api/v1/devices/{id}/token")))).await?;
+            out(&v, s(&v, "token"));
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn serve(path: &Path) -> Result<()> {
+    let config = crate::load_config(path).with_context(|| format!("config {}", path.display()))?;
+    init_logging(&config.log.level);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let gateway = crate::start(config, shutdown.clone()).await?;
+    tracing::info!(admin = %gateway.admin, "fwgate ready");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        stop.cancel();
+    });
+    gateway.wait().await;
+    Ok(())
+}
+
+/// Runs the command line; the binary's `main` is this.
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config } => serve(&config).await,
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            crate::load_config(&config).map_err(|e| anyhow!("{}: {e}", config.display()))?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Images { command, remote } => images(command, &remote).await,
+        Command::Devices { command, remote } => devices(command, &remote).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_import_reads_columns_and_names_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.csv");
+        std::fs::write(&p, "id,tag,groups,production,hardware\ndev-1,prod,eu;canary,true,nrf52\ndev-2,,,,\n").unwrap();
+        let v = read_devices_csv(&p).unwrap();
+        assert_eq!(v.len(), 2);
+        assert_eq!(v[0].groups, ["eu", "canary"]);
+        assert!(v[0].production);
+        assert_eq!(v[1], DeviceSpec { id: "dev-2".into(), ..Default::default() });
+        std::fs::write(&p, "id,production\ndev-1,maybe\n").unwrap();
+        assert!(read_devices_csv(&p).unwrap_err().to_string().contains(":2: production"));
+        std::fs::write(&p, "id,colour\ndev-1,red\n").unwrap();
+        assert!(read_devices_csv(&p).unwrap_err().to_string().contains("unknown column `colour`"));
+        std::fs::write(&p, "id\nbad/id\n").unwrap();
+        assert!(format!("{:#}", read_devices_csv(&p).unwrap_err()).contains("invalid device id"));
+    }
+}

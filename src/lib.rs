@@ -1,0 +1,241 @@
+//! fwgate — a firmware-update gateway for large device fleets.
+//!
+//! # Layout
+//! Arrows point down this list, never up (DESIGN.md §1):
+//! - [`protocol`]: DFU wire types and codecs (both CBOR forms), topic grammar. Pure.
+//! - [`engine`]: the DFU session step — (Status, operation, image) → commands. Pure; time
+//!   is a parameter.
+//! - [`store`]: RocksDB column families and write batches; the only module naming `rocksdb`.
+//! - [`firmware`]: image ingest, chunked storage, the byte-bounded hot-image cache.
+//! - [`fleet`]: the device registry and device credentials.
+//! - [`planner`]: assignments and operations, outcome accounting, time-outs.
+//! - [`transport`]: the MQTT shell (embedded rumqttd) around one shared DFU exchange.
+//! - [`admin`]: the axum admin API, `/metrics`, probes.
+//! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
+//! - [`config`], [`telemetry`]: configuration and metrics, used by all of the above.
+//!
+//! [`start`] runs a gateway until its shutdown token is cancelled; `fwgate serve` and the
+//! integration tests both use it.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod firmware;
+pub mod fleet;
+pub mod planner;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::firmware::Firmware;
+use crate::fleet::Fleet;
+use crate::planner::Planner;
+use crate::store::Store;
+use crate::telemetry::Telemetry;
+use crate::transport::mqtt::MqttListeners;
+use crate::transport::Dfu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot open the store in {path} (is another fwgate using it?): {source}")]
+    Store { path: std::path::PathBuf, source: store::StoreError },
+    #[error("loading state: {0}")]
+    Load(String),
+    #[error("admin token file {path}: {source}")]
+    Token { path: std::path::PathBuf, source: std::io::Error },
+    #[error("cannot bind admin listener {addr}: {source}")]
+    AdminBind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+}
+
+/// Seconds since the Unix epoch: the one place the gateway reads the wall clock.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A running gateway: where it listens, and handles on its parts.
+pub struct Gateway {
+    pub admin: SocketAddr,
+    pub mqtt: Option<MqttListeners>,
+    pub admin_token: String,
+    pub telemetry: Arc<Telemetry>,
+    pub fleet: Arc<Fleet>,
+    pub planner: Arc<Planner>,
+    pub firmware: Arc<Firmware>,
+    pub dfu: Arc<Dfu>,
+    store: Store,
+    tasks: JoinSet<()>,
+    shutdown: CancellationToken,
+}
+
+/// The admin token: configured, or generated once into `<data_dir>/admin.token` (mode 0600).
+fn admin_token(config: &Config) -> Result<String, StartError> {
+    if !config.admin.token.is_empty() {
+        return Ok(config.admin.token.clone());
+    }
+    let path = config.store.data_dir.join("admin.token");
+    let err = |source| StartError::Token { path: path.clone(), source };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let mut raw = [0u8; 24];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw)).map_err(err)?;
+    let token = hex::encode(raw);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    use std::io::Write;
+    opts.open(&path).and_then(|mut f| f.write_all(token.as_bytes())).map_err(err)?;
+    info!(path = %path.display(), "generated the admin token");
+    Ok(token)
+}
+
+/// Opens the store and starts every listener and background task. Returns once all of them
+/// accept work; the gateway runs until `shutdown` is cancelled, then [`Gateway::wait`] ends.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gateway, StartError> {
+    let dir = &config.store.data_dir;
+    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    let store = Store::open(&dir.join("db"), config.store.sync_writes)
+        .map_err(|source| StartError::Store { path: dir.clone(), source })?;
+    let now = now_secs();
+    let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
+    let firmware = Arc::new(Firmware::open(store.clone(), config.firmware.clone()).map_err(|e| load(&e))?);
+    let fleet = Arc::new(Fleet::open(store.clone(), config.fleet.max_devices).map_err(|e| load(&e))?);
+    let planner = Arc::new(
+        Planner::open(store.clone(), fleet.clone(), firmware.clone(), config.dfu.op_timeout_secs, now)
+            .map_err(|e| load(&e))?,
+    );
+    info!(
+        data_dir = %dir.display(),
+        images = firmware.list().len(),
+        devices = fleet.len(),
+        "store opened"
+    );
+    let telemetry = Arc::new(Telemetry::new());
+    let dfu = Arc::new(Dfu::new(planner.clone(), fleet.clone(), config.dfu.engine(), telemetry.clone()));
+    let token = admin_token(&config)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| StartError::AdminBind { addr: config.admin.listen, source })?;
+    let admin = listener.local_addr().map_err(|source| StartError::AdminBind { addr: config.admin.listen, source })?;
+    let state = admin::AppState {
+        fleet: fleet.clone(),
+        firmware: firmware.clone(),
+        planner: planner.clone(),
+        telemetry: telemetry.clone(),
+        token: token.clone().into(),
+        list_limit: config.admin.list_limit,
+        max_image_bytes: config.firmware.max_image_bytes as usize,
+        ready: ready.clone(),
+        device_secret: config.mqtt.auth.then(|| config.mqtt.device_secret.clone().into()),
+    };
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(listener, admin::app(state)).with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            error!(error = %e, "admin listener failed");
+        }
+    });
+    info!(%admin, "admin http listening");
+
+    let mqtt = if config.mqtt.enabled {
+        let (cfg, dcfg, dfu, fleet, tel, stop) =
+            (config.mqtt.clone(), config.dfu.clone(), dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
+        // Binding and probing the broker's listeners blocks briefly.
+        let started = tokio::task::spawn_blocking(move || transport::mqtt::start(&cfg, &dcfg, dfu, fleet, tel, stop))
+            .await
+            .map_err(|e| StartError::Load(e.to_string()))?;
+        Some(started?)
+    } else {
+        None
+    };
+
+    let (p, stop, every) = (planner.clone(), shutdown.clone(), Duration::from_secs(config.dfu.timeout_sweep_secs));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let p = p.clone();
+            match tokio::task::spawn_blocking(move || p.sweep_timeouts(now_secs())).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => warn!(operations = n, "operations timed out"),
+                Ok(Err(e)) => error!(error = %e, "timeout sweep failed"),
+                Err(e) => error!(error = %e, "timeout sweep panicked"),
+            }
+        }
+    });
+    let (f, stop, every) =
+        (fleet.clone(), shutdown.clone(), Duration::from_secs(config.fleet.last_seen_flush_secs.max(1)));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let f = f.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.flush_last_seen()).await {
+                error!(error = %e, "last-seen flush failed");
+            }
+        }
+    });
+
+    ready.store(true, Ordering::Relaxed);
+    Ok(Gateway { admin, mqtt, admin_token: token, telemetry, fleet, planner, firmware, dfu, store, tasks, shutdown })
+}
+
+impl Gateway {
+    /// Waits for shutdown, then stops background work and flushes the store.
+    pub async fn wait(mut self) {
+        self.shutdown.cancelled().await;
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+            warn!("background tasks did not stop within 10 s");
+        }
+        if let Err(e) = self.fleet.flush_last_seen() {
+            error!(error = %e, "final last-seen flush failed");
+        }
+        if let Err(e) = self.store.flush() {
+            error!(error = %e, "final store flush failed");
+        }
+        info!("stopped");
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Loads a config file with the process's environment applied.
+pub fn load_config(path: &Path) -> Result<Config, config::ConfigError> {
+    Config::load(path, std::env::vars())
+}

@@ -1,0 +1,17 @@
+//! Transport shells: bytes in, one DFU step, bytes out. MQTT now (embedded rumqttd); CoAP
+//! follows. Thin: decisions live in `engine` and `planner`.
+
+pub mod mqtt;
+mod session;
+
+pub use session::{Dfu, Handled};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("mqtt broker: {0}")]
+    Broker(String),
+    #[error("mqtt listener {0} did not come up")]
+    NotListening(std::net::SocketAddr),
+}

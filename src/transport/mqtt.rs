@@ -1,0 +1,223 @@
+//! The MQTT shell: an embedded rumqttd broker and one local link that subscribes to every
+//! device's Status topic and publishes Commands to `dfu/{id}/command`.
+//!
+//! rumqttd's link calls block on bounded channels, so the link runs on its own OS thread and
+//! never on a tokio worker. Its broker threads have no shutdown hook; they end with the
+//! process, after the store has been flushed.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, SegmentConfig, ServerSettings};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::{Dfu, TransportError};
+use crate::config::{DfuConfig, MqttConfig};
+use crate::fleet::{token_ok, Fleet};
+use crate::protocol::topic::{command_topic, parse_status_topic, valid_device_id, STATUS_FILTER};
+use crate::telemetry::Telemetry;
+
+/// The link's own topic, published once a second so the broker reports connection counts.
+const HEARTBEAT_TOPIC: &str = "fwgate/internal/heartbeat";
+const METER_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the broker listens once started.
+#[derive(Debug, Clone, Copy)]
+pub struct MqttListeners {
+    pub v4: SocketAddr,
+    pub v5: Option<SocketAddr>,
+}
+
+/// A port-0 address becomes a free ephemeral port (rumqttd binds by address, so we pick one).
+fn resolve(addr: SocketAddr) -> Result<SocketAddr, TransportError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    l.local_addr().map_err(|source| TransportError::Bind { addr, source })
+}
+
+fn connect_addr(addr: SocketAddr) -> SocketAddr {
+    let mut a = addr;
+    if a.ip().is_unspecified() {
+        a.set_ip(if a.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    a
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<(), TransportError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&connect_addr(addr), Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(TransportError::NotListening(addr))
+}
+
+fn server(name: &str, listen: SocketAddr, cfg: &MqttConfig, dfu: &DfuConfig, fleet: &Arc<Fleet>) -> ServerSettings {
+    let mut connections = ConnectionSettings {
+        connection_timeout_ms: cfg.connection_timeout_ms,
+        max_payload_size: cfg.payload_limit(dfu),
+        max_inflight_count: cfg.max_inflight,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: false,
+    };
+    if cfg.auth {
+        let secret = cfg.device_secret.clone();
+        let fleet = fleet.clone();
+        connections.set_auth_handler(move |client_id: String, _user: String, password: String| {
+            let ok = valid_device_id(&client_id) && fleet.contains(&client_id) && token_ok(&secret, &client_id, &password);
+            if !ok {
+                warn!(client_id = %client_id.chars().take(64).collect::<String>(), "mqtt CONNECT refused: unknown device or wrong token");
+            }
+            async move { ok }
+        });
+    }
+    ServerSettings { name: name.into(), listen, tls: None, next_connection_delay_ms: 0, connections }
+}
+
+/// Starts the broker and the DFU link. Returns once the listeners accept connections.
+pub fn start(
+    cfg: &MqttConfig,
+    dfu_cfg: &DfuConfig,
+    dfu: Arc<Dfu>,
+    fleet: Arc<Fleet>,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) -> Result<MqttListeners, TransportError> {
+    let v4 = resolve(cfg.listen)?;
+    let v5 = cfg.v5_listen().map(resolve).transpose()?;
+    let command_log = cfg.command_log_limit(dfu_cfg);
+    let mut custom = HashMap::new();
+    custom.insert(
+        STATUS_FILTER.to_owned(),
+        SegmentConfig { max_segment_size: cfg.status_log_bytes, max_segment_count: 2 },
+    );
+    // rumqttd's metrics timer unwraps both intervals (it panics when only meters are set),
+    // so alerts get one too; nothing subscribes to them.
+    let metrics: HashMap<rumqttd::MetricType, rumqttd::MetricSettings> = serde_json::from_value(serde_json::json!({
+        "meters": {"push_interval": METER_INTERVAL.as_secs()},
+        "alerts": {"push_interval": 3600},
+    }))
+    .map_err(|e| TransportError::Broker(e.to_string()))?;
+    let config = rumqttd::Config {
+        id: 0,
+        router: RouterConfig {
+            // +1: the gateway's own link is a connection too.
+            max_connections: cfg.max_connections + 1,
+            max_outgoing_packet_count: 200,
+            max_segment_size: command_log,
+            max_segment_count: 2,
+            custom_segment: Some(custom),
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some(HashMap::from([("v4".to_owned(), server("mqtt-v4", v4, cfg, dfu_cfg, &fleet))])),
+        v5: v5.map(|a| HashMap::from([("v5".to_owned(), server("mqtt-v5", a, cfg, dfu_cfg, &fleet))])),
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: Some(metrics),
+    };
+    let mut broker = Broker::new(config);
+    let (mut tx, rx) = broker.link("fwgate-dfu").map_err(|e| TransportError::Broker(e.to_string()))?;
+    for filter in [STATUS_FILTER, HEARTBEAT_TOPIC] {
+        tx.subscribe(filter).map_err(|e| TransportError::Broker(e.to_string()))?;
+    }
+    let meters = broker.meters().map_err(|e| TransportError::Broker(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                error!(error = %e, "mqtt broker stopped");
+            }
+        })
+        .map_err(|e| TransportError::Broker(e.to_string()))?;
+    wait_listening(v4)?;
+    if let Some(a) = v5 {
+        wait_listening(a)?;
+    }
+    std::thread::Builder::new()
+        .name("mqtt-dfu".into())
+        .spawn(move || link_loop(tx, rx, meters, dfu, telemetry, shutdown))
+        .map_err(|e| TransportError::Broker(e.to_string()))?;
+    info!(%v4, v5 = ?v5, "mqtt listening");
+    Ok(MqttListeners { v4, v5 })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn link_loop(
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    meters: rumqttd::meters::MetersLink,
+    dfu: Arc<Dfu>,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) {
+    let mut replies = Vec::with_capacity(8);
+    let mut next_beat = Instant::now();
+    while !shutdown.is_cancelled() {
+        if Instant::now() >= next_beat {
+            next_beat = Instant::now() + METER_INTERVAL;
+            let _ = tx.try_publish(HEARTBEAT_TOPIC, &b""[..]);
+            while let Ok(batch) = meters.recv() {
+                for m in batch {
+                    if let Meter::Router(_, r) = m {
+                        telemetry.set_connected(r.total_connections.saturating_sub(1) as i64);
+                    }
+                }
+            }
+        }
+        let notification = match rx.recv_deadline(Instant::now() + Duration::from_millis(200)) {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(rumqttd::local::LinkError::RecvTimeout(_)) => continue,
+            Err(e) => {
+                error!(error = %e, "mqtt link to the broker closed");
+                return;
+            }
+        };
+        match notification {
+            Notification::Forward(f) => {
+                let topic = f.publish.topic;
+                if topic.as_ref() == HEARTBEAT_TOPIC.as_bytes() {
+                    continue;
+                }
+                let Some(device) = parse_status_topic(&topic) else {
+                    telemetry.bad_input("bad_topic");
+                    warn!(topic = %String::from_utf8_lossy(&topic[..topic.len().min(128)]), "Status on a malformed topic");
+                    continue;
+                };
+                replies.clear();
+                dfu.handle("mqtt", device, &f.publish.payload, now_secs(), &mut replies);
+                let to = command_topic(device);
+                for payload in replies.drain(..) {
+                    if let Err(e) = tx.publish(to.clone(), payload) {
+                        error!(error = %e, "mqtt link to the broker closed");
+                        return;
+                    }
+                }
+            }
+            // The router paused us because our buffer filled; tell it we are ready again.
+            Notification::Unschedule => {
+                if let Err(e) = rx.ready() {
+                    error!(error = %e, "mqtt link to the broker closed");
+                    return;
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! One DFU exchange, shared by every transport: decode a Status, run the engine step on the
+//! device's operation, persist any transition, encode the reply in the request's form.
+
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
+use crate::engine::{self, EngineConfig, Target};
+use crate::fleet::{Fleet, MAIN_COMPONENT};
+use crate::planner::Planner;
+use crate::protocol::{Command, Status};
+use crate::telemetry::Telemetry;
+
+/// What became of one message, for the transport's bookkeeping and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Commands were produced (WRITE, SWAP, SYNC).
+    Replied,
+    /// The device is not registered; it was told to WAIT.
+    UnknownDevice,
+    /// The message did not decode; nothing was changed or sent.
+    BadInput,
+    /// The operation changed under this message (a concurrent one, or the sweeper); nothing
+    /// was sent, the device asks again.
+    Stale,
+    /// The store failed; nothing was acknowledged and nothing sent.
+    Failed,
+}
+
+pub struct Dfu {
+    planner: Arc<Planner>,
+    fleet: Arc<Fleet>,
+    engine: EngineConfig,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Dfu {
+    pub fn new(planner: Arc<Planner>, fleet: Arc<Fleet>, engine: EngineConfig, telemetry: Arc<Telemetry>) -> Dfu {
+        Dfu { planner, fleet, engine, telemetry }
+    }
+
+    /// Handles one Status from `device`, pushing encoded replies onto `out`.
+    pub fn handle(
+        &self,
+        transport: &'static str,
+        device: &str,
+        payload: &[u8],
+        now: u64,
+        out: &mut Vec<Vec<u8>>,
+    ) -> Handled {
+        let (status, form) = match Status::decode(payload) {
+            Ok(v) => v,
+            Err(e) => {
+                self.telemetry.bad_input(e.kind());
+                warn!(device, transport, error = %e, len = payload.len(), "refused a Status");
+                return Handled::BadInput;
+            }
+        };
+        let component = status.component.unwrap_or(MAIN_COMPONENT);
+        match self.fleet.observe(device, component, status.version, now) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.telemetry.status("unknown_device");
+                debug!(device, transport, "Status from an unknown device");
+                push(out, &engine::wait(&self.engine, &status), form);
+                return Handled::UnknownDevice;
+            }
+            Err(e) => return self.failed(device, &e),
+        }
+        let active = match self.planner.lookup(device, component) {
+            Ok(a) => a,
+            Err(e) => return self.failed(device, &e),
+        };
+        let op = active
+            .as_ref()
+            .map(|a| (a.state, Target { version: &a.meta.version, image: &a.image, sha256: a.meta.digest() }));
+        let step = engine::handle_status(&self.engine, &status, op);
+        if let Some(a) = &active {
+            if step.transition.is_some() || step.progress.is_some() {
+                match self.planner.record(device, component, a.state, step.transition, step.progress, now) {
+                    Ok(true) => {}
+                    // The operation moved on under us (a concurrent message or the sweeper):
+                    // answering from the stale state could contradict it, so stay silent and
+                    // let the device ask again.
+                    Ok(false) => {
+                        self.telemetry.status("stale");
+                        return Handled::Stale;
+                    }
+                    Err(e) => return self.failed(device, &e),
+                }
+                if let Some(to) = step.transition {
+                    debug!(device, component, from = a.state.as_str(), to = to.as_str(), "operation transition");
+                }
+            }
+        }
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        for c in &step.commands {
+            if let Command::Write { data, .. } = c {
+                blocks += 1;
+                bytes += data.len() as u64;
+            }
+            push(out, c, form);
+        }
+        if blocks > 0 {
+            self.telemetry.served(transport, blocks, bytes);
+        }
+        self.telemetry.status(match step.commands.first().map(Command::op) {
+            Some("WRITE") => "write",
+            Some("SWAP") => "swap",
+            Some("WAIT") => "wait",
+            _ => "sync",
+        });
+        Handled::Replied
+    }
+
+    fn failed(&self, device: &str, e: &dyn std::fmt::Display) -> Handled {
+        self.telemetry.store_error();
+        warn!(device, error = %e, "could not handle a Status");
+        Handled::Failed
+    }
+}
+
+fn push(out: &mut Vec<Vec<u8>>, c: &Command<'_>, form: crate::protocol::Form) {
+    let mut buf = Vec::with_capacity(c.encoded_len_hint());
+    c.encode(form, &mut buf);
+    out.push(buf);
+}
