@@ -1,0 +1,85 @@
+//! Codec and engine costs per message: `cargo bench --bench dfu`.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fwgate::engine::{handle_status, EngineConfig, OpState, Target};
+use fwgate::protocol::{Command, Form, Status, UpdateProgress};
+
+const CFG: EngineConfig =
+    EngineConfig { max_block: 4096, default_mtu: 512, max_window: 8, sync_poll: 300, wait_poll: 30 };
+
+fn status(form: Form) -> Vec<u8> {
+    let s = Status {
+        mtu: Some(512),
+        correlation_id: Some(7),
+        update: Some(UpdateProgress { version: "2.0.0", offset: 131_072 }),
+        ..Status::new("1.0.0")
+    };
+    let mut out = Vec::new();
+    s.encode(form, &mut out);
+    out
+}
+
+fn codec(c: &mut Criterion) {
+    let image = vec![0xA5u8; 256 * 1024];
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(1));
+    for form in [Form::Named, Form::Packed] {
+        let bytes = status(form);
+        g.bench_function(format!("status_decode/{}", form.as_str()), |b| {
+            b.iter(|| Status::decode(black_box(&bytes)).unwrap())
+        });
+        let write = Command::Write {
+            version: "2.0.0",
+            correlation_id: Some(7),
+            offset: 131_072,
+            data: &image[131_072..131_584],
+        };
+        let mut buf = Vec::with_capacity(1024);
+        g.bench_function(format!("write512_encode/{}", form.as_str()), |b| {
+            b.iter(|| {
+                buf.clear();
+                black_box(&write).encode(form, &mut buf);
+                black_box(buf.len())
+            })
+        });
+        // What the gateway does per Status: decode it, encode one WRITE in a fresh buffer.
+        g.bench_function(format!("status_to_write512/{}", form.as_str()), |b| {
+            b.iter(|| {
+                let (s, f) = Status::decode(black_box(&bytes)).unwrap();
+                let offset = s.update.map(|u| u.offset).unwrap_or(0) as usize;
+                let c = Command::Write {
+                    version: "2.0.0",
+                    correlation_id: s.correlation_id,
+                    offset: offset as u32,
+                    data: &image[offset..offset + 512],
+                };
+                let mut out = Vec::with_capacity(c.encoded_len_hint());
+                c.encode(f, &mut out);
+                out
+            })
+        });
+    }
+    g.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let image = vec![0xA5u8; 256 * 1024];
+    let target = Target { version: "2.0.0", image: &image, sha256: [1; 32] };
+    let bytes = status(Form::Packed);
+    let (s, _) = Status::decode(&bytes).unwrap();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("step/write512", |b| {
+        b.iter(|| handle_status(&CFG, black_box(&s), Some((OpState::Downloading, target))))
+    });
+    let windowed = Status { window: Some(8), ..s };
+    g.bench_function("step/window8x512", |b| {
+        b.iter(|| handle_status(&CFG, black_box(&windowed), Some((OpState::Downloading, target))))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, engine);
+criterion_main!(benches);

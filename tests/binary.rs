@@ -1,0 +1,242 @@
+//! The real `fwgate` binary as an operator runs it: started by `fwgate serve`, driven by the
+//! CLI and by stock MQTT clients (mosquitto), killed with SIGKILL and started again.
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fwgate::protocol::{Form, Status};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fwgate");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Serve {
+    child: Child,
+    admin: String,
+    mqtt: u16,
+    mqtt5: u16,
+    log: PathBuf,
+}
+
+impl Serve {
+    async fn start(dir: &Path) -> Serve {
+        let (admin, mqtt, mqtt5) = (free_port(), free_port(), free_port());
+        let config = dir.join("fwgate.toml");
+        std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
+        let log = dir.join(format!("serve-{admin}.log"));
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("FWGATE_STORE__DATA_DIR", dir.join("data"))
+            .env("FWGATE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
+            .env("FWGATE_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5}"))
+            .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("FWGATE_ADMIN__TOKEN", "test-token")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("fwgate binary starts");
+        let s = Serve { child, admin: format!("http://127.0.0.1:{admin}"), mqtt, mqtt5, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/readyz", s.admin)).await {
+                if r.status() == 200 {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fwgate serve not ready; log:\n{}",
+                std::fs::read_to_string(&s.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("FWGATE_SERVER", &self.admin)
+            .env("FWGATE_TOKEN", "test-token")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+/// One Status/Command pair through mosquitto_pub and mosquitto_sub.
+fn mosquitto_exchange(port: u16, version_flag: &str, device: &str, status_file: &Path) -> Vec<u8> {
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version_flag, "-i", &format!("{device}-sub")])
+        .args(["-t", &format!("dfu/{device}/command"), "-C", "1", "-W", "20", "-F", "%x"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    // The subscription may not be in place yet: publish until the reply arrives.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version_flag, "-i", device])
+            .args(["-t", &format!("dfu/{device}/status"), "-q", "1", "-f"])
+            .arg(status_file)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mosquitto_pub failed");
+        std::thread::sleep(Duration::from_millis(300));
+        if let Ok(Some(_)) = sub.try_wait() {
+            break;
+        }
+    }
+    let out = sub.wait_with_output().unwrap();
+    assert!(out.status.success(), "mosquitto_sub got no command");
+    hex::decode(String::from_utf8(out.stdout).unwrap().trim()).expect("hex payload")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_exchange_status_and_command_with_fwgate_serve() {
+    if !have("mosquitto_pub") || !have("mosquitto_sub") {
+        eprintln!(
+            "SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients; .ci/run does)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let img = image(4096, 11);
+    std::fs::write(dir.path().join("app.bin"), &img).unwrap();
+    let file = dir.path().join("app.bin");
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0.0"]);
+    assert!(ok, "{out}");
+    for id in ["mq-3", "mq-5"] {
+        assert!(serve.cli(&["devices", "add", id]).0);
+        assert!(serve.cli(&["devices", "assign", id, "app@2.0.0"]).0);
+    }
+    let status_file = dir.path().join("status.cbor");
+    let mut bytes = Vec::new();
+    Status { mtu: Some(256), ..Status::new("1.0.0") }.encode(Form::Named, &mut bytes);
+    std::fs::write(&status_file, &bytes).unwrap();
+
+    for (device, port, flag) in [("mq-3", serve.mqtt, "mqttv311"), ("mq-5", serve.mqtt5, "mqttv5")] {
+        let reply = mosquitto_exchange(port, flag, device, &status_file);
+        let (cmd, form) = fwgate::protocol::Command::decode(&reply).expect("a valid command");
+        assert_eq!(form, Form::Named);
+        match cmd {
+            fwgate::protocol::Command::Write { version, offset, data, .. } => {
+                assert_eq!((version, offset), ("2.0.0", 0), "{flag}");
+                assert_eq!(data, &img[..256], "{flag}: the first block of the image");
+            }
+            other => panic!("{flag}: expected WRITE, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_transfer_loses_nothing_and_the_device_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let img = image(128 * 1024, 12);
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    let csv = dir.path().join("devices.csv");
+    std::fs::write(&csv, "id,tag,groups,production,hardware\nkill-1,stable,eu;lab,false,\nkill-2,,,,\n").unwrap();
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0.0"]);
+    assert!(ok, "{out}");
+    let (ok, out) = serve.cli(&["devices", "import", csv.to_str().unwrap()]);
+    assert!(ok && out.contains("2 added"), "{out}");
+    let (ok, out) = serve.cli(&["devices", "assign", "kill-1", "app@2.0.0"]);
+    assert!(ok, "{out}");
+
+    let mut dev =
+        SimDevice::connect(format!("127.0.0.1:{}", serve.mqtt).parse().unwrap(), "kill-1", Form::Packed, "1.0.0", None)
+            .await;
+    let Ended::Paused(at) = dev.run(Some(40 * 1024)).await else { panic!("expected a pause") };
+    let download = dev.download.take();
+    drop(dev);
+    let mut serve = serve;
+    serve.child.kill().unwrap(); // SIGKILL
+    serve.child.wait().unwrap();
+    drop(serve);
+
+    let serve = Serve::start(dir.path()).await;
+    let (ok, out) = serve.cli(&["images", "list"]);
+    assert!(ok && out.contains("app") && out.contains("2.0.0"), "{out}");
+    let (ok, out) = serve.cli(&["devices", "list"]);
+    assert!(ok && out.contains("kill-1") && out.contains("kill-2"), "{out}");
+    let (ok, out) = serve.cli(&["devices", "show", "kill-1"]);
+    assert!(ok && out.contains("app@2.0.0") && out.contains("downloading"), "{out}");
+
+    let mut dev =
+        SimDevice::connect(format!("127.0.0.1:{}", serve.mqtt).parse().unwrap(), "kill-1", Form::Packed, "1.0.0", None)
+            .await;
+    dev.download = download;
+    assert_eq!(dev.run(None).await, Ended::Updated);
+    assert_eq!(dev.offsets.first(), Some(&at), "resumed at the offset it had before the kill");
+    assert_eq!(dev.last_image, img);
+    let (ok, out) = serve.cli(&["devices", "show", "kill-1"]);
+    assert!(ok && out.contains("succeeded") && out.contains("100.0%"), "{out}");
+
+    // SIGTERM is a clean stop.
+    let mut serve = serve;
+    let pid = serve.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "fwgate did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
+
+#[test]
+fn config_check_names_the_first_invalid_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[mqtt]\nmax_conections = 5\n").unwrap();
+    let out = Command::new(BIN).args(["config", "check", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mqtt.max_conections"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&bad)
+        .env("FWGATE_MQTT__MAX_CONECTIONS", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fwgate.toml");
+    let out = Command::new(BIN).args(["config", "check", "--config"]).arg(&shipped).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new(BIN)
+        .args(["config", "check", "--config"])
+        .arg(&shipped)
+        .env("FWGATE_DFU__MAX_BLOCK_SIZE", "8")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dfu.max_block_size"));
+}
