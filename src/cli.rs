@@ -384,7 +384,8 @@ async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 async fn serve(path: &Path) -> Result<()> {
@@ -417,7 +418,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => serve(&config).await,
         Command::Config { command: ConfigCommand::Check { config } } => {
-            crate::load_config(&config).map_err(|e| anyhow!("{}: {e}", config.display()))?;
+            crate::load_config(&config).with_context(|| config.display().to_string())?;
             println!("{}: ok", config.display());
             Ok(())
         }

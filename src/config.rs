@@ -13,7 +13,7 @@ use crate::engine::EngineConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: invalid toml: {message}")]
     Syntax { path: PathBuf, message: String },

@@ -52,15 +52,15 @@ use crate::transport::Dfu;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot create data dir {path}: {source}")]
+    #[error("cannot create data dir {path}")]
     DataDir { path: std::path::PathBuf, source: std::io::Error },
-    #[error("cannot open the store in {path} (is another fwgate using it?): {source}")]
+    #[error("cannot open the store in {path} (is another fwgate using it?)")]
     Store { path: std::path::PathBuf, source: store::StoreError },
     #[error("loading state: {0}")]
     Load(String),
-    #[error("admin token file {path}: {source}")]
+    #[error("admin token file {path}")]
     Token { path: std::path::PathBuf, source: std::io::Error },
-    #[error("cannot bind admin listener {addr}: {source}")]
+    #[error("cannot bind admin listener {addr}")]
     AdminBind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Transport(#[from] transport::TransportError),

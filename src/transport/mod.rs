@@ -8,7 +8,7 @@ pub use session::{Dfu, Handled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind mqtt listener {addr}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("mqtt broker: {0}")]
     Broker(String),

@@ -6,7 +6,7 @@
 //! process, after the store has been flushed.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,27 +32,34 @@ pub struct MqttListeners {
     pub v5: Option<SocketAddr>,
 }
 
-/// A port-0 address becomes a free ephemeral port (rumqttd binds by address, so we pick one).
+/// Checks the address is free (a clear error now beats a broker thread failing to bind
+/// later) and turns port 0 into a free ephemeral port, since rumqttd binds by address.
 fn resolve(addr: SocketAddr) -> Result<SocketAddr, TransportError> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
     let l = TcpListener::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
     l.local_addr().map_err(|source| TransportError::Bind { addr, source })
 }
 
-fn connect_addr(addr: SocketAddr) -> SocketAddr {
-    let mut a = addr;
-    if a.ip().is_unspecified() {
-        a.set_ip(if a.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-    }
-    a
+/// Whether some socket listens on `port`, read from /proc/net/tcp{,6} so that checking does
+/// not open a connection the broker would log as a failed client.
+fn listening(port: u16) -> bool {
+    let want = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| {
+        std::fs::read_to_string(path).is_ok_and(|table| {
+            table.lines().skip(1).any(|line| {
+                let mut cols = line.split_whitespace();
+                // Columns: sl, local_address, rem_address, st (0A = LISTEN), ...
+                let local = cols.nth(1).unwrap_or("");
+                let state = cols.nth(1).unwrap_or("");
+                state == "0A" && format!("{local} ").ends_with(&want)
+            })
+        })
+    })
 }
 
 fn wait_listening(addr: SocketAddr) -> Result<(), TransportError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&connect_addr(addr), Duration::from_millis(200)).is_ok() {
+        if listening(addr.port()) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -219,5 +226,27 @@ fn link_loop(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_sockets_are_found_in_proc() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert!(listening(port));
+        drop(l);
+        assert!(!listening(port));
+    }
+
+    #[test]
+    fn a_taken_port_is_a_bind_error() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = l.local_addr().unwrap();
+        assert!(matches!(resolve(taken), Err(TransportError::Bind { .. })));
+        assert_ne!(resolve("127.0.0.1:0".parse().unwrap()).unwrap().port(), 0);
     }
 }
