@@ -176,41 +176,44 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         None
     };
 
-    let (p, stop, every) = (planner.clone(), shutdown.clone(), Duration::from_secs(config.dfu.timeout_sweep_secs));
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let p = p.clone();
-            match tokio::task::spawn_blocking(move || p.sweep_timeouts(now_secs())).await {
-                Ok(Ok(0)) => {}
-                Ok(Ok(n)) => warn!(operations = n, "operations timed out"),
-                Ok(Err(e)) => error!(error = %e, "timeout sweep failed"),
-                Err(e) => error!(error = %e, "timeout sweep panicked"),
-            }
+    let p = planner.clone();
+    every(&mut tasks, &shutdown, config.dfu.timeout_sweep_secs, "timeout sweep", move || {
+        let n = p.sweep_timeouts(now_secs())?;
+        if n > 0 {
+            warn!(operations = n, "operations timed out");
         }
+        Ok(())
     });
-    let (f, stop, every) =
-        (fleet.clone(), shutdown.clone(), Duration::from_secs(config.fleet.last_seen_flush_secs.max(1)));
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            let f = f.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || f.flush_last_seen()).await {
-                error!(error = %e, "last-seen flush failed");
-            }
-        }
+    let f = fleet.clone();
+    every(&mut tasks, &shutdown, config.fleet.last_seen_flush_secs, "last-seen flush", move || {
+        f.flush_last_seen().map(drop).map_err(Into::into)
     });
 
     ready.store(true, Ordering::Relaxed);
     Ok(Gateway { admin, mqtt, admin_token: token, telemetry, fleet, planner, firmware, dfu, store, tasks, shutdown })
+}
+
+/// Runs blocking `work` on tokio's blocking pool every `secs` seconds until `stop`.
+fn every<F>(tasks: &mut JoinSet<()>, stop: &CancellationToken, secs: u64, what: &'static str, work: F)
+where
+    F: Fn() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync + 'static,
+{
+    let (stop, work) = (stop.clone(), Arc::new(work));
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(secs.max(1)));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let work = work.clone();
+            match tokio::task::spawn_blocking(move || work()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "{what} failed"),
+                Err(e) => error!(error = %e, "{what} panicked"),
+            }
+        }
+    });
 }
 
 impl Gateway {

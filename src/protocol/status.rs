@@ -41,8 +41,8 @@ impl<'a> Status<'a> {
         let len = r.map("message")?;
         let (status, form) = match (len, r.first_key_kind()?) {
             (Some(0), _) | (None, KeyKind::None) => return Err(DecodeError::Missing("version")),
-            (_, KeyKind::Int) => (decode_packed(&mut r, len)?, Form::Packed),
-            (_, KeyKind::Text) => (decode_named(&mut r, len)?, Form::Named),
+            (_, KeyKind::Int) => (decode_fields(&mut r, len, Form::Packed)?, Form::Packed),
+            (_, KeyKind::Text) => (decode_fields(&mut r, len, Form::Named)?, Form::Named),
             _ => return Err(DecodeError::WrongType("key")),
         };
         r.finish()?;
@@ -118,87 +118,83 @@ impl<'a> Status<'a> {
     }
 }
 
-const VERSION: u32 = 1;
-const MTU: u32 = 2;
-const CID: u32 = 4;
-const UPDATE: u32 = 8;
-const COMPONENT: u32 = 16;
-const WINDOW: u32 = 32;
-
-fn decode_named<'a>(r: &mut Reader<'a>, len: Option<u64>) -> Result<Status<'a>, DecodeError> {
-    let mut s = Status::new("");
-    let mut seen = 0u32;
-    r.entries(len, "message", |r| {
-        match r.text_key()? {
-            "version" => {
-                once(&mut seen, VERSION, "version")?;
-                s.version = r.text("version")?;
-            }
-            "mtu" => {
-                once(&mut seen, MTU, "mtu")?;
-                s.mtu = r.opt_u32("mtu")?;
-            }
-            "correlation_id" => {
-                once(&mut seen, CID, "correlation_id")?;
-                s.correlation_id = r.opt_u32("correlation_id")?;
-            }
-            // The seed names the in-progress map `status`; DESIGN.md also accepts `update`.
-            "status" | "update" => {
-                once(&mut seen, UPDATE, "update")?;
-                s.update = decode_progress(r, Form::Named)?;
-            }
-            "component" => {
-                once(&mut seen, COMPONENT, "component")?;
-                s.component = if r.null("component")? { None } else { Some(r.text("component")?) };
-            }
-            "window" => {
-                once(&mut seen, WINDOW, "window")?;
-                s.window = r.opt_u32("window")?;
-            }
-            _ => r.skip()?,
-        }
-        Ok(())
-    })?;
-    if seen & VERSION == 0 {
-        return Err(DecodeError::Missing("version"));
-    }
-    Ok(s)
+/// The fields of a Status, whichever form names them.
+#[derive(Clone, Copy)]
+enum Field {
+    Version,
+    Mtu,
+    CorrelationId,
+    Update,
+    Component,
+    Window,
+    Unknown,
 }
 
-fn decode_packed<'a>(r: &mut Reader<'a>, len: Option<u64>) -> Result<Status<'a>, DecodeError> {
+impl Field {
+    fn named(key: &str) -> Field {
+        match key {
+            "version" => Field::Version,
+            "mtu" => Field::Mtu,
+            "correlation_id" => Field::CorrelationId,
+            // The seed names the in-progress map `status`; DESIGN.md also accepts `update`.
+            "status" | "update" => Field::Update,
+            "component" => Field::Component,
+            "window" => Field::Window,
+            _ => Field::Unknown,
+        }
+    }
+
+    /// embedded-update's field order, then our two extensions.
+    fn packed(key: u64) -> Field {
+        match key {
+            0 => Field::Version,
+            1 => Field::Mtu,
+            2 => Field::CorrelationId,
+            3 => Field::Update,
+            4 => Field::Component,
+            5 => Field::Window,
+            _ => Field::Unknown,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Field::Version => "version",
+            Field::Mtu => "mtu",
+            Field::CorrelationId => "correlation_id",
+            Field::Update => "update",
+            Field::Component => "component",
+            Field::Window => "window",
+            Field::Unknown => "unknown",
+        }
+    }
+}
+
+fn decode_fields<'a>(r: &mut Reader<'a>, len: Option<u64>, form: Form) -> Result<Status<'a>, DecodeError> {
     let mut s = Status::new("");
     let mut seen = 0u32;
     r.entries(len, "message", |r| {
-        match r.int_key()? {
-            0 => {
-                once(&mut seen, VERSION, "version")?;
-                s.version = r.text("version")?;
-            }
-            1 => {
-                once(&mut seen, MTU, "mtu")?;
-                s.mtu = r.opt_u32("mtu")?;
-            }
-            2 => {
-                once(&mut seen, CID, "correlation_id")?;
-                s.correlation_id = r.opt_u32("correlation_id")?;
-            }
-            3 => {
-                once(&mut seen, UPDATE, "update")?;
-                s.update = decode_progress(r, Form::Packed)?;
-            }
-            4 => {
-                once(&mut seen, COMPONENT, "component")?;
-                s.component = if r.null("component")? { None } else { Some(r.text("component")?) };
-            }
-            5 => {
-                once(&mut seen, WINDOW, "window")?;
-                s.window = r.opt_u32("window")?;
-            }
-            _ => r.skip()?,
+        let field = match form {
+            Form::Named => Field::named(r.text_key()?),
+            Form::Packed => Field::packed(r.int_key()?),
+        };
+        if let Field::Unknown = field {
+            return r.skip();
+        }
+        let name = field.name();
+        once(&mut seen, 1 << field as u32, name)?;
+        match field {
+            Field::Version => s.version = r.text(name)?,
+            Field::Mtu => s.mtu = r.opt_u32(name)?,
+            Field::CorrelationId => s.correlation_id = r.opt_u32(name)?,
+            Field::Update => s.update = decode_progress(r, form)?,
+            Field::Component => s.component = if r.null(name)? { None } else { Some(r.text(name)?) },
+            Field::Window => s.window = r.opt_u32(name)?,
+            Field::Unknown => {}
         }
         Ok(())
     })?;
-    if seen & VERSION == 0 {
+    if seen & (1 << Field::Version as u32) == 0 {
         return Err(DecodeError::Missing("version"));
     }
     Ok(s)
@@ -223,11 +219,11 @@ fn decode_progress<'a>(r: &mut Reader<'a>, form: Form) -> Result<Option<UpdatePr
         };
         match key {
             0 => {
-                once(&mut seen, VERSION, "update.version")?;
+                once(&mut seen, 1, "update.version")?;
                 version = Some(r.text("update.version")?);
             }
             1 => {
-                once(&mut seen, MTU, "update.offset")?;
+                once(&mut seen, 2, "update.offset")?;
                 offset = Some(r.u32("update.offset")?);
             }
             _ => r.skip()?,
