@@ -28,6 +28,7 @@ pub struct AppState {
     pub token: Arc<str>,
     pub list_limit: usize,
     pub max_image_bytes: usize,
+    pub max_request_bytes: usize,
     /// Set once every listener is up.
     pub ready: Arc<AtomicBool>,
     /// The MQTT device secret, when device authentication is on.
@@ -133,6 +134,7 @@ where
 
 pub fn app(state: AppState) -> Router {
     let image_limit = state.max_image_bytes + 1;
+    let request_limit = state.max_request_bytes;
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -143,6 +145,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/assignment", put(assign))
         .route("/api/v1/devices/{id}/token", post(device_token))
+        .layer(DefaultBodyLimit::max(request_limit))
         .with_state(state)
 }
 

@@ -174,11 +174,17 @@ pub struct AdminConfig {
     /// Empty: a token is generated once into `<data_dir>/admin.token`.
     pub token: String,
     pub list_limit: usize,
+    pub max_request_bytes: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), token: String::new(), list_limit: 1000 }
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: String::new(),
+            list_limit: 1000,
+            max_request_bytes: 64 << 20,
+        }
     }
 }
 
@@ -282,6 +288,9 @@ impl Config {
         }
         if self.fleet.max_devices == 0 {
             return Err(invalid("fleet.max_devices", "must be at least 1"));
+        }
+        if self.admin.max_request_bytes < 1024 {
+            return Err(invalid("admin.max_request_bytes", "must be at least 1024"));
         }
         if self.admin.list_limit == 0 {
             return Err(invalid("admin.list_limit", "must be at least 1"));

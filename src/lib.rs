@@ -152,6 +152,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         token: token.clone().into(),
         list_limit: config.admin.list_limit,
         max_image_bytes: config.firmware.max_image_bytes as usize,
+        max_request_bytes: config.admin.max_request_bytes,
         ready: ready.clone(),
         device_secret: config.mqtt.auth.then(|| config.mqtt.device_secret.clone().into()),
     };

@@ -271,6 +271,13 @@ async fn admin_mutations_need_the_token_and_bad_requests_are_typed() {
     .await;
     assert_eq!(s, 400, "{v}");
     assert!(gw.gw().fleet.get("ok-1").is_none(), "a bad batch writes nothing");
+    // A fleet-sized import is one request, past axum's 2 MB default body limit.
+    let many: Vec<_> =
+        (0..80_000).map(|i| serde_json::json!({"id": format!("bulk-{i:06}"), "groups": ["g"]})).collect();
+    let (s, v) =
+        admin(&gw.admin, reqwest::Method::POST, "/api/v1/devices", None, Some(serde_json::Value::Array(many))).await;
+    assert_eq!((s, v["created"].as_u64()), (200, Some(80_000)), "{v}");
+    assert_eq!(gw.gw().fleet.len(), 80_000);
     add_image(&gw.admin, "app", "1", vec![1, 2, 3]).await;
     let (s, v) =
         admin(&gw.admin, reqwest::Method::POST, "/api/v1/images?name=app&version=1", Some(vec![9u8].into()), None)
