@@ -34,6 +34,7 @@ pub struct Config {
     pub firmware: FirmwareConfig,
     pub dfu: DfuConfig,
     pub mqtt: MqttConfig,
+    pub coap: CoapConfig,
     pub admin: AdminConfig,
     pub fleet: FleetConfig,
     pub log: LogConfig,
@@ -169,6 +170,32 @@ impl MqttConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct CoapConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub max_block_size: u32,
+    pub max_request_bytes: usize,
+    pub dedup_per_peer: usize,
+    pub dedup_lifetime_secs: u64,
+    pub max_peers: usize,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        CoapConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5683)),
+            max_block_size: 1024,
+            max_request_bytes: 1024,
+            dedup_per_peer: 4,
+            dedup_lifetime_secs: 247,
+            max_peers: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Empty: a token is generated once into `<data_dir>/admin.token`.
@@ -284,6 +311,21 @@ impl Config {
             }
             if m.auth && m.device_secret.len() < 16 {
                 return Err(invalid("mqtt.device_secret", "must be at least 16 characters when mqtt.auth = true"));
+            }
+        }
+        let c = &self.coap;
+        if c.enabled {
+            if !(16..=1024).contains(&c.max_block_size) || !c.max_block_size.is_power_of_two() {
+                return Err(invalid("coap.max_block_size", "must be a power of two from 16 to 1024 (RFC 7959)"));
+            }
+            if !(64..=60_000).contains(&c.max_request_bytes) {
+                return Err(invalid("coap.max_request_bytes", "must be 64..=60000"));
+            }
+            if c.dedup_per_peer == 0 || c.max_peers == 0 || c.dedup_lifetime_secs == 0 {
+                return Err(invalid(
+                    "coap.dedup_per_peer",
+                    "dedup_per_peer, max_peers and dedup_lifetime_secs must be at least 1",
+                ));
             }
         }
         if self.fleet.max_devices == 0 {

@@ -9,7 +9,8 @@
 //! - [`firmware`]: image ingest, chunked storage, the byte-bounded hot-image cache.
 //! - [`fleet`]: the device registry and device credentials.
 //! - [`planner`]: assignments and operations, outcome accounting, time-outs.
-//! - [`transport`]: the MQTT shell (embedded rumqttd) around one shared DFU exchange.
+//! - [`transport`]: the MQTT (embedded rumqttd) and CoAP (UDP) shells around one shared DFU
+//!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
 //! - [`config`], [`telemetry`]: configuration and metrics, used by all of the above.
@@ -75,6 +76,7 @@ pub fn now_secs() -> u64 {
 pub struct Gateway {
     pub admin: SocketAddr,
     pub mqtt: Option<MqttListeners>,
+    pub coap: Option<SocketAddr>,
     pub admin_token: String,
     pub telemetry: Arc<Telemetry>,
     pub fleet: Arc<Fleet>,
@@ -177,6 +179,16 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         None
     };
 
+    let coap = if config.coap.enabled {
+        let (socket, addr) = transport::coap::bind(&config.coap).await?;
+        let gateway =
+            transport::coap::Gateway { dfu: dfu.clone(), planner: planner.clone(), telemetry: telemetry.clone() };
+        tasks.spawn(transport::coap::serve(socket, config.coap.clone(), gateway, shutdown.clone()));
+        Some(addr)
+    } else {
+        None
+    };
+
     let p = planner.clone();
     every(&mut tasks, &shutdown, config.dfu.timeout_sweep_secs, "timeout sweep", move || {
         let n = p.sweep_timeouts(now_secs())?;
@@ -191,7 +203,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     });
 
     ready.store(true, Ordering::Relaxed);
-    Ok(Gateway { admin, mqtt, admin_token: token, telemetry, fleet, planner, firmware, dfu, store, tasks, shutdown })
+    Ok(Gateway {
+        admin,
+        mqtt,
+        coap,
+        admin_token: token,
+        telemetry,
+        fleet,
+        planner,
+        firmware,
+        dfu,
+        store,
+        tasks,
+        shutdown,
+    })
 }
 
 /// Runs blocking `work` on tokio's blocking pool every `secs` seconds until `stop`.

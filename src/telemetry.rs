@@ -22,6 +22,7 @@ pub struct Telemetry {
     operations: Family<Label, Gauge<i64, std::sync::atomic::AtomicI64>>,
     hot_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
     store_errors: Counter<u64, AtomicU64>,
+    coap: Family<Label, Counter>,
 }
 
 impl Default for Telemetry {
@@ -42,6 +43,7 @@ impl Telemetry {
             operations: Family::default(),
             hot_bytes: Gauge::default(),
             store_errors: Counter::default(),
+            coap: Family::default(),
             registry: Registry::default(),
         };
         registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
@@ -56,6 +58,11 @@ impl Telemetry {
         registry.register("operations", "Operations by state", t.operations.clone());
         registry.register("hot_cache_bytes", "Bytes of images held in memory", t.hot_bytes.clone());
         registry.register("store_errors", "Store failures while handling device messages", t.store_errors.clone());
+        registry.register(
+            "coap_datagrams",
+            "CoAP datagrams by result (block, dfu, duplicate, malformed, bad_option, not_found, ...)",
+            t.coap.clone(),
+        );
         Telemetry { registry, ..t }
     }
 
@@ -76,6 +83,14 @@ impl Telemetry {
     pub fn store_error(&self) {
         self.store_errors.inc();
         self.status("error");
+    }
+
+    pub fn coap(&self, result: &'static str) {
+        self.coap.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn coap_count(&self, result: &'static str) -> u64 {
+        self.coap.get_or_create(&[("result", result)]).get()
     }
 
     pub fn set_connected(&self, n: i64) {

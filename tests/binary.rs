@@ -17,17 +17,23 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 struct Serve {
     child: Child,
     admin: String,
     mqtt: u16,
     mqtt5: u16,
+    coap: u16,
     log: PathBuf,
 }
 
 impl Serve {
     async fn start(dir: &Path) -> Serve {
         let (admin, mqtt, mqtt5) = (free_port(), free_port(), free_port());
+        let coap = free_udp_port();
         let config = dir.join("fwgate.toml");
         std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
         let log = dir.join(format!("serve-{admin}.log"));
@@ -38,12 +44,13 @@ impl Serve {
             .env("FWGATE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
             .env("FWGATE_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5}"))
             .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .env("FWGATE_COAP__LISTEN", format!("127.0.0.1:{coap}"))
             .env("FWGATE_ADMIN__TOKEN", "test-token")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("fwgate binary starts");
-        let s = Serve { child, admin: format!("http://127.0.0.1:{admin}"), mqtt, mqtt5, log };
+        let s = Serve { child, admin: format!("http://127.0.0.1:{admin}"), mqtt, mqtt5, coap, log };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = reqwest::get(format!("{}/readyz", s.admin)).await {

@@ -1,5 +1,6 @@
 //! Where DFU messages travel: MQTT topics `dfu/{device_id}/status` and
-//! `dfu/{device_id}/command`, and the device-id grammar they share with CoAP paths.
+//! `dfu/{device_id}/command`, CoAP paths `/dfu/{device_id}` and `/fw/{device_id}`, and the
+//! device-id grammar they share.
 
 /// Longest accepted device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
@@ -30,9 +31,38 @@ pub fn parse_status_topic(topic: &[u8]) -> Option<&str> {
     valid_device_id(id).then_some(id)
 }
 
+/// A CoAP resource of the gateway, named by the request's Uri-Path segments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoapPath<'a> {
+    /// `POST /dfu/{device_id}`: a Status in, a Command out.
+    Dfu(&'a str),
+    /// `GET /fw/{device_id}`: the assigned image, block-wise.
+    Firmware(&'a str),
+}
+
+pub fn parse_coap_path<'a>(segments: &[&'a [u8]]) -> Option<CoapPath<'a>> {
+    let [kind, id] = segments else { return None };
+    let id = std::str::from_utf8(id).ok().filter(|id| valid_device_id(id))?;
+    match *kind {
+        b"dfu" => Some(CoapPath::Dfu(id)),
+        b"fw" => Some(CoapPath::Firmware(id)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coap_paths() {
+        assert_eq!(parse_coap_path(&[b"dfu", b"dev-1"]), Some(CoapPath::Dfu("dev-1")));
+        assert_eq!(parse_coap_path(&[b"fw", b"x3000c0s19b1n0"]), Some(CoapPath::Firmware("x3000c0s19b1n0")));
+        assert_eq!(parse_coap_path(&[b"fw"]), None);
+        assert_eq!(parse_coap_path(&[b"fw", b"a", b"b"]), None);
+        assert_eq!(parse_coap_path(&[b"fw", b"a+b"]), None);
+        assert_eq!(parse_coap_path(&[b"other", b"a"]), None);
+    }
 
     #[test]
     fn status_topics_round_trip() {

@@ -1,6 +1,7 @@
-//! Transport shells: bytes in, one DFU step, bytes out. MQTT now (embedded rumqttd); CoAP
-//! follows. Thin: decisions live in `engine` and `planner`.
+//! Transport shells: bytes in, one DFU step, bytes out — MQTT (embedded rumqttd) and CoAP
+//! (UDP). Thin: decisions live in `engine` and `planner`.
 
+pub mod coap;
 pub mod mqtt;
 mod session;
 

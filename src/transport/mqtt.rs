@@ -208,7 +208,7 @@ fn link_loop(
                     continue;
                 };
                 replies.clear();
-                dfu.handle("mqtt", device, &f.publish.payload, now_secs(), &mut replies);
+                dfu.handle("mqtt", device, &f.publish.payload, now_secs(), true, &mut replies);
                 let to = command_topic(device);
                 for payload in replies.drain(..) {
                     if let Err(e) = tx.publish(to.clone(), payload) {

@@ -39,16 +39,18 @@ impl Dfu {
         Dfu { planner, fleet, engine, telemetry }
     }
 
-    /// Handles one Status from `device`, pushing encoded replies onto `out`.
+    /// Handles one Status from `device`, pushing encoded replies onto `out`. Without
+    /// `windowed`, the device's `window` is ignored and one WRITE at most is sent.
     pub fn handle(
         &self,
         transport: &'static str,
         device: &str,
         payload: &[u8],
         now: u64,
+        windowed: bool,
         out: &mut Vec<Vec<u8>>,
     ) -> Handled {
-        let (status, form) = match Status::decode(payload) {
+        let (mut status, form) = match Status::decode(payload) {
             Ok(v) => v,
             Err(e) => {
                 self.telemetry.bad_input(e.kind());
@@ -56,6 +58,9 @@ impl Dfu {
                 return Handled::BadInput;
             }
         };
+        if !windowed {
+            status.window = None;
+        }
         let component = status.component.unwrap_or(MAIN_COMPONENT);
         match self.fleet.observe(device, component, status.version, now) {
             Ok(true) => {}

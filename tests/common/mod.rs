@@ -21,6 +21,7 @@ pub fn test_config(dir: &Path) -> Config {
     c.store.data_dir = dir.to_owned();
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.mqtt.listen_v5 = String::new();
+    c.coap.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.token = "test-token".into();
     c

@@ -1,0 +1,391 @@
+//! The CoAP layer (RFC 7252, with RFC 7959 Block2): one datagram in, at most one out.
+//!
+//! Pure — no sockets, time is a parameter. Owns CON/NON, piggybacked ACKs, token echo, the
+//! bounded duplicate cache keyed by (peer, message id), option rules (unknown elective options
+//! ignored, unknown critical ones → 4.02), paths, methods, Content-Format and the Block2
+//! arithmetic. What to answer comes from a [`Resources`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+
+use crate::protocol::topic::{parse_coap_path, CoapPath};
+
+pub const CF_OCTET_STREAM: u16 = 42;
+pub const CF_CBOR: u16 = 60;
+
+/// The answer to a Status posted to `/dfu/{id}`.
+pub enum DfuAnswer {
+    /// An encoded Command.
+    Command(Vec<u8>),
+    /// The Status did not decode.
+    BadInput,
+    /// The gateway could not decide now (store failure, concurrent change); ask again.
+    Unavailable,
+}
+
+/// A device's assigned image, served block-wise.
+pub struct Image {
+    pub bytes: Bytes,
+    pub digest: [u8; 32],
+}
+
+/// What the gateway answers; implemented by the transport over the DFU session and planner.
+pub trait Resources {
+    fn dfu(&self, device: &str, status: &[u8], now_secs: u64) -> DfuAnswer;
+    /// The device's assigned image, or `None`. `offset` is where this request reads, so the
+    /// owner can record progress.
+    fn firmware(&self, device: &str, offset: u64, now_secs: u64) -> Option<Image>;
+}
+
+/// What became of one datagram; `label` names it in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Answered(&'static str),
+    /// A retransmission, answered from the duplicate cache.
+    Duplicate,
+    Dropped(&'static str),
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Answered(l) | Outcome::Dropped(l) => l,
+            Outcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeConfig {
+    /// Largest Block2 size, a power of two in 16..=1024.
+    pub max_block: u32,
+    /// Largest request payload; larger gets 4.13.
+    pub max_request: usize,
+    pub dedup_per_peer: usize,
+    pub dedup_lifetime_ms: u64,
+    pub max_peers: usize,
+}
+
+struct Answer {
+    mid: u16,
+    expires: u64,
+    bytes: Vec<u8>,
+}
+
+struct Peer {
+    generation: u64,
+    answers: VecDeque<Answer>,
+}
+
+/// The CoAP endpoint's state: the duplicate cache and the NON message-id counter.
+pub struct Exchange {
+    cfg: ExchangeConfig,
+    peers: HashMap<SocketAddr, Peer>,
+    /// Peers in the order they were first remembered, for forgetting the oldest.
+    order: VecDeque<(SocketAddr, u64)>,
+    generation: u64,
+    next_mid: u16,
+}
+
+const CON: u8 = 0;
+const NON: u8 = 1;
+
+/// Options we act on or may safely ignore; any other odd (critical) option gets 4.02.
+fn recognized(number: u16) -> bool {
+    // Uri-Host, Uri-Port, Uri-Path, Content-Format, Uri-Query, Accept, Block2, Size2.
+    matches!(number, 3 | 7 | 11 | 12 | 15 | 17 | 23 | 28) || number % 2 == 0
+}
+
+/// RFC 7252 §3.2 uint: big-endian, no leading zero bytes.
+fn uint(v: u32) -> Vec<u8> {
+    let b = v.to_be_bytes();
+    let skip = b.iter().take_while(|&&x| x == 0).count();
+    b[skip..].to_vec()
+}
+
+fn read_uint(v: &[u8]) -> Option<u32> {
+    if v.len() > 4 {
+        return None;
+    }
+    Some(v.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32))
+}
+
+enum Body {
+    Empty,
+    Owned(Vec<u8>),
+    Slice(Bytes),
+}
+
+struct Reply {
+    code: ResponseType,
+    label: &'static str,
+    content_format: Option<u16>,
+    etag: Option<[u8; 8]>,
+    block2: Option<u32>,
+    size1: Option<u32>,
+    size2: Option<u32>,
+    body: Body,
+}
+
+impl Reply {
+    fn error(code: ResponseType, label: &'static str) -> Reply {
+        Reply {
+            code,
+            label,
+            content_format: None,
+            etag: None,
+            block2: None,
+            size1: None,
+            size2: None,
+            body: Body::Empty,
+        }
+    }
+}
+
+impl Exchange {
+    pub fn new(cfg: ExchangeConfig) -> Exchange {
+        Exchange { cfg, peers: HashMap::new(), order: VecDeque::new(), generation: 0, next_mid: 1 }
+    }
+
+    /// Handles one datagram from `peer`; the reply, if any, is left in `out`.
+    pub fn handle(
+        &mut self,
+        peer: SocketAddr,
+        datagram: &[u8],
+        now_ms: u64,
+        now_secs: u64,
+        res: &impl Resources,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        out.clear();
+        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
+            return Outcome::Dropped("malformed");
+        }
+        let kind = (datagram[0] >> 4) & 3;
+        let tkl = (datagram[0] & 0x0f) as usize;
+        let mid = u16::from_be_bytes([datagram[2], datagram[3]]);
+        if kind == CON || kind == NON {
+            if let Some(bytes) = self.cached(peer, mid, now_ms) {
+                out.extend_from_slice(bytes);
+                return Outcome::Duplicate;
+            }
+        }
+        let packet = match Packet::from_bytes(datagram) {
+            Ok(p) => p,
+            Err(_) => {
+                // The header and token are readable: a CON gets 4.00; anything else is dropped.
+                if kind != CON || tkl > 8 || datagram.len() < 4 + tkl {
+                    return Outcome::Dropped("malformed");
+                }
+                let reply = Reply::error(ResponseType::BadRequest, "malformed");
+                return self.send(peer, kind, mid, &datagram[4..4 + tkl], reply, now_ms, out);
+            }
+        };
+        match packet.header.code {
+            MessageClass::Request(_) if kind == CON || kind == NON => {}
+            // A CON ping (empty message) gets a reset, as RFC 7252 §4.3 says.
+            MessageClass::Empty if kind == CON => {
+                out.extend_from_slice(&[0x70, 0x00, datagram[2], datagram[3]]);
+                return Outcome::Answered("ping");
+            }
+            _ => return Outcome::Dropped("ignored"),
+        }
+        let reply = self.respond(&packet, now_secs, res);
+        self.send(peer, kind, mid, packet.get_token(), reply, now_ms, out)
+    }
+
+    fn respond(&self, p: &Packet, now_secs: u64, res: &impl Resources) -> Reply {
+        if let Some((_, _)) = p.options().find(|(n, _)| !recognized(**n)) {
+            return Reply::error(ResponseType::BadOption, "bad_option");
+        }
+        let segments: Vec<&[u8]> =
+            p.get_option(CoapOption::UriPath).map(|l| l.iter().map(Vec::as_slice).collect()).unwrap_or_default();
+        let first = |o| p.get_first_option(o).map(|v| read_uint(v));
+        let method = match p.header.code {
+            MessageClass::Request(m) => m,
+            _ => return Reply::error(ResponseType::BadRequest, "malformed"),
+        };
+        let accept = first(CoapOption::Accept);
+        match parse_coap_path(&segments) {
+            None => Reply::error(ResponseType::NotFound, "not_found"),
+            Some(CoapPath::Dfu(device)) => {
+                if method != RequestType::Post {
+                    return Reply::error(ResponseType::MethodNotAllowed, "method_not_allowed");
+                }
+                match first(CoapOption::ContentFormat) {
+                    None | Some(Some(60)) => {}
+                    Some(_) => return Reply::error(ResponseType::UnsupportedContentFormat, "unsupported_format"),
+                }
+                if accept.is_some_and(|a| a != Some(CF_CBOR as u32)) {
+                    return Reply::error(ResponseType::NotAcceptable, "not_acceptable");
+                }
+                if p.payload.len() > self.cfg.max_request {
+                    return Reply {
+                        size1: Some(self.cfg.max_request as u32),
+                        ..Reply::error(ResponseType::RequestEntityTooLarge, "too_large")
+                    };
+                }
+                match res.dfu(device, &p.payload, now_secs) {
+                    DfuAnswer::Command(c) => Reply {
+                        content_format: Some(CF_CBOR),
+                        body: Body::Owned(c),
+                        ..Reply::error(ResponseType::Changed, "dfu")
+                    },
+                    DfuAnswer::BadInput => Reply::error(ResponseType::BadRequest, "bad_input"),
+                    DfuAnswer::Unavailable => Reply::error(ResponseType::ServiceUnavailable, "unavailable"),
+                }
+            }
+            Some(CoapPath::Firmware(device)) => {
+                if method != RequestType::Get {
+                    return Reply::error(ResponseType::MethodNotAllowed, "method_not_allowed");
+                }
+                if accept.is_some_and(|a| a != Some(CF_OCTET_STREAM as u32)) {
+                    return Reply::error(ResponseType::NotAcceptable, "not_acceptable");
+                }
+                let block = match first(CoapOption::Block2) {
+                    None => None,
+                    Some(Some(v)) if v & 7 != 7 => Some(v),
+                    Some(_) => return Reply::error(ResponseType::BadRequest, "bad_option"),
+                };
+                self.block(device, block, first(CoapOption::Size2).is_some(), now_secs, res)
+            }
+        }
+    }
+
+    /// One block of the device's image (RFC 7959 §2.2–2.4).
+    fn block(
+        &self,
+        device: &str,
+        requested: Option<u32>,
+        want_size: bool,
+        now_secs: u64,
+        res: &impl Resources,
+    ) -> Reply {
+        let max_szx = self.cfg.max_block.trailing_zeros() - 4;
+        let (mut num, mut szx) = requested.map(|v| (v >> 4, v & 7)).unwrap_or((0, max_szx));
+        if szx > max_szx {
+            // A smaller block than asked for: the block number scales to our size (§2.4).
+            num <<= szx - max_szx;
+            szx = max_szx;
+        }
+        let size = 1u64 << (szx + 4);
+        let offset = num as u64 * size;
+        let Some(image) = res.firmware(device, offset, now_secs) else {
+            return Reply::error(ResponseType::NotFound, "not_found");
+        };
+        let len = image.bytes.len() as u64;
+        if offset >= len && !(offset == 0 && len == 0) {
+            return Reply::error(ResponseType::BadOption, "block_out_of_range");
+        }
+        let end = (offset + size).min(len);
+        let more = end < len;
+        let mut etag = [0u8; 8];
+        etag.copy_from_slice(&image.digest[..8]);
+        Reply {
+            code: ResponseType::Content,
+            label: "block",
+            content_format: Some(CF_OCTET_STREAM),
+            etag: Some(etag),
+            block2: (more || num > 0 || requested.is_some()).then_some((num << 4) | ((more as u32) << 3) | szx),
+            size1: None,
+            size2: (num == 0 || want_size).then_some(len as u32),
+            body: Body::Slice(image.bytes.slice(offset as usize..end as usize)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        peer: SocketAddr,
+        kind: u8,
+        mid: u16,
+        token: &[u8],
+        r: Reply,
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let mut p = Packet::new();
+        p.header.set_version(1);
+        if kind == CON {
+            p.header.set_type(MessageType::Acknowledgement);
+            p.header.message_id = mid;
+        } else {
+            p.header.set_type(MessageType::NonConfirmable);
+            p.header.message_id = self.next_mid;
+            self.next_mid = self.next_mid.wrapping_add(1);
+        }
+        p.header.code = MessageClass::Response(r.code);
+        p.set_token(token.to_vec());
+        if let Some(etag) = r.etag {
+            p.add_option(CoapOption::ETag, etag.to_vec());
+        }
+        if let Some(cf) = r.content_format {
+            p.add_option(CoapOption::ContentFormat, uint(cf as u32));
+        }
+        if let Some(b) = r.block2 {
+            p.add_option(CoapOption::Block2, uint(b));
+        }
+        if let Some(s) = r.size2 {
+            p.add_option(CoapOption::Size2, uint(s));
+        }
+        if let Some(s) = r.size1 {
+            p.add_option(CoapOption::Size1, uint(s));
+        }
+        p.payload = match r.body {
+            Body::Empty => Vec::new(),
+            Body::Owned(v) => v,
+            Body::Slice(b) => b.to_vec(),
+        };
+        match p.to_bytes_with_limit(u16::MAX as usize) {
+            Ok(bytes) => {
+                out.extend_from_slice(&bytes);
+                self.remember(peer, mid, bytes, now_ms);
+                Outcome::Answered(r.label)
+            }
+            Err(_) => Outcome::Dropped("encode_failed"),
+        }
+    }
+
+    fn cached(&mut self, peer: SocketAddr, mid: u16, now_ms: u64) -> Option<&[u8]> {
+        let p = self.peers.get_mut(&peer)?;
+        p.answers.retain(|a| a.expires > now_ms);
+        p.answers.iter().find(|a| a.mid == mid).map(|a| a.bytes.as_slice())
+    }
+
+    fn remember(&mut self, peer: SocketAddr, mid: u16, bytes: Vec<u8>, now_ms: u64) {
+        let expires = now_ms + self.cfg.dedup_lifetime_ms;
+        if !self.peers.contains_key(&peer) {
+            while self.peers.len() >= self.cfg.max_peers {
+                let Some((old, generation)) = self.order.pop_front() else { break };
+                if self.peers.get(&old).is_some_and(|p| p.generation == generation) {
+                    self.peers.remove(&old);
+                }
+            }
+            self.generation += 1;
+            self.order.push_back((peer, self.generation));
+            self.peers.insert(peer, Peer { generation: self.generation, answers: VecDeque::new() });
+            if self.order.len() > self.cfg.max_peers * 2 {
+                // Entries of peers already forgotten: drop them so the queue stays bounded.
+                let peers = &self.peers;
+                self.order.retain(|(a, g)| peers.get(a).is_some_and(|p| p.generation == *g));
+            }
+        }
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if p.answers.len() >= self.cfg.dedup_per_peer {
+                p.answers.pop_front();
+            }
+            p.answers.push_back(Answer { mid, expires, bytes });
+        }
+    }
+
+    /// Peers currently remembered (for tests and metrics).
+    pub fn peers(&self) -> usize {
+        self.peers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,276 @@
+use std::cell::Cell;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+
+use super::*;
+
+const CFG: ExchangeConfig =
+    ExchangeConfig { max_block: 1024, max_request: 256, dedup_per_peer: 2, dedup_lifetime_ms: 1000, max_peers: 4 };
+
+/// A fixed image and an echoing DFU answer, counting calls.
+struct Fixed {
+    image: Bytes,
+    dfu_calls: Cell<usize>,
+    fw_offsets: std::cell::RefCell<Vec<u64>>,
+}
+
+impl Fixed {
+    fn new(len: usize) -> Fixed {
+        Fixed {
+            image: Bytes::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
+            dfu_calls: Cell::new(0),
+            fw_offsets: Default::default(),
+        }
+    }
+}
+
+impl Resources for Fixed {
+    fn dfu(&self, device: &str, status: &[u8], _now: u64) -> DfuAnswer {
+        self.dfu_calls.set(self.dfu_calls.get() + 1);
+        match status {
+            b"bad" => DfuAnswer::BadInput,
+            _ => DfuAnswer::Command(format!("cmd for {device}").into_bytes()),
+        }
+    }
+
+    fn firmware(&self, device: &str, offset: u64, _now: u64) -> Option<Image> {
+        self.fw_offsets.borrow_mut().push(offset);
+        (device == "dev-1").then(|| Image { bytes: self.image.clone(), digest: [9; 32] })
+    }
+}
+
+fn peer(n: u8) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, n], 40000))
+}
+
+fn request(kind: MessageType, method: RequestType, path: &str, mid: u16) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(kind);
+    p.header.code = MessageClass::Request(method);
+    p.header.message_id = mid;
+    p.set_token(vec![0xde, 0xad]);
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+    }
+    p
+}
+
+fn run(x: &mut Exchange, res: &Fixed, from: SocketAddr, p: &Packet) -> (Outcome, Option<Packet>) {
+    let mut out = Vec::new();
+    let o = x.handle(from, &p.to_bytes().unwrap(), 0, 0, res, &mut out);
+    (o, (!out.is_empty()).then(|| Packet::from_bytes(&out).unwrap()))
+}
+
+fn code(p: &Packet) -> ResponseType {
+    match p.header.code {
+        MessageClass::Response(r) => r,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
+fn opt_uint(p: &Packet, o: CoapOption) -> Option<u32> {
+    p.get_first_option(o).map(|v| read_uint(v).unwrap())
+}
+
+#[test]
+fn block2_serves_slices_with_etag_size2_and_more_flag() {
+    let res = Fixed::new(2500);
+    let mut x = Exchange::new(CFG);
+    let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 7);
+    req.add_option(CoapOption::Block2, uint(6)); // num 0, szx 6 (1024)
+    let (o, r) = run(&mut x, &res, peer(1), &req);
+    let r = r.unwrap();
+    assert_eq!(o, Outcome::Answered("block"));
+    assert_eq!(r.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(r.header.message_id, 7);
+    assert_eq!(r.get_token(), &[0xde, 0xad]);
+    assert_eq!(code(&r), ResponseType::Content);
+    assert_eq!(r.payload, &res.image[..1024]);
+    assert_eq!(opt_uint(&r, CoapOption::Block2), Some((0 << 4) | 8 | 6));
+    assert_eq!(opt_uint(&r, CoapOption::Size2), Some(2500));
+    assert_eq!(r.get_first_option(CoapOption::ETag).unwrap(), &[9u8; 8]);
+
+    // The last block, asked for directly (random access), 64 bytes at a time.
+    let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 8);
+    req.add_option(CoapOption::Block2, uint((39 << 4) | 2)); // 39 * 64 = 2496
+    let r = run(&mut x, &res, peer(1), &req).1.unwrap();
+    assert_eq!(r.payload, &res.image[2496..]);
+    assert_eq!(opt_uint(&r, CoapOption::Block2), Some((39 << 4) | 2), "no more flag on the last block");
+    assert_eq!(opt_uint(&r, CoapOption::Size2), None);
+    assert_eq!(*res.fw_offsets.borrow(), [0, 2496]);
+}
+
+#[test]
+fn block_sizes_above_the_cap_are_scaled_and_past_the_end_is_4_02() {
+    let res = Fixed::new(5000);
+    let cfg = ExchangeConfig { max_block: 256, ..CFG };
+    let mut x = Exchange::new(cfg);
+    let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 1);
+    req.add_option(CoapOption::Block2, uint((1 << 4) | 6)); // block 1 of 1024 = block 4 of 256
+    let r = run(&mut x, &res, peer(1), &req).1.unwrap();
+    assert_eq!(opt_uint(&r, CoapOption::Block2), Some((4 << 4) | 8 | 4));
+    assert_eq!(r.payload, &res.image[1024..1280]);
+    let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 2);
+    req.add_option(CoapOption::Block2, uint((20 << 4) | 4));
+    assert_eq!(code(&run(&mut x, &res, peer(1), &req).1.unwrap()), ResponseType::BadOption);
+    let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 3);
+    req.add_option(CoapOption::Block2, uint(7)); // szx 7 is reserved
+    assert_eq!(code(&run(&mut x, &res, peer(1), &req).1.unwrap()), ResponseType::BadRequest);
+}
+
+#[test]
+fn errors_are_typed_responses() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let cases: Vec<(Packet, ResponseType)> = vec![
+        (request(MessageType::Confirmable, RequestType::Get, "/fw/nobody", 1), ResponseType::NotFound),
+        (request(MessageType::Confirmable, RequestType::Get, "/nothing/here", 2), ResponseType::NotFound),
+        (request(MessageType::Confirmable, RequestType::Put, "/fw/dev-1", 3), ResponseType::MethodNotAllowed),
+        (request(MessageType::Confirmable, RequestType::Get, "/dfu/dev-1", 4), ResponseType::MethodNotAllowed),
+        {
+            let mut p = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 5);
+            p.add_option(CoapOption::ContentFormat, uint(50)); // JSON
+            (p, ResponseType::UnsupportedContentFormat)
+        },
+        {
+            let mut p = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 6);
+            p.payload = vec![0; 257];
+            (p, ResponseType::RequestEntityTooLarge)
+        },
+        {
+            let mut p = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 7);
+            p.add_option(CoapOption::Unknown(2049), vec![1]); // unknown critical
+            (p, ResponseType::BadOption)
+        },
+        {
+            let mut p = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 8);
+            p.payload = b"bad".to_vec();
+            (p, ResponseType::BadRequest)
+        },
+    ];
+    for (req, want) in cases {
+        let r = run(&mut x, &res, peer(1), &req).1.expect("a reply");
+        assert_eq!(code(&r), want, "mid {}", req.header.message_id);
+    }
+    // Unknown elective options and Uri-Port are tolerated.
+    let mut p = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 9);
+    p.add_option(CoapOption::Unknown(2048), vec![1]);
+    p.add_option(CoapOption::UriPort, uint(5683));
+    p.add_option(CoapOption::ContentFormat, uint(60));
+    let r = run(&mut x, &res, peer(1), &p).1.unwrap();
+    assert_eq!(code(&r), ResponseType::Changed);
+    assert_eq!(opt_uint(&r, CoapOption::ContentFormat), Some(60));
+    assert_eq!(r.payload, b"cmd for dev-1");
+}
+
+#[test]
+fn retransmitted_requests_are_answered_from_the_cache_not_re_executed() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let req = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 42).to_bytes().unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    assert_eq!(x.handle(peer(1), &req, 0, 0, &res, &mut a), Outcome::Answered("dfu"));
+    assert_eq!(x.handle(peer(1), &req, 500, 0, &res, &mut b), Outcome::Duplicate);
+    assert_eq!(a, b);
+    assert_eq!(res.dfu_calls.get(), 1);
+    // Another peer with the same message id is a different exchange.
+    assert_eq!(x.handle(peer(2), &req, 500, 0, &res, &mut b), Outcome::Answered("dfu"));
+    // After the lifetime, the same id is new again.
+    assert_eq!(x.handle(peer(1), &req, 1500, 0, &res, &mut b), Outcome::Answered("dfu"));
+    assert_eq!(res.dfu_calls.get(), 3);
+}
+
+#[test]
+fn non_requests_get_non_responses_and_pings_get_resets() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let r = run(&mut x, &res, peer(1), &request(MessageType::NonConfirmable, RequestType::Post, "/dfu/dev-1", 5))
+        .1
+        .unwrap();
+    assert_eq!(r.header.get_type(), MessageType::NonConfirmable);
+    assert_eq!(r.get_token(), &[0xde, 0xad]);
+    let mut out = Vec::new();
+    assert_eq!(x.handle(peer(1), &[0x40, 0x00, 0x12, 0x34], 0, 0, &res, &mut out), Outcome::Answered("ping"));
+    assert_eq!(out, [0x70, 0x00, 0x12, 0x34]);
+}
+
+#[test]
+fn malformed_datagrams_get_4_00_when_a_reply_is_possible() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let mut out = Vec::new();
+    // CON, token 1 byte, then an option with the reserved delta 15.
+    assert_eq!(
+        x.handle(peer(1), &[0x41, 0x01, 0x00, 0x01, 0xaa, 0xf0], 0, 0, &res, &mut out),
+        Outcome::Answered("malformed")
+    );
+    let r = Packet::from_bytes(&out).unwrap();
+    assert_eq!(code(&r), ResponseType::BadRequest);
+    assert_eq!(r.get_token(), &[0xaa]);
+    for junk in [&[][..], &[0x40][..], &[0x80, 1, 2, 3][..], &[0x59, 1, 2, 3][..]] {
+        assert_eq!(x.handle(peer(1), junk, 0, 0, &res, &mut out), Outcome::Dropped("malformed"), "{junk:?}");
+        assert!(out.is_empty());
+    }
+}
+
+#[test]
+fn remembered_peers_are_bounded() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    for n in 1..=50u8 {
+        for mid in 0..5 {
+            run(&mut x, &res, peer(n), &request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", mid));
+        }
+        assert!(x.peers() <= CFG.max_peers);
+        assert!(x.order.len() <= CFG.max_peers * 2 + 1);
+        assert!(x.peers.values().all(|p| p.answers.len() <= CFG.dedup_per_peer));
+    }
+}
+
+/// xorshift64*: deterministic inputs without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+}
+
+#[test]
+fn twenty_thousand_random_and_mutated_datagrams_never_panic() {
+    let res = Fixed::new(3000);
+    let mut x = Exchange::new(CFG);
+    let mut rng = Rng(0x5eed);
+    let mut valid = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 1);
+    valid.add_option(CoapOption::Block2, uint(0x16));
+    let seeds = [
+        valid.to_bytes().unwrap(),
+        request(MessageType::NonConfirmable, RequestType::Post, "/dfu/dev-1", 2).to_bytes().unwrap(),
+    ];
+    let mut out = Vec::new();
+    let mut answered = 0;
+    for i in 0..20_000u32 {
+        let d: Vec<u8> = if i % 2 == 0 {
+            let len = (rng.next() % 64) as usize;
+            (0..len).map(|_| rng.next() as u8).collect()
+        } else {
+            let mut d = seeds[(i / 2 % 2) as usize].clone();
+            for _ in 0..1 + rng.next() % 4 {
+                let at = (rng.next() as usize) % d.len();
+                d[at] = rng.next() as u8;
+            }
+            d.truncate(1 + (rng.next() as usize) % (d.len() + 4));
+            d
+        };
+        let from = peer((rng.next() % 8) as u8 + 1);
+        if let Outcome::Answered(_) | Outcome::Duplicate = x.handle(from, &d, i as u64, 0, &res, &mut out) {
+            answered += 1;
+            assert!(Packet::from_bytes(&out).is_ok() || out.len() == 4, "every reply is a valid CoAP message");
+        }
+    }
+    assert!(answered > 1000, "mutations of valid requests are mostly still answered ({answered})");
+}

@@ -1,0 +1,114 @@
+//! The CoAP shell: one tokio receive loop per UDP socket; each datagram goes through the pure
+//! [`exchange`] layer, whose answers come from the DFU session (`POST /dfu/{id}`) and the
+//! planner's assignments (`GET /fw/{id}`, Block2 slices of the hot image).
+
+pub mod exchange;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::exchange::{DfuAnswer, Exchange, ExchangeConfig, Image, Resources};
+use super::{Dfu, Handled, TransportError};
+use crate::config::CoapConfig;
+use crate::engine::OpState;
+use crate::fleet::MAIN_COMPONENT;
+use crate::planner::Planner;
+use crate::telemetry::Telemetry;
+
+/// The gateway behind the CoAP resources.
+pub struct Gateway {
+    pub dfu: Arc<Dfu>,
+    pub planner: Arc<Planner>,
+    pub telemetry: Arc<Telemetry>,
+}
+
+impl Resources for Gateway {
+    fn dfu(&self, device: &str, status: &[u8], now_secs: u64) -> DfuAnswer {
+        let mut out = Vec::with_capacity(1);
+        // `window` is an MQTT feature: over CoAP one request gets one WRITE.
+        match self.dfu.handle("coap", device, status, now_secs, false, &mut out) {
+            Handled::Replied | Handled::UnknownDevice => match out.pop() {
+                Some(c) => DfuAnswer::Command(c),
+                None => DfuAnswer::Unavailable,
+            },
+            Handled::BadInput => DfuAnswer::BadInput,
+            Handled::Stale | Handled::Failed => DfuAnswer::Unavailable,
+        }
+    }
+
+    fn firmware(&self, device: &str, offset: u64, now_secs: u64) -> Option<Image> {
+        let op = match self.planner.lookup(device, MAIN_COMPONENT) {
+            Ok(op) => op?,
+            Err(e) => {
+                warn!(device, error = %e, "cannot serve firmware");
+                self.telemetry.store_error();
+                return None;
+            }
+        };
+        // A Block2 download is a download: the operation starts, and progress is the block read.
+        if matches!(op.state, OpState::Pending | OpState::Downloading) {
+            let to = (op.state == OpState::Pending).then_some(OpState::Downloading);
+            if let Err(e) = self.planner.record(device, MAIN_COMPONENT, op.state, to, Some(offset as u32), now_secs) {
+                warn!(device, error = %e, "cannot record progress");
+                self.telemetry.store_error();
+                return None;
+            }
+        }
+        let len = (op.image.len() as u64).saturating_sub(offset).min(1024);
+        self.telemetry.served("coap-block2", 1, len);
+        Some(Image { bytes: op.image, digest: op.meta.digest() })
+    }
+}
+
+fn exchange_config(cfg: &CoapConfig) -> ExchangeConfig {
+    ExchangeConfig {
+        max_block: cfg.max_block_size,
+        max_request: cfg.max_request_bytes,
+        dedup_per_peer: cfg.dedup_per_peer,
+        dedup_lifetime_ms: cfg.dedup_lifetime_secs * 1000,
+        max_peers: cfg.max_peers,
+    }
+}
+
+/// Binds the CoAP socket; serving starts with [`serve`].
+pub async fn bind(cfg: &CoapConfig) -> Result<(UdpSocket, SocketAddr), TransportError> {
+    let socket =
+        UdpSocket::bind(cfg.listen).await.map_err(|source| TransportError::Bind { addr: cfg.listen, source })?;
+    let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: cfg.listen, source })?;
+    info!(%addr, "coap listening");
+    Ok((socket, addr))
+}
+
+/// The receive loop: runs until `shutdown`.
+pub async fn serve(socket: UdpSocket, cfg: CoapConfig, gateway: Gateway, shutdown: CancellationToken) {
+    let mut exchange = Exchange::new(exchange_config(&cfg));
+    let started = Instant::now();
+    // Largest UDP payload; anything longer was truncated by the kernel and is refused as too large.
+    let mut buf = vec![0u8; 65_536];
+    let mut out = Vec::with_capacity(2048);
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "coap receive error");
+                    continue;
+                }
+            },
+        };
+        let now_ms = started.elapsed().as_millis() as u64;
+        let outcome = exchange.handle(peer, &buf[..n], now_ms, crate::now_secs(), &gateway, &mut out);
+        gateway.telemetry.coap(outcome.label());
+        if !out.is_empty() {
+            if let Err(e) = socket.send_to(&out, peer).await {
+                debug!(%peer, error = %e, "coap send error");
+            }
+        }
+    }
+}
