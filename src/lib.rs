@@ -13,6 +13,8 @@
 //!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
+//! - [`loadgen`]: simulated devices (DFU device logic, a CoAP client) for tests, load runs and
+//!   benchmarks; it knows the gateway only through the wire.
 //! - [`config`], [`telemetry`]: configuration and metrics, used by all of the above.
 //!
 //! [`start`] runs a gateway until its shutdown token is cancelled; `fwgate serve` and the
@@ -26,6 +28,7 @@ pub mod config;
 pub mod engine;
 pub mod firmware;
 pub mod fleet;
+pub mod loadgen;
 pub mod planner;
 pub mod protocol;
 pub mod store;

@@ -170,7 +170,7 @@ impl Planner {
 
     /// The operation and its image, ready for a DFU step; `None` when nothing is assigned.
     pub fn lookup(&self, device: &str, component: &str) -> Result<Option<ActiveOp>, PlannerError> {
-        let Some((state, image)) = self.operation_state(device, component) else {
+        let Some((state, image)) = self.operation_image(device, component) else {
             return Ok(None);
         };
         let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
@@ -179,7 +179,13 @@ impl Planner {
         Ok(Some(ActiveOp { state, meta, image }))
     }
 
-    fn operation_state(&self, device: &str, component: &str) -> Option<(OpState, String)> {
+    /// The state of a device's operation on `component`, without copying it.
+    pub fn operation_state(&self, device: &str, component: &str) -> Option<OpState> {
+        let ops = self.ops.get(device)?;
+        ops.iter().find(|o| o.component == component).map(|o| o.state)
+    }
+
+    fn operation_image(&self, device: &str, component: &str) -> Option<(OpState, String)> {
         let ops = self.ops.get(device)?;
         ops.iter().find(|o| o.component == component).map(|o| (o.state, o.image.clone()))
     }

@@ -247,3 +247,45 @@ fn config_check_names_the_first_invalid_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("dfu.max_block_size"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libcoap_client_downloads_the_assigned_image_block_wise() {
+    if !have("coap-client-notls") {
+        eprintln!("SKIPPED: coap-client-notls not installed (apt-get install libcoap3-bin; .ci/run does)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let img = image(256 * 1024, 13);
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0.0"]);
+    assert!(ok, "{out}");
+    assert!(serve.cli(&["devices", "add", "co-1"]).0);
+    assert!(serve.cli(&["devices", "assign", "co-1", "app@2.0.0"]).0);
+
+    for block in ["512", "64", "1024"] {
+        let out_file = dir.path().join(format!("out-{block}.bin"));
+        let url = format!("coap://127.0.0.1:{}/fw/co-1", serve.coap);
+        let run = Command::new("coap-client-notls")
+            .args(["-b", block, "-B", "60", "-o"])
+            .arg(&out_file)
+            .arg(&url)
+            .output()
+            .expect("coap-client-notls runs");
+        assert!(run.status.success(), "-b {block}: {}", String::from_utf8_lossy(&run.stderr));
+        let got = std::fs::read(&out_file).unwrap_or_default();
+        assert!(got == img, "-b {block}: {} bytes, not the 256 KiB image", got.len());
+    }
+    let (ok, out) = serve.cli(&["devices", "show", "co-1"]);
+    assert!(ok && out.contains("downloading"), "{out}");
+
+    // Nothing assigned: 4.04, which the client reports as a failure.
+    assert!(serve.cli(&["devices", "add", "co-2"]).0);
+    let run = Command::new("coap-client-notls")
+        .args(["-B", "10", &format!("coap://127.0.0.1:{}/fw/co-2", serve.coap)])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(text.contains("4.04"), "{text}");
+}

@@ -7,10 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use fwgate::config::Config;
-use fwgate::protocol::{Command, Form, Status, UpdateProgress};
+use fwgate::protocol::{Command, Form};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -41,6 +40,10 @@ impl TestGateway {
         let mqtt = gw.mqtt.expect("mqtt enabled").v4;
         let admin = format!("http://{}", gw.admin);
         TestGateway { gw: Some(gw), mqtt, admin, shutdown }
+    }
+
+    pub fn coap(&self) -> SocketAddr {
+        self.gw().coap.expect("coap enabled")
     }
 
     pub fn gw(&self) -> &fwgate::Gateway {
@@ -127,34 +130,27 @@ pub fn image(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// How a simulated transfer ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Ended {
-    /// The device verified the image, swapped, and was told SYNC on the new version.
-    Updated,
-    /// The device stopped on purpose once it had this many bytes.
-    Paused(u32),
-    /// SYNC with nothing to do.
-    Synced,
-    Waited,
-}
+pub use fwgate::loadgen::device::{DfuDevice, Ended};
 
-/// A device: a real MQTT client that writes blocks, verifies the SWAP checksum and "reboots".
+/// A device over MQTT: a real rumqttc client around the transport-free [`DfuDevice`], which
+/// writes blocks, verifies the SWAP checksum and "reboots".
 pub struct SimDevice {
-    pub id: String,
-    pub form: Form,
-    pub mtu: u32,
-    pub window: Option<u32>,
-    pub running: String,
-    /// (version, bytes written so far) of the transfer in progress.
-    pub download: Option<(String, Vec<u8>)>,
-    /// Offsets of every WRITE received, in order.
-    pub offsets: Vec<u32>,
-    pub swaps: Vec<[u8; 32]>,
-    /// The image the device last swapped to.
-    pub last_image: Vec<u8>,
+    pub dev: DfuDevice,
     client: AsyncClient,
     events: EventLoop,
+}
+
+impl std::ops::Deref for SimDevice {
+    type Target = DfuDevice;
+    fn deref(&self) -> &DfuDevice {
+        &self.dev
+    }
+}
+
+impl std::ops::DerefMut for SimDevice {
+    fn deref_mut(&mut self) -> &mut DfuDevice {
+        &mut self.dev
+    }
 }
 
 impl SimDevice {
@@ -191,33 +187,12 @@ impl SimDevice {
         .await
         .map_err(|_| "no SUBACK".to_string())?;
         acked?;
-        Ok(SimDevice {
-            id: id.into(),
-            form: Form::Named,
-            mtu: 512,
-            window: None,
-            running: String::new(),
-            download: None,
-            offsets: Vec::new(),
-            swaps: Vec::new(),
-            last_image: Vec::new(),
-            client,
-            events,
-        })
+        Ok(SimDevice { dev: DfuDevice::new(id, Form::Named, ""), client, events })
     }
 
     /// Publishes raw bytes on this device's Status topic.
     pub async fn publish_raw(&mut self, payload: Vec<u8>) {
         self.client.publish(format!("dfu/{}/status", self.id), QoS::AtLeastOnce, false, payload).await.unwrap();
-    }
-
-    pub fn status_bytes(&self) -> Vec<u8> {
-        let update =
-            self.download.as_ref().map(|(v, b)| UpdateProgress { version: v.as_str(), offset: b.len() as u32 });
-        let s = Status { mtu: Some(self.mtu), window: self.window, update, ..Status::new(&self.running) };
-        let mut out = Vec::new();
-        s.encode(self.form, &mut out);
-        out
     }
 
     pub async fn send_status(&mut self) {
@@ -255,47 +230,17 @@ impl SimDevice {
         .unwrap_or(false)
     }
 
-    /// Applies one command; returns how the exchange ended, or None to keep going.
+    /// Applies one command; a command a real device would refuse fails the test.
     fn apply(&mut self, payload: &[u8]) -> Option<Ended> {
-        let (cmd, form) = Command::decode(payload).expect("gateway sends valid commands");
-        assert_eq!(form, self.form, "reply in the request's form");
-        match cmd {
-            Command::Write { version, offset, data, .. } => {
-                self.offsets.push(offset);
-                let fresh = self.download.as_ref().is_none_or(|(v, _)| v != version);
-                if fresh {
-                    self.download = Some((version.to_owned(), Vec::new()));
-                }
-                let (_, buf) = self.download.as_mut().unwrap();
-                assert_eq!(offset as usize, buf.len(), "WRITE continues where the device is");
-                buf.extend_from_slice(data);
-                None
-            }
-            Command::Swap { version, checksum, .. } => {
-                self.swaps.push(checksum);
-                let (v, buf) = self.download.take().expect("SWAP after a download");
-                assert_eq!(v, version);
-                let digest: [u8; 32] = Sha256::digest(&buf).into();
-                assert_eq!(digest, checksum, "SWAP checksum is the sha256 of the assembled image");
-                self.running = version.to_owned();
-                self.last_image = buf;
-                None
-            }
-            Command::Sync { version, .. } => {
-                assert_eq!(version, self.running);
-                Some(if self.last_image.is_empty() { Ended::Synced } else { Ended::Updated })
-            }
-            Command::Wait { .. } => Some(Ended::Waited),
-        }
+        let id = self.dev.id.clone();
+        self.dev.apply(payload).unwrap_or_else(|e| panic!("{id}: {e}"))
     }
 
     /// Runs the DFU exchange until it ends, or until `pause_at` bytes are written.
     pub async fn run(&mut self, pause_at: Option<u32>) -> Ended {
         loop {
-            if let (Some(limit), Some((_, b))) = (pause_at, &self.download) {
-                if b.len() as u32 >= limit {
-                    return Ended::Paused(b.len() as u32);
-                }
+            if let Some(end) = self.paused_at(pause_at) {
+                return end;
             }
             self.send_status().await;
             let expect = self.window.unwrap_or(1).max(1);

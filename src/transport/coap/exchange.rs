@@ -32,12 +32,23 @@ pub struct Image {
     pub digest: [u8; 32],
 }
 
+/// The image behind `GET /fw/{id}`.
+pub enum FirmwareAnswer {
+    Image(Image),
+    /// Nothing is assigned to the device (or it is unknown).
+    NotAssigned,
+    /// The gateway could not decide now (store failure); ask again.
+    Unavailable,
+}
+
 /// What the gateway answers; implemented by the transport over the DFU session and planner.
 pub trait Resources {
     fn dfu(&self, device: &str, status: &[u8], now_secs: u64) -> DfuAnswer;
-    /// The device's assigned image, or `None`. `offset` is where this request reads, so the
-    /// owner can record progress.
-    fn firmware(&self, device: &str, offset: u64, now_secs: u64) -> Option<Image>;
+    /// The device's assigned image.
+    fn firmware(&self, device: &str) -> FirmwareAnswer;
+    /// Called before the block `offset..offset + len` goes out, so the owner records the
+    /// device's progress first; `false` means it could not, and the block is not sent.
+    fn block_served(&self, device: &str, offset: u64, len: u64, now_secs: u64) -> bool;
 }
 
 /// What became of one datagram; `label` names it in metrics.
@@ -273,8 +284,10 @@ impl Exchange {
         }
         let size = 1u64 << (szx + 4);
         let offset = num as u64 * size;
-        let Some(image) = res.firmware(device, offset, now_secs) else {
-            return Reply::error(ResponseType::NotFound, "not_found");
+        let image = match res.firmware(device) {
+            FirmwareAnswer::Image(i) => i,
+            FirmwareAnswer::NotAssigned => return Reply::error(ResponseType::NotFound, "not_found"),
+            FirmwareAnswer::Unavailable => return Reply::error(ResponseType::ServiceUnavailable, "unavailable"),
         };
         let len = image.bytes.len() as u64;
         if offset >= len && !(offset == 0 && len == 0) {
@@ -282,6 +295,9 @@ impl Exchange {
         }
         let end = (offset + size).min(len);
         let more = end < len;
+        if !res.block_served(device, offset, end - offset, now_secs) {
+            return Reply::error(ResponseType::ServiceUnavailable, "unavailable");
+        }
         let mut etag = [0u8; 8];
         etag.copy_from_slice(&image.digest[..8]);
         Reply {

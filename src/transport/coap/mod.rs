@@ -12,7 +12,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::exchange::{DfuAnswer, Exchange, ExchangeConfig, Image, Resources};
+use self::exchange::{DfuAnswer, Exchange, ExchangeConfig, FirmwareAnswer, Image, Resources};
 use super::{Dfu, Handled, TransportError};
 use crate::config::CoapConfig;
 use crate::engine::OpState;
@@ -41,27 +41,34 @@ impl Resources for Gateway {
         }
     }
 
-    fn firmware(&self, device: &str, offset: u64, now_secs: u64) -> Option<Image> {
-        let op = match self.planner.lookup(device, MAIN_COMPONENT) {
-            Ok(op) => op?,
+    fn firmware(&self, device: &str) -> FirmwareAnswer {
+        match self.planner.lookup(device, MAIN_COMPONENT) {
+            Ok(Some(op)) => FirmwareAnswer::Image(Image { bytes: op.image, digest: op.meta.digest() }),
+            Ok(None) => FirmwareAnswer::NotAssigned,
             Err(e) => {
                 warn!(device, error = %e, "cannot serve firmware");
                 self.telemetry.store_error();
-                return None;
-            }
-        };
-        // A Block2 download is a download: the operation starts, and progress is the block read.
-        if matches!(op.state, OpState::Pending | OpState::Downloading) {
-            let to = (op.state == OpState::Pending).then_some(OpState::Downloading);
-            if let Err(e) = self.planner.record(device, MAIN_COMPONENT, op.state, to, Some(offset as u32), now_secs) {
-                warn!(device, error = %e, "cannot record progress");
-                self.telemetry.store_error();
-                return None;
+                FirmwareAnswer::Unavailable
             }
         }
-        let len = (op.image.len() as u64).saturating_sub(offset).min(1024);
+    }
+
+    fn block_served(&self, device: &str, offset: u64, len: u64, now_secs: u64) -> bool {
+        // A Block2 download is a download: the operation starts, and progress is the block read.
+        if let Some(state) = self.planner.operation_state(device, MAIN_COMPONENT) {
+            if matches!(state, OpState::Pending | OpState::Downloading) {
+                let to = (state == OpState::Pending).then_some(OpState::Downloading);
+                let at = Some(offset.min(u32::MAX as u64) as u32);
+                // Ok(false): the operation moved on meanwhile; the block is still the image's.
+                if let Err(e) = self.planner.record(device, MAIN_COMPONENT, state, to, at, now_secs) {
+                    warn!(device, error = %e, "cannot record progress");
+                    self.telemetry.store_error();
+                    return false;
+                }
+            }
+        }
         self.telemetry.served("coap-block2", 1, len);
-        Some(Image { bytes: op.image, digest: op.meta.digest() })
+        true
     }
 }
 

@@ -11,7 +11,8 @@ const CFG: ExchangeConfig =
 struct Fixed {
     image: Bytes,
     dfu_calls: Cell<usize>,
-    fw_offsets: std::cell::RefCell<Vec<u64>>,
+    /// (offset, len) of every block the exchange said it served.
+    served: std::cell::RefCell<Vec<(u64, u64)>>,
 }
 
 impl Fixed {
@@ -19,7 +20,7 @@ impl Fixed {
         Fixed {
             image: Bytes::from((0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>()),
             dfu_calls: Cell::new(0),
-            fw_offsets: Default::default(),
+            served: Default::default(),
         }
     }
 }
@@ -33,9 +34,17 @@ impl Resources for Fixed {
         }
     }
 
-    fn firmware(&self, device: &str, offset: u64, _now: u64) -> Option<Image> {
-        self.fw_offsets.borrow_mut().push(offset);
-        (device == "dev-1").then(|| Image { bytes: self.image.clone(), digest: [9; 32] })
+    fn firmware(&self, device: &str) -> FirmwareAnswer {
+        match device {
+            "dev-1" => FirmwareAnswer::Image(Image { bytes: self.image.clone(), digest: [9; 32] }),
+            "busy" => FirmwareAnswer::Unavailable,
+            _ => FirmwareAnswer::NotAssigned,
+        }
+    }
+
+    fn block_served(&self, _device: &str, offset: u64, len: u64, _now: u64) -> bool {
+        self.served.borrow_mut().push((offset, len));
+        true
     }
 }
 
@@ -98,7 +107,7 @@ fn block2_serves_slices_with_etag_size2_and_more_flag() {
     assert_eq!(r.payload, &res.image[2496..]);
     assert_eq!(opt_uint(&r, CoapOption::Block2), Some((39 << 4) | 2), "no more flag on the last block");
     assert_eq!(opt_uint(&r, CoapOption::Size2), None);
-    assert_eq!(*res.fw_offsets.borrow(), [0, 2496]);
+    assert_eq!(*res.served.borrow(), [(0, 1024), (2496, 4)]);
 }
 
 #[test]
@@ -117,6 +126,9 @@ fn block_sizes_above_the_cap_are_scaled_and_past_the_end_is_4_02() {
     let mut req = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 3);
     req.add_option(CoapOption::Block2, uint(7)); // szx 7 is reserved
     assert_eq!(code(&run(&mut x, &res, peer(1), &req).1.unwrap()), ResponseType::BadRequest);
+    assert_eq!(*res.served.borrow(), [(1024, 256)], "refused blocks are not counted as served");
+    let req = request(MessageType::Confirmable, RequestType::Get, "/fw/busy", 4);
+    assert_eq!(code(&run(&mut x, &res, peer(1), &req).1.unwrap()), ResponseType::ServiceUnavailable);
 }
 
 #[test]
