@@ -171,19 +171,10 @@ impl Exchange {
         res: &impl Resources,
         out: &mut Vec<u8>,
     ) -> Outcome {
-        out.clear();
-        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
-            return Outcome::Dropped("malformed");
-        }
-        let kind = (datagram[0] >> 4) & 3;
-        let tkl = (datagram[0] & 0x0f) as usize;
-        let mid = u16::from_be_bytes([datagram[2], datagram[3]]);
-        if kind == CON || kind == NON {
-            if let Some(bytes) = self.cached(peer, mid, now_ms) {
-                out.extend_from_slice(bytes);
-                return Outcome::Duplicate;
-            }
-        }
+        let (kind, tkl, mid) = match self.start(peer, datagram, now_ms, out) {
+            Ok(h) => h,
+            Err(outcome) => return outcome,
+        };
         let packet = match Packet::from_bytes(datagram) {
             Ok(p) => p,
             Err(_) => {
@@ -206,6 +197,48 @@ impl Exchange {
         }
         let reply = self.respond(&packet, now_secs, res);
         self.send(peer, kind, mid, packet.get_token(), reply, now_ms, out)
+    }
+
+    /// A datagram longer than the receive buffer, of which `head` is the start: a CON gets
+    /// 4.13 with `Size1`, anything else is dropped.
+    pub fn refuse_oversized(&mut self, peer: SocketAddr, head: &[u8], now_ms: u64, out: &mut Vec<u8>) -> Outcome {
+        let (kind, tkl, mid) = match self.start(peer, head, now_ms, out) {
+            Ok(h) => h,
+            Err(outcome) => return outcome,
+        };
+        if kind != CON || tkl > 8 || head.len() < 4 + tkl {
+            return Outcome::Dropped("too_large");
+        }
+        let reply = Reply {
+            size1: Some(self.cfg.max_request as u32),
+            ..Reply::error(ResponseType::RequestEntityTooLarge, "too_large")
+        };
+        self.send(peer, kind, mid, &head[4..4 + tkl], reply, now_ms, out)
+    }
+
+    /// Reads the fixed header: (type, token length, message id), or how the datagram ended —
+    /// dropped as malformed, or answered from the duplicate cache.
+    fn start(
+        &mut self,
+        peer: SocketAddr,
+        datagram: &[u8],
+        now_ms: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(u8, usize, u16), Outcome> {
+        out.clear();
+        if datagram.len() < 4 || datagram[0] >> 6 != 1 {
+            return Err(Outcome::Dropped("malformed"));
+        }
+        let kind = (datagram[0] >> 4) & 3;
+        let tkl = (datagram[0] & 0x0f) as usize;
+        let mid = u16::from_be_bytes([datagram[2], datagram[3]]);
+        if kind == CON || kind == NON {
+            if let Some(bytes) = self.cached(peer, mid, now_ms) {
+                out.extend_from_slice(bytes);
+                return Err(Outcome::Duplicate);
+            }
+        }
+        Ok((kind, tkl, mid))
     }
 
     fn respond(&self, p: &Packet, now_secs: u64, res: &impl Resources) -> Reply {

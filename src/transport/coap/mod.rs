@@ -3,7 +3,9 @@
 //! planner's assignments (`GET /fw/{id}`, Block2 slices of the hot image).
 
 pub mod exchange;
+mod udp;
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,30 +93,74 @@ pub async fn bind(cfg: &CoapConfig) -> Result<(UdpSocket, SocketAddr), Transport
     Ok((socket, addr))
 }
 
-/// The receive loop: runs until `shutdown`.
+/// The receive loop: runs until `shutdown`. Datagrams are read and answered in batches of up
+/// to [`udp::BATCH`]: one `recvmmsg` takes what is waiting, each datagram goes through the
+/// exchange, one `sendmmsg` sends the answers.
 pub async fn serve(socket: UdpSocket, cfg: CoapConfig, gateway: Gateway, shutdown: CancellationToken) {
     let mut exchange = Exchange::new(exchange_config(&cfg));
     let started = Instant::now();
-    // Largest UDP payload; anything longer was truncated by the kernel and is refused as too large.
-    let mut buf = vec![0u8; 65_536];
-    let mut out = Vec::with_capacity(2048);
+    // Room for the largest accepted request with its header and options; a longer datagram is
+    // cut by the kernel and refused as too large.
+    let buf_len = cfg.max_request_bytes + REQUEST_OVERHEAD;
+    let mut bufs = vec![vec![0u8; buf_len]; udp::BATCH];
+    let mut received = Vec::with_capacity(udp::BATCH);
+    let mut outs: Vec<Vec<u8>> = (0..udp::BATCH).map(|_| Vec::with_capacity(1280)).collect();
+    let mut peers = Vec::with_capacity(udp::BATCH);
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "coap receive error");
-                    continue;
-                }
+            r = socket.readable() => if let Err(e) = r {
+                warn!(error = %e, "coap socket failed");
+                return;
             },
+        }
+        let n = match udp::try_recv(&socket, &mut bufs, &mut received) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                debug!(error = %e, "coap receive error");
+                continue;
+            }
         };
-        let now_ms = started.elapsed().as_millis() as u64;
-        let outcome = exchange.handle(peer, &buf[..n], now_ms, crate::now_secs(), &gateway, &mut out);
-        gateway.telemetry.coap(outcome.label());
-        if !out.is_empty() {
-            if let Err(e) = socket.send_to(&out, peer).await {
-                debug!(%peer, error = %e, "coap send error");
+        let (now_ms, now_secs) = (started.elapsed().as_millis() as u64, crate::now_secs());
+        peers.clear();
+        for (r, buf) in received.iter().zip(&bufs).take(n) {
+            let Some(peer) = r.peer else { continue };
+            let out = &mut outs[peers.len()];
+            let datagram = &buf[..r.len.min(buf.len())];
+            let outcome = if r.truncated {
+                exchange.refuse_oversized(peer, datagram, now_ms, out)
+            } else {
+                exchange.handle(peer, datagram, now_ms, now_secs, &gateway, out)
+            };
+            gateway.telemetry.coap(outcome.label());
+            if !out.is_empty() {
+                peers.push(peer);
+            }
+        }
+        send_all(&socket, &outs[..peers.len()], &peers).await;
+    }
+}
+
+/// Header, token and options a request may carry beyond `coap.max_request_bytes` of payload.
+const REQUEST_OVERHEAD: usize = 512;
+
+/// Sends every answer, waiting for room in the socket's send buffer when it is full. An
+/// answer the kernel refuses is dropped (the device retransmits its request).
+async fn send_all(socket: &UdpSocket, outs: &[Vec<u8>], peers: &[SocketAddr]) {
+    let datagrams: Vec<&[u8]> = outs.iter().map(Vec::as_slice).collect();
+    let mut at = 0;
+    while at < peers.len() {
+        match udp::try_send(socket, &datagrams[at..], &peers[at..]) {
+            Ok(sent) => at += sent.max(1),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if socket.writable().await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                debug!(peer = %peers[at], error = %e, "coap send error");
+                at += 1;
             }
         }
     }

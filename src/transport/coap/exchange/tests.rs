@@ -227,6 +227,26 @@ fn malformed_datagrams_get_4_00_when_a_reply_is_possible() {
 }
 
 #[test]
+fn datagrams_longer_than_the_receive_buffer_get_4_13_when_confirmable() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let mut out = Vec::new();
+    let head = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 9).to_bytes().unwrap();
+    assert_eq!(x.refuse_oversized(peer(1), &head, 0, &mut out), Outcome::Answered("too_large"));
+    let r = Packet::from_bytes(&out).unwrap();
+    assert_eq!(
+        (code(&r), r.header.message_id, r.get_token()),
+        (ResponseType::RequestEntityTooLarge, 9, &[0xde, 0xad][..])
+    );
+    assert_eq!(opt_uint(&r, CoapOption::Size1), Some(CFG.max_request as u32));
+    assert_eq!(res.dfu_calls.get(), 0, "nothing was executed");
+    assert_eq!(x.refuse_oversized(peer(1), &head, 1, &mut out), Outcome::Duplicate, "a retransmission hits the cache");
+    let non = request(MessageType::NonConfirmable, RequestType::Post, "/dfu/dev-1", 10).to_bytes().unwrap();
+    assert_eq!(x.refuse_oversized(peer(1), &non, 0, &mut out), Outcome::Dropped("too_large"));
+    assert_eq!(x.refuse_oversized(peer(1), &[0x40], 0, &mut out), Outcome::Dropped("malformed"));
+}
+
+#[test]
 fn remembered_peers_are_bounded() {
     let res = Fixed::new(100);
     let mut x = Exchange::new(CFG);
