@@ -132,7 +132,9 @@ async fn block2_downloads_the_assigned_image_and_a_status_completes_it() {
     // Random access: resume in the middle.
     let tail = c.download("/fw/co-b2", 4, 50 * 256).await.unwrap();
     assert!(tail == img[50 * 256..]);
-    assert_eq!(op_state(&gw, "co-b2").await, "downloading");
+    let v = device_state(&gw.admin, "co-b2").await;
+    assert_eq!(v["operations"][0]["state"], "downloading", "{v}");
+    assert_eq!(v["operations"][0]["offset"], img.len(), "progress is the end of the last block sent: {v}");
 
     // The device installs what it downloaded and reports in: succeeded.
     let mut dev = DfuDevice::new("co-b2", Form::Named, "2.0.0");
@@ -287,6 +289,15 @@ async fn garbage_datagrams_leave_a_concurrent_download_undisturbed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(t.coap_count("malformed") > 0, "malformed datagrams are counted");
+    // Over coap.max_request_bytes (1024): 4.13, whether the datagram fits the receive buffer
+    // (a 1,400-byte Status) or was cut by the kernel (a 3,000-byte one).
+    for len in [1400, 3000] {
+        match c.post_status("co-busy", &vec![0xa0; len]).await {
+            Err(ClientError::Status(s)) => assert_eq!(s, "4.13", "{len} bytes"),
+            other => panic!("{len} bytes: expected 4.13, got {other:?}"),
+        }
+    }
+    assert_eq!(t.coap_count("too_large"), 2);
     assert!(t.coap_count("bad_option") > 0, "critical garbage options are answered 4.02 and counted");
     gw.stop().await;
 }

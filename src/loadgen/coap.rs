@@ -140,7 +140,8 @@ impl CoapClient {
             p.add_option(*o, v.clone());
         }
         p.payload = payload.to_vec();
-        let bytes = p.to_bytes().map_err(|_| ClientError::Malformed("request does not encode"))?;
+        // Any size UDP carries: a device may well send more than the server accepts.
+        let bytes = p.to_bytes_with_limit(65_507).map_err(|_| ClientError::Malformed("request does not encode"))?;
         self.stats.requests += 1;
         let mut timeout = self.cfg.ack_timeout;
         for attempt in 0..=self.cfg.max_retransmit {

@@ -107,7 +107,7 @@ const NON: u8 = 1;
 /// Options we act on or may safely ignore; any other odd (critical) option gets 4.02.
 fn recognized(number: u16) -> bool {
     // Uri-Host, Uri-Port, Uri-Path, Content-Format, Uri-Query, Accept, Block2, Size2.
-    matches!(number, 3 | 7 | 11 | 12 | 15 | 17 | 23 | 28) || number % 2 == 0
+    matches!(number, 3 | 7 | 11 | 12 | 15 | 17 | 23 | 28) || number & 1 == 0
 }
 
 /// RFC 7252 §3.2 uint: big-endian, no leading zero bytes.

@@ -56,11 +56,12 @@ impl Resources for Gateway {
     }
 
     fn block_served(&self, device: &str, offset: u64, len: u64, now_secs: u64) -> bool {
-        // A Block2 download is a download: the operation starts, and progress is the block read.
+        // A Block2 download is a download: the operation starts, and progress is the end of the
+        // block sent (asking for a block is the only acknowledgement a stock client gives).
         if let Some(state) = self.planner.operation_state(device, MAIN_COMPONENT) {
             if matches!(state, OpState::Pending | OpState::Downloading) {
                 let to = (state == OpState::Pending).then_some(OpState::Downloading);
-                let at = Some(offset.min(u32::MAX as u64) as u32);
+                let at = Some((offset + len).min(u32::MAX as u64) as u32);
                 // Ok(false): the operation moved on meanwhile; the block is still the image's.
                 if let Err(e) = self.planner.record(device, MAIN_COMPONENT, state, to, at, now_secs) {
                     warn!(device, error = %e, "cannot record progress");

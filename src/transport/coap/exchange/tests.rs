@@ -96,7 +96,7 @@ fn block2_serves_slices_with_etag_size2_and_more_flag() {
     assert_eq!(r.get_token(), &[0xde, 0xad]);
     assert_eq!(code(&r), ResponseType::Content);
     assert_eq!(r.payload, &res.image[..1024]);
-    assert_eq!(opt_uint(&r, CoapOption::Block2), Some((0 << 4) | 8 | 6));
+    assert_eq!(opt_uint(&r, CoapOption::Block2), Some(8 | 6), "num 0, more, szx 6");
     assert_eq!(opt_uint(&r, CoapOption::Size2), Some(2500));
     assert_eq!(r.get_first_option(CoapOption::ETag).unwrap(), &[9u8; 8]);
 
@@ -260,23 +260,11 @@ fn remembered_peers_are_bounded() {
     }
 }
 
-/// xorshift64*: deterministic inputs without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545F4914F6CDD1D)
-    }
-}
-
 #[test]
 fn twenty_thousand_random_and_mutated_datagrams_never_panic() {
     let res = Fixed::new(3000);
     let mut x = Exchange::new(CFG);
-    let mut rng = Rng(0x5eed);
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
     let mut valid = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 1);
     valid.add_option(CoapOption::Block2, uint(0x16));
     let seeds = [
@@ -287,18 +275,17 @@ fn twenty_thousand_random_and_mutated_datagrams_never_panic() {
     let mut answered = 0;
     for i in 0..20_000u32 {
         let d: Vec<u8> = if i % 2 == 0 {
-            let len = (rng.next() % 64) as usize;
-            (0..len).map(|_| rng.next() as u8).collect()
+            (0..rng.usize(0..64)).map(|_| rng.u8(..)).collect()
         } else {
             let mut d = seeds[(i / 2 % 2) as usize].clone();
-            for _ in 0..1 + rng.next() % 4 {
-                let at = (rng.next() as usize) % d.len();
-                d[at] = rng.next() as u8;
+            for _ in 0..rng.usize(1..5) {
+                let at = rng.usize(..d.len());
+                d[at] = rng.u8(..);
             }
-            d.truncate(1 + (rng.next() as usize) % (d.len() + 4));
+            d.truncate(rng.usize(1..d.len() + 5));
             d
         };
-        let from = peer((rng.next() % 8) as u8 + 1);
+        let from = peer(rng.u8(1..9));
         if let Outcome::Answered(_) | Outcome::Duplicate = x.handle(from, &d, i as u64, 0, &res, &mut out) {
             answered += 1;
             assert!(Packet::from_bytes(&out).is_ok() || out.len() == 4, "every reply is a valid CoAP message");
