@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use fwgate::loadgen::coap::{ClientConfig, CoapClient};
+use fwgate::loadgen::stats::Stats;
 use tokio::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -177,7 +178,7 @@ async fn verify(server: &Server, clients: usize, block: u32, img: &[u8]) -> Resu
         let (addr, path) = (server.addr, (server.path)(i));
         tasks.push(tokio::spawn(async move {
             let mut c = CoapClient::connect(addr, ClientConfig::default()).await?;
-            anyhow::Ok(c.download(&path, szx(block), 0).await?)
+            anyhow::Ok(c.download(&path, szx(block), 0, None, &Stats::default()).await?)
         }));
     }
     for t in tasks {

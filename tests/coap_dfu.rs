@@ -8,10 +8,13 @@ use std::time::Duration;
 use coap_lite::{CoapOption, MessageClass, RequestType};
 use common::*;
 use fwgate::loadgen::coap::{ClientConfig, ClientError, CoapClient};
+use fwgate::loadgen::stats::Stats;
 use fwgate::protocol::{Command, Form};
 use sha2::{Digest, Sha256};
 
 const KIB: usize = 1024;
+
+static NO_STATS: std::sync::LazyLock<Stats> = std::sync::LazyLock::new(Stats::default);
 
 /// A client that gives up well within a test's patience.
 fn quick() -> ClientConfig {
@@ -46,7 +49,7 @@ async fn named_and_packed_devices_update_over_post_dfu() {
         let mut dev = DfuDevice::new(id, form, "1.0.0");
         // A window is an MQTT feature: over CoAP each Status gets exactly one WRITE.
         dev.window = Some(8);
-        let ended = client(&gw).await.run_dfu(&mut dev, None).await.expect("the download completes");
+        let ended = client(&gw).await.run_dfu(&mut dev, None, &NO_STATS).await.expect("the download completes");
         assert_eq!(ended, Ended::Updated, "{id}");
         assert_eq!(dev.last_image, img, "{id} assembled the image byte for byte");
         assert_eq!(dev.swaps, [sha], "{id}: one SWAP, with the image's sha256");
@@ -72,12 +75,12 @@ async fn a_coap_device_resumes_restarts_and_rolls_back_as_over_mqtt() {
     // Resume: stop at 40%, come back from another port (a new NAT binding) with update.offset.
     let mut dev = DfuDevice::new("co-resume", Form::Packed, "1.0.0");
     let forty = (img.len() * 40 / 100) as u32;
-    let Ended::Paused(at) = client(&gw).await.run_dfu(&mut dev, Some(forty)).await.unwrap() else {
+    let Ended::Paused(at) = client(&gw).await.run_dfu(&mut dev, Some(forty), &NO_STATS).await.unwrap() else {
         panic!("expected a pause")
     };
     assert_eq!(op_state(&gw, "co-resume").await, "downloading");
     dev.offsets.clear();
-    assert_eq!(client(&gw).await.run_dfu(&mut dev, None).await.unwrap(), Ended::Updated);
+    assert_eq!(client(&gw).await.run_dfu(&mut dev, None, &NO_STATS).await.unwrap(), Ended::Updated);
     assert_eq!(dev.offsets.first(), Some(&at), "the first block after coming back is at the reported offset");
     assert!(dev.offsets.iter().all(|&o| o >= at), "no byte before the offset is sent again");
     assert_eq!(dev.last_image, img);
@@ -86,7 +89,7 @@ async fn a_coap_device_resumes_restarts_and_rolls_back_as_over_mqtt() {
     // Another update.version: the gateway starts over at 0.
     let mut c = client(&gw).await;
     let mut dev = DfuDevice::new("co-rollback", Form::Named, "1.0.0");
-    dev.download = Some(("1.9.9".into(), vec![0; 4 * KIB]));
+    dev.download = Some(Download::claimed("1.9.9", 4 * KIB as u32));
     let first = c.post_status("co-rollback", &dev.status_bytes()).await.unwrap();
     match Command::decode(&first).unwrap().0 {
         Command::Write { offset, version, .. } => assert_eq!((offset, version), (0, "2.0.0")),
@@ -96,19 +99,19 @@ async fn a_coap_device_resumes_restarts_and_rolls_back_as_over_mqtt() {
     // Download up to the SWAP, then come back on the old version: rolled back.
     dev.download = None;
     let len = img.len() as u32;
-    assert_eq!(c.run_dfu(&mut dev, Some(len)).await.unwrap(), Ended::Paused(len));
+    assert_eq!(c.run_dfu(&mut dev, Some(len), &NO_STATS).await.unwrap(), Ended::Paused(len));
     let swap = c.post_status("co-rollback", &dev.status_bytes()).await.unwrap();
     assert!(matches!(Command::decode(&swap).unwrap().0, Command::Swap { .. }));
     assert_eq!(op_state(&gw, "co-rollback").await, "swapping");
     dev.download = None;
-    assert_eq!(c.run_dfu(&mut dev, None).await.unwrap(), Ended::Synced);
+    assert_eq!(c.run_dfu(&mut dev, None, &NO_STATS).await.unwrap(), Ended::Synced);
     let v = device_state(&gw.admin, "co-rollback").await;
     assert_eq!(v["operations"][0]["state"], "failed", "{v}");
     assert!(v["operations"][0]["detail"].as_str().unwrap().contains("after SWAP"));
 
     // An unknown device is told to WAIT, and counted.
     let mut ghost = DfuDevice::new("co-ghost", Form::Named, "1.0.0");
-    assert_eq!(c.run_dfu(&mut ghost, None).await.unwrap(), Ended::Waited);
+    assert_eq!(c.run_dfu(&mut ghost, None, &NO_STATS).await.unwrap(), Ended::Waited);
     assert_eq!(gw.gw().telemetry.status_count("unknown_device"), 1);
     gw.stop().await;
 }
@@ -122,7 +125,7 @@ async fn block2_downloads_the_assigned_image_and_a_status_completes_it() {
     let mut c = client(&gw).await;
 
     for szx in [0, 2, 5, 6] {
-        let body = c.download("/fw/co-b2", szx, 0).await.expect("block2 download");
+        let body = c.download("/fw/co-b2", szx, 0, None, &NO_STATS).await.expect("block2 download");
         assert!(body == img, "szx {szx}: {} bytes, not the image", body.len());
     }
     // Larger than the cap (1024): the gateway answers in 1024-byte blocks.
@@ -130,7 +133,7 @@ async fn block2_downloads_the_assigned_image_and_a_status_completes_it() {
     assert_eq!((b.szx, b.more, b.size2), (6, true, Some(img.len() as u32)));
     assert_eq!(b.etag.as_deref(), Some(&Sha256::digest(&img)[..8]), "the etag is the digest's prefix");
     // Random access: resume in the middle.
-    let tail = c.download("/fw/co-b2", 4, 50 * 256).await.unwrap();
+    let tail = c.download("/fw/co-b2", 4, 50 * 256, None, &NO_STATS).await.unwrap();
     assert!(tail == img[50 * 256..]);
     let v = device_state(&gw.admin, "co-b2").await;
     assert_eq!(v["operations"][0]["state"], "downloading", "{v}");
@@ -138,8 +141,8 @@ async fn block2_downloads_the_assigned_image_and_a_status_completes_it() {
 
     // The device installs what it downloaded and reports in: succeeded.
     let mut dev = DfuDevice::new("co-b2", Form::Named, "2.0.0");
-    dev.last_image = img.clone();
-    assert_eq!(c.run_dfu(&mut dev, None).await.unwrap(), Ended::Updated);
+    dev.last_sha256 = Some(Sha256::digest(&img).into());
+    assert_eq!(c.run_dfu(&mut dev, None, &NO_STATS).await.unwrap(), Ended::Updated);
     assert_eq!(op_state(&gw, "co-b2").await, "succeeded");
 
     // Nothing assigned, or an unknown device: 4.04.
@@ -188,7 +191,7 @@ async fn fifty_devices_losing_5_percent_of_datagrams_all_complete() {
             };
             let mut c = CoapClient::connect(coap, cfg).await.unwrap();
             let mut dev = DfuDevice::new(&id, if i % 2 == 0 { Form::Named } else { Form::Packed }, "1.0.0");
-            let ended = c.run_dfu(&mut dev, None).await.unwrap_or_else(|e| panic!("{id}: {e}"));
+            let ended = c.run_dfu(&mut dev, None, &NO_STATS).await.unwrap_or_else(|e| panic!("{id}: {e}"));
             assert_eq!(ended, Ended::Updated, "{id}");
             assert!(dev.last_image == img, "{id}: the assembled image differs");
             c.stats
@@ -265,7 +268,7 @@ async fn garbage_datagrams_leave_a_concurrent_download_undisturbed() {
 
     let download = tokio::spawn(async move {
         let mut c = CoapClient::connect(coap, quick()).await.unwrap();
-        c.download("/fw/co-busy", 2, 0).await // 4096 blocks of 64 bytes
+        c.download("/fw/co-busy", 2, 0, None, &Stats::default()).await // 4096 blocks of 64 bytes
     });
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let junk = garbage(6000, 7);

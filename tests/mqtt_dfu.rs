@@ -91,7 +91,7 @@ async fn another_update_version_restarts_at_zero_and_a_rollback_is_a_failure() {
     let mut dev = SimDevice::connect(gw.mqtt, "dev-2", Form::Packed, "1.0.0", None).await;
 
     // The device claims to be 4 KiB into some other version: the gateway starts it over.
-    dev.download = Some(("1.9.9".into(), vec![0; 4 * KIB]));
+    dev.download = Some(Download::claimed("1.9.9", 4 * KIB as u32));
     dev.send_status().await;
     let first = dev.next_payload(STEP_TIMEOUT).await.expect("a reply");
     match fwgate::protocol::Command::decode(&first).unwrap().0 {

@@ -10,6 +10,8 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::device::{DeviceError, DfuDevice, Ended};
+use super::stats::Stats;
+use crate::protocol::Command;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ClientConfig {
@@ -201,16 +203,26 @@ impl CoapClient {
         })
     }
 
-    /// A whole Block2 resource, starting at `from` bytes (a multiple of the block size) so a
-    /// download can resume. Follows a server that answers with smaller blocks than asked.
-    pub async fn download(&mut self, path: &str, szx: u32, from: usize) -> Result<Vec<u8>, ClientError> {
+    /// A Block2 resource from `from` bytes (a multiple of the block size, so a download can
+    /// resume) to its end, or until at least `until` bytes are held. Follows a server that
+    /// answers with smaller blocks than asked; each block's round trip goes into `stats`.
+    pub async fn download(
+        &mut self,
+        path: &str,
+        szx: u32,
+        from: usize,
+        until: Option<u64>,
+        stats: &Stats,
+    ) -> Result<Vec<u8>, ClientError> {
         let mut szx = szx;
         let mut body = Vec::new();
         let mut etag: Option<Vec<u8>> = None;
         let mut offset = from as u64;
         loop {
             let size = 16u64 << szx;
+            let sent = Instant::now();
             let b = self.get_block(path, (offset / size) as u32, szx).await?;
+            stats.rtt(sent.elapsed());
             let at = b.num as u64 * (16u64 << b.szx);
             if at != offset {
                 return Err(ClientError::Malformed("block2 answer is not at the offset asked for"));
@@ -219,10 +231,11 @@ impl CoapClient {
                 return Err(ClientError::EtagChanged);
             }
             etag = b.etag;
+            stats.block(b.payload.len());
             body.extend_from_slice(&b.payload);
             offset += b.payload.len() as u64;
             szx = b.szx;
-            if !b.more {
+            if !b.more || until.is_some_and(|u| offset >= u) {
                 return Ok(body);
             }
         }
@@ -242,8 +255,12 @@ impl CoapClient {
 
     /// POSTs one Status to `/dfu/{device}` and returns the Command.
     pub async fn post_status(&mut self, device: &str, status: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.post(&format!("/dfu/{device}"), status).await
+    }
+
+    async fn post(&mut self, path: &str, status: &[u8]) -> Result<Vec<u8>, ClientError> {
         let cf = [(CoapOption::ContentFormat, uint(60))];
-        let answer = self.request(RequestType::Post, &format!("/dfu/{device}"), &cf, status).await?;
+        let answer = self.request(RequestType::Post, path, &cf, status).await?;
         if answer.header.code != MessageClass::Response(ResponseType::Changed) {
             return Err(ClientError::Status(code_name(answer.header.code)));
         }
@@ -251,15 +268,22 @@ impl CoapClient {
     }
 
     /// Runs `device`'s DFU exchange over `POST /dfu/{id}` until it ends, or until the device
-    /// holds `pause_at` bytes. A 5.03 (the gateway could not decide now) is asked again, up to
-    /// [`MAX_UNAVAILABLE`] times in a row.
-    pub async fn run_dfu(&mut self, device: &mut DfuDevice, pause_at: Option<u32>) -> Result<Ended, ClientError> {
+    /// holds `pause_at` bytes; each Status's round trip goes into `stats`. A 5.03 (the gateway
+    /// could not decide now) is asked again, up to [`MAX_UNAVAILABLE`] times in a row.
+    pub async fn run_dfu(
+        &mut self,
+        device: &mut DfuDevice,
+        pause_at: Option<u32>,
+        stats: &Stats,
+    ) -> Result<Ended, ClientError> {
         let mut unavailable = 0;
+        let path = format!("/dfu/{}", device.id);
         loop {
             if let Some(end) = device.paused_at(pause_at) {
                 return Ok(end);
             }
-            let command = match self.post_status(&device.id.clone(), &device.status_bytes()).await {
+            let sent = Instant::now();
+            let command = match self.post(&path, &device.status_bytes()).await {
                 Ok(c) => c,
                 Err(ClientError::Status(s)) if s == "5.03" && unavailable < MAX_UNAVAILABLE => {
                     unavailable += 1;
@@ -268,7 +292,11 @@ impl CoapClient {
                 }
                 Err(e) => return Err(e),
             };
+            stats.rtt(sent.elapsed());
             unavailable = 0;
+            if let Ok((Command::Write { data, .. }, _)) = Command::decode(&command) {
+                stats.block(data.len());
+            }
             if let Some(end) = device.apply(&command)? {
                 return Ok(end);
             }

@@ -36,6 +36,28 @@ pub enum DeviceError {
     SyncVersion { synced: String, running: String },
 }
 
+/// A transfer in progress: how much of which version the device holds, and the running
+/// sha256 of it. The bytes themselves are kept only when the device keeps images.
+#[derive(Debug, Clone)]
+pub struct Download {
+    pub version: String,
+    pub len: u32,
+    hasher: Sha256,
+    pub bytes: Vec<u8>,
+}
+
+impl Download {
+    fn new(version: &str) -> Download {
+        Download { version: version.into(), len: 0, hasher: Sha256::new(), bytes: Vec::new() }
+    }
+
+    /// A transfer the device claims to be `len` bytes into (for resume and restart tests);
+    /// its checksum can never match, so the device must be started over or fail.
+    pub fn claimed(version: &str, len: u32) -> Download {
+        Download { len, ..Download::new(version) }
+    }
+}
+
 /// A device's firmware state as it changes under DFU commands.
 #[derive(Debug, Clone)]
 pub struct DfuDevice {
@@ -45,13 +67,16 @@ pub struct DfuDevice {
     /// WRITE blocks accepted per Status (MQTT only).
     pub window: Option<u32>,
     pub running: String,
-    /// (version, bytes written so far) of the transfer in progress.
-    pub download: Option<(String, Vec<u8>)>,
-    /// Offsets of every WRITE received, in order (one `u32` per block).
+    pub download: Option<Download>,
+    /// Keep the bytes of images (tests compare them); without, the device keeps a running
+    /// sha256 only, so a simulated fleet's memory does not grow with the image size.
+    pub keep_images: bool,
+    /// Offsets of every WRITE received, in order (one `u32` per block), when `keep_images`.
     pub offsets: Vec<u32>,
     pub swaps: Vec<[u8; 32]>,
-    /// The image the device last swapped to.
+    /// The image the device last swapped to (with `keep_images`), and its sha256.
     pub last_image: Vec<u8>,
+    pub last_sha256: Option<[u8; 32]>,
 }
 
 impl DfuDevice {
@@ -63,21 +88,22 @@ impl DfuDevice {
             window: None,
             running: running.into(),
             download: None,
+            keep_images: true,
             offsets: Vec::new(),
             swaps: Vec::new(),
             last_image: Vec::new(),
+            last_sha256: None,
         }
     }
 
     /// Bytes of the transfer in progress.
     pub fn held(&self) -> u32 {
-        self.download.as_ref().map_or(0, |(_, b)| b.len() as u32)
+        self.download.as_ref().map_or(0, |d| d.len)
     }
 
     /// The Status this device sends now.
     pub fn status_bytes(&self) -> Vec<u8> {
-        let update =
-            self.download.as_ref().map(|(v, b)| UpdateProgress { version: v.as_str(), offset: b.len() as u32 });
+        let update = self.download.as_ref().map(|d| UpdateProgress { version: d.version.as_str(), offset: d.len });
         let s = Status { mtu: Some(self.mtu), window: self.window, update, ..Status::new(&self.running) };
         let mut out = Vec::new();
         s.encode(self.form, &mut out);
@@ -93,22 +119,26 @@ impl DfuDevice {
         }
         match cmd {
             Command::Write { version, offset, data, .. } => {
-                if self.download.as_ref().is_none_or(|(v, _)| v != version) {
-                    self.download = Some((version.to_owned(), Vec::new()));
+                if self.download.as_ref().is_none_or(|d| d.version != version) {
+                    self.download = Some(Download::new(version));
                 }
-                let Some((_, buf)) = self.download.as_mut() else { unreachable!("set just above") };
-                if offset as usize != buf.len() {
-                    return Err(DeviceError::Gap { version: version.into(), offset, held: buf.len() });
+                let Some(d) = self.download.as_mut() else { unreachable!("set just above") };
+                if offset != d.len {
+                    return Err(DeviceError::Gap { version: version.into(), offset, held: d.len as usize });
                 }
-                self.offsets.push(offset);
-                buf.extend_from_slice(data);
+                d.len += data.len() as u32;
+                d.hasher.update(data);
+                if self.keep_images {
+                    d.bytes.extend_from_slice(data);
+                    self.offsets.push(offset);
+                }
                 Ok(None)
             }
             Command::Swap { version, checksum, .. } => {
-                let Some((v, buf)) = self.download.take_if(|(v, _)| v == version) else {
+                let Some(d) = self.download.take_if(|d| d.version == version) else {
                     return Err(DeviceError::SwapWithoutDownload(version.into()));
                 };
-                let digest: [u8; 32] = Sha256::digest(&buf).into();
+                let digest: [u8; 32] = d.hasher.finalize().into();
                 if digest != checksum {
                     // A real device discards an image that fails verification.
                     return Err(DeviceError::Checksum {
@@ -117,14 +147,15 @@ impl DfuDevice {
                     });
                 }
                 self.swaps.push(checksum);
-                self.running = v;
-                self.last_image = buf;
+                self.running = d.version;
+                self.last_image = d.bytes;
+                self.last_sha256 = Some(digest);
                 Ok(None)
             }
             Command::Sync { version, .. } if version != self.running => {
                 Err(DeviceError::SyncVersion { synced: version.into(), running: self.running.clone() })
             }
-            Command::Sync { .. } => Ok(Some(if self.last_image.is_empty() { Ended::Synced } else { Ended::Updated })),
+            Command::Sync { .. } => Ok(Some(if self.last_sha256.is_none() { Ended::Synced } else { Ended::Updated })),
             Command::Wait { .. } => Ok(Some(Ended::Waited)),
         }
     }
@@ -132,7 +163,7 @@ impl DfuDevice {
     /// Whether a paused run has reached its pause point.
     pub fn paused_at(&self, pause_at: Option<u32>) -> Option<Ended> {
         let limit = pause_at?;
-        let held = self.download.as_ref()?.1.len() as u32;
+        let held = self.download.as_ref()?.len;
         (held >= limit).then_some(Ended::Paused(held))
     }
 }
@@ -165,6 +196,13 @@ mod tests {
         let swap = encoded(Command::Swap { version: "2.0.0", correlation_id: None, checksum: sha }, Form::Packed);
         assert_eq!(d.apply(&swap).unwrap(), None);
         assert_eq!((d.running.as_str(), d.last_image.as_slice()), ("2.0.0", img.as_slice()));
+        assert_eq!(d.last_sha256, Some(sha));
+        // Without kept images: the same verification from the running hash, no bytes kept.
+        let mut lean = DfuDevice { keep_images: false, ..DfuDevice::new("l", Form::Packed, "1.0.0") };
+        lean.apply(&w(0, 0..60)).unwrap();
+        lean.apply(&w(60, 60..100)).unwrap();
+        assert_eq!(lean.apply(&swap).unwrap(), None);
+        assert_eq!((lean.last_sha256, lean.last_image.len()), (Some(sha), 0));
         let sync = encoded(Command::Sync { version: "2.0.0", correlation_id: None, poll: None }, Form::Packed);
         assert_eq!(d.apply(&sync).unwrap(), Some(Ended::Updated));
         let old = encoded(Command::Sync { version: "1.0.0", correlation_id: None, poll: None }, Form::Packed);

@@ -1,8 +1,12 @@
 //! Simulated devices that drive a gateway through the same protocols real devices use, for
 //! integration tests, `fwgate load` and the peer benchmarks.
 //!
-//! Owns: the device side of DFU ([`device`]) and a CoAP client ([`coap`]). Must not know the
+//! Owns: the device side of DFU ([`device`]), its MQTT and CoAP shells ([`mqtt`], [`coap`]),
+//! and load runs with their statistics ([`run`], [`stats`]). Must not know the
 //! gateway's internals: it talks to it only over the wire.
 
 pub mod coap;
 pub mod device;
+pub mod mqtt;
+pub mod run;
+pub mod stats;

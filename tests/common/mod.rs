@@ -7,8 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use fwgate::config::Config;
-use fwgate::protocol::{Command, Form};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use fwgate::loadgen::mqtt::{MqttDevice, MqttDeviceConfig};
+use fwgate::loadgen::stats::Stats;
+use fwgate::protocol::Form;
+use rumqttc::QoS;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -130,26 +132,23 @@ pub fn image(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-pub use fwgate::loadgen::device::{DfuDevice, Ended};
+#[allow(unused_imports)]
+pub use fwgate::loadgen::device::{DfuDevice, Download, Ended};
 
-/// A device over MQTT: a real rumqttc client around the transport-free [`DfuDevice`], which
-/// writes blocks, verifies the SWAP checksum and "reboots".
-pub struct SimDevice {
-    pub dev: DfuDevice,
-    client: AsyncClient,
-    events: EventLoop,
-}
+/// A device over MQTT for tests: [`MqttDevice`] with Status at QoS 1, where anything a real
+/// device would refuse fails the test.
+pub struct SimDevice(pub MqttDevice);
 
 impl std::ops::Deref for SimDevice {
-    type Target = DfuDevice;
-    fn deref(&self) -> &DfuDevice {
-        &self.dev
+    type Target = MqttDevice;
+    fn deref(&self) -> &MqttDevice {
+        &self.0
     }
 }
 
 impl std::ops::DerefMut for SimDevice {
-    fn deref_mut(&mut self) -> &mut DfuDevice {
-        &mut self.dev
+    fn deref_mut(&mut self) -> &mut MqttDevice {
+        &mut self.0
     }
 }
 
@@ -162,111 +161,37 @@ impl SimDevice {
     }
 
     pub async fn connect_raw(mqtt: SocketAddr, id: &str, password: Option<&str>) -> Result<SimDevice, String> {
-        let mut opts = MqttOptions::new(id, mqtt.ip().to_string(), mqtt.port());
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(256 * 1024, 256 * 1024);
-        if let Some(p) = password {
-            opts.set_credentials("device", p);
-        }
-        let (client, mut events) = AsyncClient::new(opts, 64);
-        // A latency-aware device: without this, each Status waits out a delayed ACK.
-        let mut net = rumqttc::NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        events.set_network_options(net);
-        client.subscribe(format!("dfu/{id}/command"), QoS::AtLeastOnce).await.map_err(|e| e.to_string())?;
-        // Wait for CONNACK and SUBACK so no command can be missed.
-        let acked = tokio::time::timeout(STEP_TIMEOUT, async {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await
-        .map_err(|_| "no SUBACK".to_string())?;
-        acked?;
-        Ok(SimDevice { dev: DfuDevice::new(id, Form::Named, ""), client, events })
+        let cfg = MqttDeviceConfig {
+            status_qos: QoS::AtLeastOnce,
+            reply_timeout: STEP_TIMEOUT,
+            max_attempts: 1,
+            ..MqttDeviceConfig::default()
+        };
+        let dev = DfuDevice::new(id, Form::Named, "");
+        MqttDevice::connect(mqtt, dev, password, cfg).await.map(SimDevice).map_err(|e| e.to_string())
     }
 
     /// Publishes raw bytes on this device's Status topic.
     pub async fn publish_raw(&mut self, payload: Vec<u8>) {
-        self.client.publish(format!("dfu/{}/status", self.id), QoS::AtLeastOnce, false, payload).await.unwrap();
+        self.0.publish_raw(payload).await.expect("publish")
     }
 
     pub async fn send_status(&mut self) {
-        let b = self.status_bytes();
-        self.publish_raw(b).await;
+        self.0.send_status().await.expect("publish")
     }
 
-    /// The next Command payload, driving the event loop meanwhile.
+    /// The next Command payload, or `None` once `wait` passes or the connection is lost.
     pub async fn next_payload(&mut self, wait: Duration) -> Option<Vec<u8>> {
-        let topic = format!("dfu/{}/command", self.id);
-        tokio::time::timeout(wait, async {
-            loop {
-                match self.events.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topic => return Some(p.payload.to_vec()),
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
-            }
-        })
-        .await
-        .ok()
-        .flatten()
-    }
-
-    /// Drives the event loop until the broker closes the connection (or `wait` passes).
-    pub async fn closed_by_broker(&mut self, wait: Duration) -> bool {
-        tokio::time::timeout(wait, async {
-            loop {
-                if self.events.poll().await.is_err() {
-                    return true;
-                }
-            }
-        })
-        .await
-        .unwrap_or(false)
-    }
-
-    /// Applies one command; a command a real device would refuse fails the test.
-    fn apply(&mut self, payload: &[u8]) -> Option<Ended> {
-        let id = self.dev.id.clone();
-        self.dev.apply(payload).unwrap_or_else(|e| panic!("{id}: {e}"))
+        self.0.next_payload(wait).await.ok().flatten()
     }
 
     /// Runs the DFU exchange until it ends, or until `pause_at` bytes are written.
     pub async fn run(&mut self, pause_at: Option<u32>) -> Ended {
-        loop {
-            if let Some(end) = self.paused_at(pause_at) {
-                return end;
-            }
-            self.send_status().await;
-            let expect = self.window.unwrap_or(1).max(1);
-            let mut got = 0;
-            loop {
-                // The first reply must come; further window blocks arrive right behind it.
-                let wait = if got == 0 { STEP_TIMEOUT } else { Duration::from_millis(300) };
-                let Some(p) = self.next_payload(wait).await else {
-                    assert!(got > 0, "{}: no reply to a Status", self.id);
-                    break;
-                };
-                got += 1;
-                if let Some(end) = self.apply(&p) {
-                    return end;
-                }
-                let is_write = matches!(Command::decode(&p), Ok((Command::Write { .. }, _)));
-                if !is_write || got >= expect {
-                    break;
-                }
-            }
-        }
+        let id = self.id.clone();
+        self.0.run(pause_at, &Stats::default()).await.unwrap_or_else(|e| panic!("{id}: {e}"))
     }
 
     pub async fn disconnect(self) {
-        let _ = self.client.disconnect().await;
-        let mut events = self.events;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async move { while events.poll().await.is_ok() {} }).await;
+        self.0.disconnect().await
     }
 }

@@ -1,0 +1,349 @@
+//! One load run: N simulated devices started at a given rate against a running gateway, each
+//! downloading its image over the chosen transport and verifying it, with faults injected
+//! as asked; a live progress bar, and a [`Report`] at the end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::coap::{ClientConfig, CoapClient};
+use super::device::{DfuDevice, Ended};
+use super::mqtt::{MqttDevice, MqttDeviceConfig};
+use super::stats::{Percentiles, Stats};
+use crate::protocol::Form;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// DFU over MQTT (Status on dfu/{id}/status, Commands on dfu/{id}/command).
+    Mqtt,
+    /// DFU over CoAP: POST /dfu/{id}.
+    Coap,
+    /// Block2 download over CoAP: GET /fw/{id}, then a Status to report the new version.
+    CoapBlock2,
+}
+
+/// The image every device should end up with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Expected {
+    pub version: String,
+    pub sha256: String,
+    pub length: u64,
+}
+
+/// What to run: built by `fwgate load` from its arguments (after `--register`).
+#[derive(Debug, Clone)]
+pub struct LoadPlan {
+    pub transport: Transport,
+    /// MQTT broker or CoAP endpoint.
+    pub target: SocketAddr,
+    pub devices: Vec<String>,
+    /// The version devices run before the update.
+    pub running: String,
+    pub expected: Expected,
+    pub mtu: u32,
+    pub window: Option<u32>,
+    pub form: Form,
+    /// Devices started per second (0: all at once).
+    pub connect_rate: f64,
+    /// Stop after this long, finished or not; `None` runs to completion.
+    pub duration: Option<Duration>,
+    pub seed: u64,
+    /// CoAP: share of datagrams lost each way, in percent.
+    pub drop_pct: f64,
+    /// Disconnect once this share of the image is written, then reconnect and resume.
+    pub disconnect_at_pct: Option<f64>,
+    /// Share of Status messages preceded by a garbage one, in percent.
+    pub corrupt_pct: f64,
+    pub mqtt: MqttDeviceConfig,
+    pub coap_ack_timeout: Duration,
+    pub gateway_pid: Option<u32>,
+    pub progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub transport: Transport,
+    pub devices: usize,
+    pub ok: u64,
+    pub failed: u64,
+    /// Devices still running when `--duration` ended the run.
+    pub unfinished: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub blocks_per_sec: f64,
+    pub mb_per_sec: f64,
+    pub block_rtt: Percentiles,
+    pub completion: Percentiles,
+    pub retries: u64,
+    pub reconnects: u64,
+    pub drops: u64,
+    pub checksum_failures: u64,
+    pub corrupt_sent: u64,
+    /// The first few failures, each with its device.
+    pub errors: Vec<String>,
+    pub gateway_rss_max_kib: Option<u64>,
+    pub gateway_rss_per_device_kib: Option<f64>,
+    pub expected: Expected,
+    pub command: String,
+}
+
+/// Failures kept verbatim in the report; the rest are only counted.
+const MAX_ERRORS: usize = 20;
+
+/// Garbage a broken device might send as a Status: each must be refused without an answer
+/// (MQTT) or with 4.00 (CoAP), and change nothing.
+const GARBAGE: [&[u8]; 4] = [b"\xff", b"\xa1\x67version\x01", b"not cbor at all", b"\xbf\x61\x61"];
+
+/// Resident set size of a process, in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct Shared {
+    plan: LoadPlan,
+    stats: Stats,
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+impl Shared {
+    fn error(&self, device: &str, e: impl std::fmt::Display) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        if errors.len() < MAX_ERRORS {
+            errors.push(format!("{device}: {e}"));
+        }
+    }
+}
+
+pub async fn run(plan: LoadPlan, command: String) -> Report {
+    let n = plan.devices.len();
+    let shared = Arc::new(Shared { plan, stats: Stats::default(), errors: Default::default() });
+    let bar = if shared.plan.progress { ProgressBar::new(n as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} devices  {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let deadline = shared.plan.duration.map(|d| started + d);
+    let mut tasks = JoinSet::new();
+    let gap = (shared.plan.connect_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / shared.plan.connect_rate));
+    let mut rss_max = None;
+    let mut last_tick = Instant::now();
+    let mut last_blocks = 0;
+    let mut next = 0;
+    let mut done = 0;
+    loop {
+        // Start devices at the configured rate.
+        while next < n && gap.is_none_or(|g| started + g.mul_f64(next as f64) <= Instant::now()) {
+            let s = shared.clone();
+            let i = next;
+            tasks.spawn(async move { device(&s, i).await });
+            next += 1;
+        }
+        if done == n || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let wake = gap.map_or(Duration::from_millis(200), |g| g.min(Duration::from_millis(200)));
+        tokio::select! {
+            r = tasks.join_next(), if !tasks.is_empty() => {
+                if r.is_some() {
+                    done += 1;
+                    bar.inc(1);
+                }
+            }
+            _ = tokio::time::sleep(wake) => {}
+        }
+        if last_tick.elapsed() >= Duration::from_millis(500) {
+            if let Some(pid) = shared.plan.gateway_pid {
+                rss_max = rss_max.max(rss_kib(pid));
+            }
+            let blocks = Stats::get(&shared.stats.blocks);
+            let rate = (blocks - last_blocks) as f64 / last_tick.elapsed().as_secs_f64();
+            bar.set_message(format!("{rate:.0} blocks/s  {} failed", Stats::get(&shared.stats.failed)));
+            (last_blocks, last_tick) = (blocks, Instant::now());
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tasks.abort_all();
+    bar.finish_and_clear();
+    if let Some(pid) = shared.plan.gateway_pid {
+        rss_max = rss_max.max(rss_kib(pid));
+    }
+    let st = &shared.stats;
+    let (ok, failed) = (Stats::get(&st.ok), Stats::get(&st.failed));
+    let (blocks, bytes) = (Stats::get(&st.blocks), Stats::get(&st.bytes));
+    Report {
+        transport: shared.plan.transport,
+        devices: n,
+        ok,
+        failed,
+        unfinished: n as u64 - ok - failed,
+        blocks,
+        bytes,
+        seconds,
+        blocks_per_sec: blocks as f64 / seconds,
+        mb_per_sec: bytes as f64 / seconds / 1e6,
+        block_rtt: st.rtt_percentiles(),
+        completion: st.completion_percentiles(),
+        retries: Stats::get(&st.retries),
+        reconnects: Stats::get(&st.reconnects),
+        drops: Stats::get(&st.drops),
+        checksum_failures: Stats::get(&st.checksum_failures),
+        corrupt_sent: Stats::get(&st.corrupt_sent),
+        errors: shared.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        gateway_rss_max_kib: rss_max,
+        gateway_rss_per_device_kib: rss_max.map(|r| r as f64 / n.max(1) as f64),
+        expected: shared.plan.expected.clone(),
+        command,
+    }
+}
+
+/// One simulated device, start to finish; the outcome goes into the shared stats.
+async fn device(s: &Shared, i: usize) {
+    let p = &s.plan;
+    let id = p.devices[i].clone();
+    let started = Instant::now();
+    let result = match p.transport {
+        Transport::Mqtt => mqtt_device(s, i).await,
+        Transport::Coap => coap_device(s, i).await,
+        Transport::CoapBlock2 => block2_device(s, i).await,
+    };
+    let ok = match result {
+        Ok(digest) if hex::encode(digest) == p.expected.sha256 => true,
+        Ok(digest) => {
+            s.stats.checksum_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.error(&id, format!("ended on an image with sha256 {}", hex::encode(digest)));
+            false
+        }
+        Err(e) => {
+            if e.contains("checksum") {
+                s.stats.checksum_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            s.error(&id, e);
+            false
+        }
+    };
+    s.stats.finished(ok, started.elapsed());
+}
+
+fn new_device(p: &LoadPlan, i: usize) -> DfuDevice {
+    let mut d = DfuDevice::new(&p.devices[i], p.form, &p.running);
+    d.mtu = p.mtu;
+    d.window = p.window;
+    d.keep_images = false;
+    d
+}
+
+fn pause_point(p: &LoadPlan) -> Option<u32> {
+    p.disconnect_at_pct.map(|pct| (p.expected.length as f64 * pct / 100.0) as u32)
+}
+
+/// The device's image after an update it verified, or why it has none.
+fn updated(d: &DfuDevice, ended: Ended, want: &str) -> Result<[u8; 32], String> {
+    match d.last_sha256 {
+        Some(sha) if ended == Ended::Updated && d.running == want => Ok(sha),
+        _ => Err(format!("ended {ended:?} on version {}", d.running)),
+    }
+}
+
+async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+    let p = &s.plan;
+    let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
+    let mut dev = MqttDevice::connect(p.target, new_device(p, i), None, p.mqtt).await.map_err(|e| e.to_string())?;
+    if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
+        dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await.map_err(|e| e.to_string())?;
+        s.stats.corrupt_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let mut ended = dev.run(pause_point(p), &s.stats).await.map_err(|e| e.to_string())?;
+    if let Ended::Paused(_) = ended {
+        let state = dev.dev.clone();
+        dev.disconnect().await;
+        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        dev = MqttDevice::connect(p.target, state, None, p.mqtt).await.map_err(|e| e.to_string())?;
+        ended = dev.run(None, &s.stats).await.map_err(|e| e.to_string())?;
+    }
+    let out = updated(&dev, ended, &p.expected.version);
+    dev.disconnect().await;
+    out
+}
+
+fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
+    ClientConfig {
+        ack_timeout: p.coap_ack_timeout,
+        max_retransmit: if p.drop_pct > 0.0 { 8 } else { 4 },
+        loss: p.drop_pct / 100.0,
+        seed: p.seed.wrapping_mul(1_000_003) ^ ((i as u64) << 8) ^ attempt,
+    }
+}
+
+fn tally(s: &Shared, c: &CoapClient) {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.stats.retries.fetch_add(c.stats.retransmissions, Relaxed);
+    s.stats.drops.fetch_add(c.stats.lost_in + c.stats.lost_out, Relaxed);
+}
+
+async fn coap_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+    let p = &s.plan;
+    let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
+    let mut dev = new_device(p, i);
+    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await.map_err(|e| e.to_string())?;
+    if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
+        // Refused with 4.00; anything else would be a gateway bug.
+        match c.post_status(&dev.id, GARBAGE[rng.usize(..GARBAGE.len())]).await {
+            Err(super::coap::ClientError::Status(code)) if code == "4.00" => {}
+            other => return Err(format!("a garbage Status got {other:?}, not 4.00")),
+        }
+        s.stats.corrupt_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let first = c.run_dfu(&mut dev, pause_point(p), &s.stats).await;
+    tally(s, &c);
+    let mut ended = first.map_err(|e| e.to_string())?;
+    if let Ended::Paused(_) = ended {
+        // Back from another port, as after a NAT rebinding or a reboot.
+        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await.map_err(|e| e.to_string())?;
+        let second = c.run_dfu(&mut dev, None, &s.stats).await;
+        tally(s, &c);
+        ended = second.map_err(|e| e.to_string())?;
+    }
+    updated(&dev, ended, &p.expected.version)
+}
+
+async fn block2_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+    let p = &s.plan;
+    let id = &p.devices[i];
+    let path = format!("/fw/{id}");
+    let szx = p.mtu.clamp(16, 1024).ilog2() - 4;
+    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await.map_err(|e| e.to_string())?;
+    let until = pause_point(p).map(u64::from);
+    let first = c.download(&path, szx, 0, until, &s.stats).await;
+    tally(s, &c);
+    let mut body = first.map_err(|e| e.to_string())?;
+    if (body.len() as u64) < p.expected.length {
+        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await.map_err(|e| e.to_string())?;
+        let rest = c.download(&path, szx, body.len(), None, &s.stats).await;
+        tally(s, &c);
+        body.extend_from_slice(&rest.map_err(|e| e.to_string())?);
+    }
+    let digest: [u8; 32] = Sha256::digest(&body).into();
+    if hex::encode(digest) != p.expected.sha256 {
+        return Err(format!("downloaded {} bytes with sha256 {}: checksum mismatch", body.len(), hex::encode(digest)));
+    }
+    // Installed: report the new version, as a device does after its reboot.
+    let mut dev = new_device(p, i);
+    dev.running = p.expected.version.clone();
+    dev.last_sha256 = Some(digest);
+    let ended = c.run_dfu(&mut dev, None, &s.stats).await.map_err(|e| e.to_string())?;
+    updated(&dev, ended, &p.expected.version)
+}
