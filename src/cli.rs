@@ -10,6 +10,8 @@ use serde_json::Value;
 
 use crate::fleet::DeviceSpec;
 
+mod load;
+
 const DEFAULT_CONFIG: &str = "config/fwgate.toml";
 
 #[derive(Parser)]
@@ -61,6 +63,9 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Simulate devices against a running gateway and report how fast and how correctly they
+    /// update (MQTT, CoAP DFU or CoAP Block2).
+    Load(Box<load::LoadArgs>),
 }
 
 #[derive(Subcommand)]
@@ -424,6 +429,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Images { command, remote } => images(command, &remote).await,
         Command::Devices { command, remote } => devices(command, &remote).await,
+        Command::Load(args) => load::load(*args).await,
     }
 }
 

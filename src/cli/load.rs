@@ -1,0 +1,260 @@
+//! `fwgate load`: registers simulated devices through the admin API when asked, runs them
+//! against the gateway (`loadgen::run`), prints a summary and writes the JSON report.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Client, Remote};
+use crate::loadgen::mqtt::MqttDeviceConfig;
+use crate::loadgen::run::{Expected, LoadPlan, Report, Transport};
+use crate::protocol::Form;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FormArg {
+    Named,
+    Packed,
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// How the devices talk to the gateway.
+    #[arg(long, value_enum, default_value = "mqtt")]
+    transport: Transport,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Block size the devices ask for (CoAP Block2: rounded down to a power of two, 16..=1024).
+    #[arg(long, default_value_t = 512)]
+    mtu: u32,
+    /// WRITE blocks per Status (MQTT only).
+    #[arg(long)]
+    window: Option<u32>,
+    /// CBOR form of the DFU messages.
+    #[arg(long, value_enum, default_value = "named")]
+    form: FormArg,
+    /// Devices started per second; 0 starts all at once.
+    #[arg(long, default_value_t = 0.0)]
+    connect_rate: f64,
+    /// Stop after this many seconds, finished or not (default: run until every device ends).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Seed of every random choice (loss, faults, generated image), so a run repeats.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// CoAP: percent of datagrams lost each way.
+    #[arg(long = "drop", default_value_t = 0.0)]
+    drop_pct: f64,
+    /// Disconnect once this percent of the image is written, reconnect and resume.
+    #[arg(long)]
+    disconnect_at: Option<f64>,
+    /// Percent of devices that first send a garbage Status, which must disturb nobody.
+    #[arg(long, default_value_t = 0.0)]
+    corrupt: f64,
+    /// Create the devices and assign them an image through the admin API first.
+    #[arg(long)]
+    register: bool,
+    /// With --register: the image to assign (default: --image-kib of seeded random bytes).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    image_kib: usize,
+    /// Device ids are PREFIX00000, PREFIX00001, ...
+    #[arg(long, default_value = "load-")]
+    prefix: String,
+    /// The gateway's MQTT listener.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: SocketAddr,
+    /// The gateway's CoAP listener.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    coap: SocketAddr,
+    /// QoS of MQTT Status messages (0 or 1).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    qos: u8,
+    /// Sample the gateway's resident memory (from /proc) during the run.
+    #[arg(long)]
+    gateway_pid: Option<u32>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+fn seeded_image(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+/// Uploads the image, creates the devices and assigns the image to each; returns what they
+/// should end up with.
+async fn register(c: &Client, a: &LoadArgs, ids: &[String]) -> Result<Expected> {
+    let data = match &a.image {
+        Some(p) => tokio::fs::read(p).await.with_context(|| format!("reading {}", p.display()))?,
+        None => seeded_image(a.image_kib * 1024, a.seed),
+    };
+    let sha = hex::encode(Sha256::digest(&data));
+    // The version names the bytes, so a rerun with other bytes never collides with this one.
+    let version = format!("2.0.0-{}", &sha[..12]);
+    let length = data.len() as u64;
+    let q = [("name", "load"), ("version", version.as_str())];
+    c.send(c.http.post(c.url("/api/v1/images")).query(&q).body(data)).await.context("uploading the image")?;
+    for chunk in ids.chunks(5000) {
+        let specs: Vec<Value> = chunk.iter().map(|id| json!({"id": id})).collect();
+        c.send(c.http.post(c.url("/api/v1/devices")).json(&specs)).await.context("registering devices")?;
+    }
+    let image = format!("load@{version}");
+    let mut pending = tokio::task::JoinSet::new();
+    for id in ids {
+        if pending.len() >= 32 {
+            pending.join_next().await.expect("not empty")??;
+        }
+        let req = c.http.put(c.url(&format!("/api/v1/devices/{id}/assignment"))).json(&json!({"image": image}));
+        let req = match &c.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let (id, image) = (id.clone(), image.clone());
+        pending.spawn(async move {
+            let r = req.send().await.with_context(|| format!("assigning {id}"))?;
+            if !r.status().is_success() {
+                bail!("assigning {image} to {id}: {} {}", r.status(), r.text().await.unwrap_or_default());
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = pending.join_next().await {
+        r??;
+    }
+    Ok(Expected { version, sha256: sha, length })
+}
+
+/// What the first device is assigned, read back from the admin API (without --register the
+/// devices must already exist and share one assignment).
+async fn assigned(c: &Client, id: &str) -> Result<Expected> {
+    let d = c.send(c.http.get(c.url(&format!("/api/v1/devices/{id}")))).await?;
+    let Some(image) = d["operations"][0]["image"].as_str() else {
+        bail!("{id} has nothing assigned (use --register, or assign an image to the devices first)");
+    };
+    let (name, version) = image.split_once('@').unwrap_or((image, ""));
+    let i = c.send(c.http.get(c.url(&format!("/api/v1/images/{name}/{version}")))).await?;
+    Ok(Expected {
+        version: version.into(),
+        sha256: i["sha256"].as_str().unwrap_or_default().into(),
+        length: i["length"].as_u64().unwrap_or(0),
+    })
+}
+
+fn print_summary(r: &Report) {
+    let verdict = if r.failed == 0 && r.unfinished == 0 { "all verified" } else { "NOT all verified" };
+    println!(
+        "{} devices over {:?}: {} ok, {} failed, {} unfinished — {verdict}",
+        r.devices, r.transport, r.ok, r.failed, r.unfinished
+    );
+    println!("{:<28} {}", "blocks", r.blocks);
+    println!("{:<28} {:.1} s", "time", r.seconds);
+    println!("{:<28} {:.0} blocks/s, {:.2} MB/s", "throughput", r.blocks_per_sec, r.mb_per_sec);
+    let p = |x: &crate::loadgen::stats::Percentiles| {
+        format!("p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms", x.p50_ms, x.p90_ms, x.p99_ms, x.max_ms)
+    };
+    println!("{:<28} {}", "round trip per request", p(&r.block_rtt));
+    println!("{:<28} {}", "completion per device", p(&r.completion));
+    println!(
+        "{:<28} {} retries, {} reconnects, {} datagrams dropped, {} garbage Statuses, {} checksum failures",
+        "faults", r.retries, r.reconnects, r.drops, r.corrupt_sent, r.checksum_failures
+    );
+    if let Some(rss) = r.gateway_rss_max_kib {
+        println!(
+            "{:<28} {:.1} MiB max, {:.1} KiB per device",
+            "gateway RSS",
+            rss as f64 / 1024.0,
+            r.gateway_rss_per_device_kib.unwrap_or(0.0)
+        );
+    }
+    for e in &r.errors {
+        println!("error: {e}");
+    }
+}
+
+/// Raises the open-file limit to its hard maximum: each MQTT device is a socket.
+fn raise_fd_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
+    }
+}
+
+pub async fn load(a: LoadArgs) -> Result<()> {
+    if a.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if !(0.0..100.0).contains(&a.drop_pct) || !(0.0..=100.0).contains(&a.corrupt) {
+        bail!("--drop must be in 0..100 and --corrupt in 0..=100 (percent)");
+    }
+    if a.disconnect_at.is_some_and(|d| !(0.0..100.0).contains(&d)) {
+        bail!("--disconnect-at must be in 0..100 (percent of the image)");
+    }
+    if a.drop_pct > 0.0 && a.transport == Transport::Mqtt {
+        bail!("--drop applies to CoAP; MQTT runs over TCP");
+    }
+    raise_fd_limit();
+    let ids: Vec<String> = (0..a.devices).map(|i| format!("{}{i:05}", a.prefix)).collect();
+    let c = Client::new(&a.remote);
+    let expected = if a.register {
+        let e = register(&c, &a, &ids).await?;
+        eprintln!("registered {} devices, assigned load@{} ({} bytes)", ids.len(), e.version, e.length);
+        e
+    } else {
+        assigned(&c, &ids[0]).await?
+    };
+    let plan = LoadPlan {
+        transport: a.transport,
+        target: if a.transport == Transport::Mqtt { a.mqtt } else { a.coap },
+        devices: ids,
+        running: "1.0.0".into(),
+        expected,
+        mtu: a.mtu,
+        window: a.window,
+        form: match a.form {
+            FormArg::Named => Form::Named,
+            FormArg::Packed => Form::Packed,
+        },
+        connect_rate: a.connect_rate,
+        duration: a.duration.map(Duration::from_secs_f64),
+        seed: a.seed,
+        drop_pct: a.drop_pct,
+        disconnect_at_pct: a.disconnect_at,
+        corrupt_pct: a.corrupt,
+        mqtt: MqttDeviceConfig {
+            status_qos: if a.qos == 1 { rumqttc::QoS::AtLeastOnce } else { rumqttc::QoS::AtMostOnce },
+            ..MqttDeviceConfig::default()
+        },
+        coap_ack_timeout: Duration::from_millis(if a.drop_pct > 0.0 { 200 } else { 2000 }),
+        gateway_pid: a.gateway_pid,
+        progress: !a.quiet,
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let report = crate::loadgen::run::run(plan, command).await;
+    print_summary(&report);
+    if let Some(path) = &a.report {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.failed > 0 || (a.duration.is_none() && report.unfinished > 0) {
+        bail!("{} of {} devices did not verify their update", report.failed + report.unfinished, report.devices);
+    }
+    Ok(())
+}
