@@ -289,3 +289,51 @@ async fn libcoap_client_downloads_the_assigned_image_block_wise() {
     let text = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     assert!(text.contains("4.04"), "{text}");
 }
+
+/// `fwgate load` against `fwgate serve`: every transport, with every fault it injects, ends
+/// with each device verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let runs: [(&str, usize, &[&str]); 3] = [
+        ("mqtt", 60, &["--disconnect-at", "50", "--corrupt", "20", "--window", "4"]),
+        ("coap", 30, &["--drop", "5", "--disconnect-at", "50", "--corrupt", "20", "--form", "packed"]),
+        ("coap-block2", 30, &["--drop", "5", "--disconnect-at", "50", "--mtu", "256"]),
+    ];
+    for (transport, n, faults) in runs {
+        let report = dir.path().join(format!("{transport}.json"));
+        let out = Command::new(BIN)
+            .args(["load", "--transport", transport, "--devices", &n.to_string(), "--register", "--quiet"])
+            .args(["--image-kib", "32", "--prefix", &format!("{transport}-"), "--seed", "7"])
+            .args(["--mqtt", &format!("127.0.0.1:{}", serve.mqtt), "--coap", &format!("127.0.0.1:{}", serve.coap)])
+            .args(["--gateway-pid", &serve.child.id().to_string(), "--report"])
+            .arg(&report)
+            .args(faults)
+            .env("FWGATE_SERVER", &serve.admin)
+            .env("FWGATE_TOKEN", "test-token")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{transport}: {text}");
+        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(n as u64), Some(0)), "{transport}: {r:#}");
+        assert_eq!(r["reconnects"], n, "{transport}: every device disconnected once at 50%");
+        assert_eq!(r["checksum_failures"], 0);
+        assert!(r["blocks"].as_u64().unwrap() > 0);
+        assert!(r["gateway_rss_max_kib"].as_u64().unwrap() > 0, "{transport}: rss sampled");
+        if transport != "mqtt" {
+            assert!(r["drops"].as_u64().unwrap() > 0, "{transport}: datagrams were lost: {r:#}");
+        }
+        if transport != "coap-block2" {
+            assert!(r["corrupt_sent"].as_u64().unwrap() > 0, "{transport}: garbage was sent: {r:#}");
+        }
+        assert!(text.contains("all verified"), "{text}");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", serve.admin)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fwgate_status_messages_total{outcome=\"bad_input\"}"), "garbage was counted");
+    assert!(metrics.contains("fwgate_coap_datagrams_total{result=\"duplicate\"}"), "retransmissions were answered from the cache");
+    // Operations are recorded for each device, as for any other device.
+    let (ok, out) = serve.cli(&["devices", "show", "coap-00007"]);
+    assert!(ok && out.contains("succeeded"), "{out}");
+}
