@@ -1,10 +1,13 @@
-//! Codec and engine costs per message: `cargo bench --bench dfu`.
+//! Codec, engine and block-serving costs per message: `cargo bench --bench dfu`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use fwgate::config::FirmwareConfig;
 use fwgate::engine::{handle_status, EngineConfig, OpState, Target};
+use fwgate::firmware::Firmware;
 use fwgate::protocol::{Command, Form, Status, UpdateProgress};
+use fwgate::store::Store;
 
 const CFG: EngineConfig =
     EngineConfig { max_block: 4096, default_mtu: 512, max_window: 8, sync_poll: 300, wait_poll: 30 };
@@ -81,5 +84,38 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, engine);
+/// Serving one 512-byte block: a slice of the hot image (what the gateway does), against
+/// reading it from RocksDB (what it would cost without the hot cache).
+fn blocks(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), false).unwrap();
+    let cfg = FirmwareConfig { max_image_bytes: 1 << 24, hot_cache_bytes: 1 << 24, chunk_bytes: 65_536 };
+    let fw = Firmware::open(store, cfg).unwrap();
+    let image: Vec<u8> = (0..256 * 1024u32).map(|i| (i * 31 + 7) as u8).collect();
+    fw.add("app", "2.0.0", vec![], image.into(), 0).unwrap();
+    let meta = fw.get("app", "2.0.0").unwrap();
+    let mut g = c.benchmark_group("block");
+    g.throughput(Throughput::Bytes(512));
+    let mut offset = 0u64;
+    g.bench_function("hot_slice512", |b| {
+        b.iter(|| {
+            offset = (offset + 512) % (256 * 1024);
+            let m = fw.get("app", "2.0.0").unwrap();
+            let bytes = fw.bytes(&m).unwrap();
+            bytes.slice(offset as usize..offset as usize + 512)
+        })
+    });
+    let mut out = Vec::with_capacity(512);
+    g.bench_function("cold_rocksdb_pinned512", |b| {
+        b.iter(|| {
+            offset = (offset + 512) % (256 * 1024);
+            out.clear();
+            fw.read_cold(&meta, offset, 512, &mut out).unwrap();
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, engine, blocks);
 criterion_main!(benches);

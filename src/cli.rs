@@ -393,9 +393,25 @@ fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
+/// Raises the open-file limit to its hard maximum: every device connection is a socket, and
+/// the default soft limit (often 1024) would cap a gateway or a load run far below its
+/// configured size.
+fn raise_fd_limit() {
+    #[cfg(target_os = "linux")]
+    {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
+    }
+}
+
 async fn serve(path: &Path) -> Result<()> {
     let config = crate::load_config(path).with_context(|| format!("config {}", path.display()))?;
     init_logging(&config.log.level);
+    raise_fd_limit();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gateway = crate::start(config, shutdown.clone()).await?;
     tracing::info!(admin = %gateway.admin, "fwgate ready");

@@ -244,6 +244,28 @@ impl Firmware {
     pub fn hot_bytes(&self) -> usize {
         self.hot.bytes.load(Ordering::Relaxed)
     }
+
+    /// Appends `len` bytes at `offset` of an image to `out`, straight from its chunks in the
+    /// store (pinned, no whole-image copy) — what serving a block costs when the image is not
+    /// hot. `len` is cut at the image's end.
+    pub fn read_cold(&self, meta: &ImageMeta, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), FirmwareError> {
+        let digest = meta.digest();
+        let chunk = meta.chunk_bytes as u64;
+        let end = (offset + len as u64).min(meta.length);
+        let mut at = offset;
+        while at < end {
+            let (i, within) = ((at / chunk) as u32, (at % chunk) as usize);
+            let take = ((end - at) as usize).min(chunk as usize - within);
+            let copied = self.store.with_pinned(Cf::Chunks, &chunk_key(&digest, i), |c| {
+                c.get(within..within + take).map(|b| out.extend_from_slice(b)).is_some()
+            })?;
+            if copied != Some(true) {
+                return Err(FirmwareError::Damaged(meta.id()));
+            }
+            at += take as u64;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +323,19 @@ mod tests {
             let m = fw.get("app", &v.to_string()).unwrap();
             assert_eq!(fw.bytes(&m).unwrap(), data(4000, v));
             assert!(fw.hot_bytes() <= 10_000);
+        }
+    }
+
+    #[test]
+    fn cold_reads_cross_chunk_boundaries_and_stop_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let fw = fw(dir.path(), 0);
+        let img = data(5000, 3);
+        let (meta, _) = fw.add("app", "1.0.0", vec![], img.clone(), 0).unwrap();
+        for (offset, len) in [(0, 512), (1000, 100), (4900, 512), (0, 5000), (2047, 2)] {
+            let mut out = Vec::new();
+            fw.read_cold(&meta, offset as u64, len, &mut out).unwrap();
+            assert_eq!(out, img[offset..(offset + len).min(5000)], "{offset}+{len}");
         }
     }
 

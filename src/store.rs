@@ -84,6 +84,11 @@ impl Store {
         Ok(self.db.get_cf(self.cf(cf), key)?)
     }
 
+    /// Hands `read` the value without copying it out of RocksDB (a pinned slice).
+    pub fn with_pinned<R>(&self, cf: Cf, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Result<Option<R>, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(cf), key)?.map(|v| read(&v)))
+    }
+
     pub fn get_json<T: DeserializeOwned>(&self, cf: Cf, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.db.get_pinned_cf(self.cf(cf), key)? {
             None => Ok(None),

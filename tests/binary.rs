@@ -332,7 +332,10 @@ async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
     }
     let metrics = reqwest::get(format!("{}/metrics", serve.admin)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("fwgate_status_messages_total{outcome=\"bad_input\"}"), "garbage was counted");
-    assert!(metrics.contains("fwgate_coap_datagrams_total{result=\"duplicate\"}"), "retransmissions were answered from the cache");
+    assert!(
+        metrics.contains("fwgate_coap_datagrams_total{result=\"duplicate\"}"),
+        "retransmissions were answered from the cache"
+    );
     // Operations are recorded for each device, as for any other device.
     let (ok, out) = serve.cli(&["devices", "show", "coap-00007"]);
     assert!(ok && out.contains("succeeded"), "{out}");

@@ -82,6 +82,13 @@ pub struct LoadArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Seconds a device waits for an answer before asking again (3 tries, then it fails).
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// MQTT: connect every device first and start all downloads together once the gateway
+    /// holds the whole fleet's connections.
+    #[arg(long)]
+    sync_start: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -184,22 +191,12 @@ fn print_summary(r: &Report) {
     }
 }
 
-/// Raises the open-file limit to its hard maximum: each MQTT device is a socket.
-fn raise_fd_limit() {
-    #[cfg(target_os = "linux")]
-    {
-        use nix::sys::resource::{getrlimit, setrlimit, Resource};
-        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-            if soft < hard {
-                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-            }
-        }
-    }
-}
-
 pub async fn load(a: LoadArgs) -> Result<()> {
     if a.devices == 0 {
         bail!("--devices must be at least 1");
+    }
+    if !(a.timeout > 0.0 && a.timeout <= 3600.0) {
+        bail!("--timeout must be in (0, 3600] seconds");
     }
     if !(0.0..100.0).contains(&a.drop_pct) || !(0.0..=100.0).contains(&a.corrupt) {
         bail!("--drop must be in 0..100 and --corrupt in 0..=100 (percent)");
@@ -210,7 +207,7 @@ pub async fn load(a: LoadArgs) -> Result<()> {
     if a.drop_pct > 0.0 && a.transport == Transport::Mqtt {
         bail!("--drop applies to CoAP; MQTT runs over TCP");
     }
-    raise_fd_limit();
+    super::raise_fd_limit();
     let ids: Vec<String> = (0..a.devices).map(|i| format!("{}{i:05}", a.prefix)).collect();
     let c = Client::new(&a.remote);
     let expected = if a.register {
@@ -240,11 +237,13 @@ pub async fn load(a: LoadArgs) -> Result<()> {
         corrupt_pct: a.corrupt,
         mqtt: MqttDeviceConfig {
             status_qos: if a.qos == 1 { rumqttc::QoS::AtLeastOnce } else { rumqttc::QoS::AtMostOnce },
+            reply_timeout: Duration::from_secs_f64(a.timeout),
             ..MqttDeviceConfig::default()
         },
         coap_ack_timeout: Duration::from_millis(if a.drop_pct > 0.0 { 200 } else { 2000 }),
         gateway_pid: a.gateway_pid,
         progress: !a.quiet,
+        sync_start: a.sync_start,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::loadgen::run::run(plan, command).await;

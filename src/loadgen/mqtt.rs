@@ -88,11 +88,11 @@ impl MqttDevice {
         // A latency-aware device: without this, each Status waits out a delayed ACK.
         let mut net = rumqttc::NetworkOptions::new();
         net.set_tcp_nodelay(true);
-        net.set_connection_timeout(10);
+        net.set_connection_timeout(30);
         events.set_network_options(net);
         let command_topic = format!("dfu/{id}/command");
         client.subscribe(&command_topic, QoS::AtLeastOnce).await.map_err(|e| MqttError::Connect(e.to_string()))?;
-        let acked = tokio::time::timeout(Duration::from_secs(15), async {
+        let acked = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
@@ -102,7 +102,7 @@ impl MqttDevice {
             }
         })
         .await
-        .map_err(|_| MqttError::Connect("no SUBACK within 15 s".into()))?;
+        .map_err(|_| MqttError::Connect("no SUBACK within 30 s".into()))?;
         acked?;
         Ok(MqttDevice { status_topic: format!("dfu/{id}/status"), command_topic, dev, cfg, client, events })
     }

@@ -65,6 +65,9 @@ pub struct LoadPlan {
     pub coap_ack_timeout: Duration,
     pub gateway_pid: Option<u32>,
     pub progress: bool,
+    /// MQTT: every device connects first; downloads start once all are connected, so the
+    /// gateway holds the whole fleet's connections at once.
+    pub sync_start: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +116,8 @@ struct Shared {
     plan: LoadPlan,
     stats: Stats,
     errors: std::sync::Mutex<Vec<String>>,
+    /// With `sync_start`: every device passes it once, connected or not.
+    connected: tokio::sync::Barrier,
 }
 
 impl Shared {
@@ -126,7 +131,8 @@ impl Shared {
 
 pub async fn run(plan: LoadPlan, command: String) -> Report {
     let n = plan.devices.len();
-    let shared = Arc::new(Shared { plan, stats: Stats::default(), errors: Default::default() });
+    let connected = tokio::sync::Barrier::new(if plan.sync_start { n } else { 1 });
+    let shared = Arc::new(Shared { plan, stats: Stats::default(), errors: Default::default(), connected });
     let bar = if shared.plan.progress { ProgressBar::new(n as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} devices  {msg}")
@@ -259,7 +265,11 @@ fn updated(d: &DfuDevice, ended: Ended, want: &str) -> Result<[u8; 32], String> 
 async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
     let p = &s.plan;
     let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
-    let mut dev = MqttDevice::connect(p.target, new_device(p, i), None, p.mqtt).await.map_err(|e| e.to_string())?;
+    let connected = connect(s, new_device(p, i)).await;
+    if p.sync_start {
+        s.connected.wait().await;
+    }
+    let mut dev = connected?;
     if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
         dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await.map_err(|e| e.to_string())?;
         s.stats.corrupt_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -269,13 +279,34 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
         let state = dev.dev.clone();
         dev.disconnect().await;
         s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        dev = MqttDevice::connect(p.target, state, None, p.mqtt).await.map_err(|e| e.to_string())?;
+        dev = connect(s, state).await?;
         ended = dev.run(None, &s.stats).await.map_err(|e| e.to_string())?;
     }
     let out = updated(&dev, ended, &p.expected.version);
     dev.disconnect().await;
     out
 }
+
+/// Connects as a device does: a refused or timed-out attempt is retried after a growing
+/// pause, up to [`CONNECT_ATTEMPTS`] times.
+async fn connect(s: &Shared, dev: DfuDevice) -> Result<MqttDevice, String> {
+    let mut pause = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match MqttDevice::connect(s.plan.target, dev.clone(), None, s.plan.mqtt).await {
+            Ok(d) => return Ok(d),
+            Err(e) if attempt >= CONNECT_ATTEMPTS => return Err(format!("{e} (after {attempt} attempts)")),
+            Err(_) => {
+                s.stats.retry();
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+const CONNECT_ATTEMPTS: u32 = 5;
 
 fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
     ClientConfig {
