@@ -120,6 +120,9 @@ pub struct MqttConfig {
     pub command_log_bytes: usize,
     pub auth: bool,
     pub device_secret: String,
+    /// Benchmarking aid: answer `echo/{id}/ping` with a payload of the asked size on
+    /// `echo/{id}/pong`, without any DFU logic.
+    pub echo: bool,
 }
 
 impl Default for MqttConfig {
@@ -136,6 +139,7 @@ impl Default for MqttConfig {
             command_log_bytes: 0,
             auth: false,
             device_secret: String::new(),
+            echo: false,
         }
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 use super::{Client, Remote};
 use crate::loadgen::mqtt::MqttDeviceConfig;
@@ -89,6 +88,15 @@ pub struct LoadArgs {
     /// holds the whole fleet's connections.
     #[arg(long)]
     sync_start: bool,
+    /// MQTT: the broker's bare round-trip ceiling instead of DFU — as many round trips per
+    /// device as the image has blocks, answered by the gateway's `mqtt.echo` (which must be on).
+    #[arg(long)]
+    echo: bool,
+    /// Without --register: the image the devices are expected to end up with, instead of
+    /// asking the admin API (for a DFU server other than fwgate; its version must be named
+    /// as --register names it, 2.0.0-<first 12 hex digits of its sha256>).
+    #[arg(long, conflicts_with = "register")]
+    expect_image: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -108,10 +116,7 @@ async fn register(c: &Client, a: &LoadArgs, ids: &[String]) -> Result<Expected> 
         Some(p) => tokio::fs::read(p).await.with_context(|| format!("reading {}", p.display()))?,
         None => seeded_image(a.image_kib * 1024, a.seed),
     };
-    let sha = hex::encode(Sha256::digest(&data));
-    // The version names the bytes, so a rerun with other bytes never collides with this one.
-    let version = format!("2.0.0-{}", &sha[..12]);
-    let length = data.len() as u64;
+    let Expected { version, sha256: sha, length } = Expected::of(&data);
     let q = [("name", "load"), ("version", version.as_str())];
     c.send(c.http.post(c.url("/api/v1/images")).query(&q).body(data)).await.context("uploading the image")?;
     for chunk in ids.chunks(5000) {
@@ -210,10 +215,18 @@ pub async fn load(a: LoadArgs) -> Result<()> {
     super::raise_fd_limit();
     let ids: Vec<String> = (0..a.devices).map(|i| format!("{}{i:05}", a.prefix)).collect();
     let c = Client::new(&a.remote);
-    let expected = if a.register {
+    if a.echo && a.transport != Transport::Mqtt {
+        bail!("--echo measures the MQTT broker; use it with --transport mqtt");
+    }
+    let expected = if a.echo {
+        Expected { version: "echo".into(), sha256: String::new(), length: a.image_kib as u64 * 1024 }
+    } else if a.register {
         let e = register(&c, &a, &ids).await?;
         eprintln!("registered {} devices, assigned load@{} ({} bytes)", ids.len(), e.version, e.length);
         e
+    } else if let Some(path) = &a.expect_image {
+        let data = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+        Expected::of(&data)
     } else {
         assigned(&c, &ids[0]).await?
     };
@@ -244,6 +257,7 @@ pub async fn load(a: LoadArgs) -> Result<()> {
         gateway_pid: a.gateway_pid,
         progress: !a.quiet,
         sync_start: a.sync_start,
+        echo: a.echo,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::loadgen::run::run(plan, command).await;

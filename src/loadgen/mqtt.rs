@@ -77,6 +77,24 @@ impl MqttDevice {
         password: Option<&str>,
         cfg: MqttDeviceConfig,
     ) -> Result<MqttDevice, MqttError> {
+        let topics = (format!("dfu/{}/status", dev.id), format!("dfu/{}/command", dev.id));
+        MqttDevice::connect_on(broker, dev, password, cfg, topics).await
+    }
+
+    /// A device for the echo benchmark: it publishes on `echo/{id}/ping` and listens on
+    /// `echo/{id}/pong` (the gateway's `mqtt.echo`).
+    pub async fn connect_echo(broker: SocketAddr, dev: DfuDevice, cfg: MqttDeviceConfig) -> Result<MqttDevice, MqttError> {
+        let topics = (format!("echo/{}/ping", dev.id), format!("echo/{}/pong", dev.id));
+        MqttDevice::connect_on(broker, dev, None, cfg, topics).await
+    }
+
+    async fn connect_on(
+        broker: SocketAddr,
+        dev: DfuDevice,
+        password: Option<&str>,
+        cfg: MqttDeviceConfig,
+        (status_topic, command_topic): (String, String),
+    ) -> Result<MqttDevice, MqttError> {
         let id = dev.id.clone();
         let mut opts = MqttOptions::new(&id, broker.ip().to_string(), broker.port());
         opts.set_keep_alive(cfg.keep_alive);
@@ -90,7 +108,6 @@ impl MqttDevice {
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(30);
         events.set_network_options(net);
-        let command_topic = format!("dfu/{id}/command");
         client.subscribe(&command_topic, QoS::AtLeastOnce).await.map_err(|e| MqttError::Connect(e.to_string()))?;
         let acked = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
@@ -104,7 +121,7 @@ impl MqttDevice {
         .await
         .map_err(|_| MqttError::Connect("no SUBACK within 30 s".into()))?;
         acked?;
-        Ok(MqttDevice { status_topic: format!("dfu/{id}/status"), command_topic, dev, cfg, client, events })
+        Ok(MqttDevice { status_topic, command_topic, dev, cfg, client, events })
     }
 
     /// Publishes raw bytes on this device's Status topic.
@@ -194,6 +211,28 @@ impl MqttDevice {
                 silent = 0;
             }
         }
+    }
+
+    /// The echo benchmark: `count` round trips, each asking for `size` bytes back.
+    pub async fn echo(&mut self, count: u32, size: u16, stats: &Stats) -> Result<(), MqttError> {
+        for _ in 0..count {
+            let mut attempts = 0;
+            loop {
+                self.publish_raw(size.to_be_bytes().to_vec()).await?;
+                let sent = Instant::now();
+                if let Some(p) = self.next_payload(self.cfg.reply_timeout).await? {
+                    stats.rtt(sent.elapsed());
+                    stats.block(p.len());
+                    break;
+                }
+                attempts += 1;
+                stats.retry();
+                if attempts >= self.cfg.max_attempts {
+                    return Err(MqttError::NoReply(attempts));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub async fn disconnect(self) {

@@ -10,6 +10,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Broker, ConnectionSettings, Meter, Notification, RouterConfig, SegmentConfig, ServerSettings};
 use tokio_util::sync::CancellationToken;
@@ -140,6 +141,10 @@ pub fn start(
     for filter in [STATUS_FILTER, HEARTBEAT_TOPIC] {
         tx.subscribe(filter).map_err(|e| TransportError::Broker(e.to_string()))?;
     }
+    if cfg.echo {
+        tx.subscribe(ECHO_FILTER).map_err(|e| TransportError::Broker(e.to_string()))?;
+    }
+    let echo = cfg.echo.then(|| Bytes::from(vec![0u8; cfg.payload_limit(dfu_cfg)]));
     let meters = broker.meters().map_err(|e| TransportError::Broker(e.to_string()))?;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
@@ -155,7 +160,7 @@ pub fn start(
     }
     std::thread::Builder::new()
         .name("mqtt-dfu".into())
-        .spawn(move || link_loop(tx, rx, meters, dfu, telemetry, shutdown))
+        .spawn(move || link_loop(tx, rx, meters, dfu, telemetry, echo, shutdown))
         .map_err(|e| TransportError::Broker(e.to_string()))?;
     info!(%v4, v5 = ?v5, "mqtt listening");
     Ok(MqttListeners { v4, v5 })
@@ -165,12 +170,26 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// `echo/{id}/ping` → `echo/{id}/pong`: the benchmark of the broker's bare round trip.
+const ECHO_FILTER: &str = "echo/+/ping";
+
+/// The answer to an echo ping: the asked number of bytes, a slice of a zeroed buffer.
+fn echo_reply(topic: &[u8], payload: &[u8], zeros: &Bytes) -> Option<(String, Bytes)> {
+    let id = std::str::from_utf8(topic).ok()?.strip_prefix("echo/")?.strip_suffix("/ping")?;
+    if !valid_device_id(id) {
+        return None;
+    }
+    let size = payload.get(..2).map_or(0, |s| u16::from_be_bytes([s[0], s[1]]) as usize).min(zeros.len());
+    Some((format!("echo/{id}/pong"), zeros.slice(..size)))
+}
+
 fn link_loop(
     mut tx: LinkTx,
     mut rx: LinkRx,
     meters: rumqttd::meters::MetersLink,
     dfu: Arc<Dfu>,
     telemetry: Arc<Telemetry>,
+    echo: Option<Bytes>,
     shutdown: CancellationToken,
 ) {
     let mut replies = Vec::with_capacity(8);
@@ -202,6 +221,15 @@ fn link_loop(
                 if topic.as_ref() == HEARTBEAT_TOPIC.as_bytes() {
                     continue;
                 }
+                if let Some(zeros) = &echo {
+                    if let Some((to, reply)) = echo_reply(&topic, &f.publish.payload, zeros) {
+                        if let Err(e) = tx.publish(to, reply) {
+                            error!(error = %e, "mqtt link to the broker closed");
+                            return;
+                        }
+                        continue;
+                    }
+                }
                 let Some(device) = parse_status_topic(&topic) else {
                     telemetry.bad_input("bad_topic");
                     warn!(topic = %String::from_utf8_lossy(&topic[..topic.len().min(128)]), "Status on a malformed topic");
@@ -232,6 +260,17 @@ fn link_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echo_replies_the_asked_size_on_the_pong_topic() {
+        let zeros = Bytes::from(vec![0u8; 1000]);
+        let (to, b) = echo_reply(b"echo/dev-1/ping", &[0x02, 0x00], &zeros).unwrap();
+        assert_eq!((to.as_str(), b.len()), ("echo/dev-1/pong", 512));
+        assert_eq!(echo_reply(b"echo/dev-1/ping", &[0xff, 0xff], &zeros).unwrap().1.len(), 1000, "capped");
+        assert_eq!(echo_reply(b"echo/dev-1/ping", &[], &zeros).unwrap().1.len(), 0);
+        assert!(echo_reply(b"echo/a+b/ping", &[0, 1], &zeros).is_none());
+        assert!(echo_reply(b"dfu/dev-1/status", &[0, 1], &zeros).is_none());
+    }
 
     #[test]
     fn listening_sockets_are_found_in_proc() {
