@@ -98,7 +98,11 @@ fn load(dir: &Path, name: &str, extra: &[String]) -> Result<serde_json::Value> {
         .output()
         .context("running fwgate load")?;
     if !out.status.success() {
-        bail!("{name}: fwgate load failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{name}: fwgate load failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&std::fs::read(&report)?)?)
 }
@@ -154,12 +158,13 @@ fn run(args: &Args) -> Result<()> {
     let mosq_conf = dir.path().join("mosquitto.conf");
     std::fs::write(
         &mosq_conf,
-        format!("listener {mosq_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"),
+        format!(
+            "listener {mosq_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"
+        ),
     )?;
     let mosquitto = if have("mosquitto") { "mosquitto" } else { "/usr/sbin/mosquitto" };
-    let _mosq = Proc(
-        Command::new(mosquitto).arg("-c").arg(&mosq_conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?,
-    );
+    let _mosq =
+        Proc(Command::new(mosquitto).arg("-c").arg(&mosq_conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
     wait_tcp(mosq_port)?;
     let mut relay = Proc(
         Command::new(std::env::current_exe()?)
@@ -202,7 +207,12 @@ fn run(args: &Args) -> Result<()> {
         relayed.extend(["--expect-image".into(), image_path.display().to_string()]);
         for (i, extra) in [dfu, echo, relayed].iter().enumerate() {
             let report = load(dir.path(), &format!("{i}-{r}"), extra)?;
-            eprintln!("round {}: {:<28} {:>8.0} blocks/s", r + 1, names[i], report["blocks_per_sec"].as_f64().unwrap_or(0.0));
+            eprintln!(
+                "round {}: {:<28} {:>8.0} blocks/s",
+                r + 1,
+                names[i],
+                report["blocks_per_sec"].as_f64().unwrap_or(0.0)
+            );
             results[i].push(report);
         }
     }
@@ -211,7 +221,8 @@ fn run(args: &Args) -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let rate: Vec<f64> = results.iter().map(|rs| median(rs, &|r| r["blocks_per_sec"].as_f64().unwrap_or(0.0))).collect();
+    let rate: Vec<f64> =
+        results.iter().map(|rs| median(rs, &|r| r["blocks_per_sec"].as_f64().unwrap_or(0.0))).collect();
     println!();
     println!(
         "MQTT, {} devices, {} KiB image, {}-byte blocks, Status at QoS 0, {} round(s) (median)",

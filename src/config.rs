@@ -182,6 +182,9 @@ pub struct CoapConfig {
     pub dedup_per_peer: usize,
     pub dedup_lifetime_secs: u64,
     pub max_peers: usize,
+    /// Kernel receive and send buffer asked for the UDP socket (capped by net.core.rmem_max
+    /// and wmem_max).
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for CoapConfig {
@@ -194,6 +197,7 @@ impl Default for CoapConfig {
             dedup_per_peer: 4,
             dedup_lifetime_secs: 247,
             max_peers: 10_000,
+            socket_buffer_bytes: 4 << 20,
         }
     }
 }
@@ -330,6 +334,9 @@ impl Config {
                     "coap.dedup_per_peer",
                     "dedup_per_peer, max_peers and dedup_lifetime_secs must be at least 1",
                 ));
+            }
+            if !(4096..=1 << 30).contains(&c.socket_buffer_bytes) {
+                return Err(invalid("coap.socket_buffer_bytes", "must be 4096..=1073741824"));
             }
         }
         if self.fleet.max_devices == 0 {

@@ -83,7 +83,11 @@ impl MqttDevice {
 
     /// A device for the echo benchmark: it publishes on `echo/{id}/ping` and listens on
     /// `echo/{id}/pong` (the gateway's `mqtt.echo`).
-    pub async fn connect_echo(broker: SocketAddr, dev: DfuDevice, cfg: MqttDeviceConfig) -> Result<MqttDevice, MqttError> {
+    pub async fn connect_echo(
+        broker: SocketAddr,
+        dev: DfuDevice,
+        cfg: MqttDeviceConfig,
+    ) -> Result<MqttDevice, MqttError> {
         let topics = (format!("echo/{}/ping", dev.id), format!("echo/{}/pong", dev.id));
         MqttDevice::connect_on(broker, dev, None, cfg, topics).await
     }

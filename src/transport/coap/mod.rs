@@ -90,7 +90,8 @@ pub async fn bind(cfg: &CoapConfig) -> Result<(UdpSocket, SocketAddr), Transport
     let socket =
         UdpSocket::bind(cfg.listen).await.map_err(|source| TransportError::Bind { addr: cfg.listen, source })?;
     let addr = socket.local_addr().map_err(|source| TransportError::Bind { addr: cfg.listen, source })?;
-    info!(%addr, "coap listening");
+    let buffer = udp::set_buffers(&socket, cfg.socket_buffer_bytes);
+    info!(%addr, socket_buffer = ?buffer, "coap listening");
     Ok((socket, addr))
 }
 

@@ -23,6 +23,12 @@ pub struct Received {
     pub truncated: bool,
 }
 
+/// Asks for `bytes` of kernel receive and send buffer; returns the receive buffer granted
+/// (the kernel caps the request), or `None` where it cannot be set.
+pub fn set_buffers(socket: &UdpSocket, bytes: usize) -> Option<usize> {
+    sys::set_buffers(socket, bytes)
+}
+
 /// Receives up to `bufs.len()` datagrams that are already waiting; `WouldBlock` when none is.
 pub fn try_recv(socket: &UdpSocket, bufs: &mut [Vec<u8>], meta: &mut Vec<Received>) -> io::Result<usize> {
     meta.clear();
@@ -41,7 +47,10 @@ mod sys {
     use std::net::SocketAddr;
     use std::os::fd::AsRawFd;
 
-    use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrLike, SockaddrStorage};
+    use nix::sys::socket::{
+        getsockopt, recvmmsg, sendmmsg, setsockopt, sockopt, ControlMessage, MsgFlags, MultiHeaders, SockaddrLike,
+        SockaddrStorage,
+    };
     use tokio::net::UdpSocket;
 
     use super::Received;
@@ -51,6 +60,13 @@ mod sys {
             return Some(SocketAddr::V4((*v4).into()));
         }
         a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    }
+
+    pub fn set_buffers(socket: &UdpSocket, bytes: usize) -> Option<usize> {
+        // Failures leave the kernel's default, which still works, only with less headroom.
+        let _ = setsockopt(socket, sockopt::RcvBuf, &bytes);
+        let _ = setsockopt(socket, sockopt::SndBuf, &bytes);
+        getsockopt(socket, sockopt::RcvBuf).ok()
     }
 
     pub fn recv(socket: &UdpSocket, bufs: &mut [Vec<u8>], meta: &mut Vec<Received>) -> io::Result<usize> {
@@ -92,6 +108,10 @@ mod sys {
     use tokio::net::UdpSocket;
 
     use super::Received;
+
+    pub fn set_buffers(_socket: &UdpSocket, _bytes: usize) -> Option<usize> {
+        None
+    }
 
     pub fn recv(socket: &UdpSocket, bufs: &mut [Vec<u8>], meta: &mut Vec<Received>) -> io::Result<usize> {
         // Without recvmmsg, one datagram; anything longer than the buffer is cut silently, so
