@@ -88,6 +88,10 @@ pub struct LoadArgs {
     /// holds the whole fleet's connections.
     #[arg(long)]
     sync_start: bool,
+    /// MQTT: spread devices over this many loopback addresses when --mqtt is 127.0.0.1
+    /// (default: one per 20,000 devices), since each address has ~28,000 ephemeral ports.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=254))]
+    spread: Option<u8>,
     /// MQTT: the broker's bare round-trip ceiling instead of DFU — as many round trips per
     /// device as the image has blocks, answered by the gateway's `mqtt.echo` (which must be on).
     #[arg(long)]
@@ -258,6 +262,7 @@ pub async fn load(a: LoadArgs) -> Result<()> {
         progress: !a.quiet,
         sync_start: a.sync_start,
         echo: a.echo,
+        spread: a.spread.unwrap_or(a.devices.div_ceil(20_000).min(254) as u8),
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let report = crate::loadgen::run::run(plan, command).await;

@@ -77,6 +77,10 @@ pub struct LoadPlan {
     /// MQTT: every device connects first; downloads start once all are connected, so the
     /// gateway holds the whole fleet's connections at once.
     pub sync_start: bool,
+    /// MQTT: spread devices over this many loopback addresses (127.0.0.1, .2, …) when the
+    /// target is 127.0.0.1, so each address has its own ~28,000 ephemeral ports. The gateway
+    /// must listen on all of them (0.0.0.0, the default).
+    pub spread: u8,
     /// MQTT: the echo benchmark instead of DFU — each device makes as many round trips as the
     /// image has blocks, each answered with `mtu` bytes by the gateway's `mqtt.echo`.
     pub echo: bool,
@@ -280,7 +284,7 @@ fn updated(d: &DfuDevice, ended: Ended, want: &str) -> Result<[u8; 32], String> 
 async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
     let p = &s.plan;
     let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
-    let connected = connect(s, new_device(p, i)).await;
+    let connected = connect(s, i, new_device(p, i)).await;
     if p.sync_start {
         s.connected.wait().await;
     }
@@ -294,7 +298,7 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
         let state = dev.dev.clone();
         dev.disconnect().await;
         s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        dev = connect(s, state).await?;
+        dev = connect(s, i, state).await?;
         ended = dev.run(None, &s.stats).await.map_err(|e| e.to_string())?;
     }
     let out = updated(&dev, ended, &p.expected.version);
@@ -305,7 +309,7 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
 async fn echo_device(s: &Shared, i: usize) -> Result<(), String> {
     let p = &s.plan;
     let dev = new_device(p, i);
-    let connected = MqttDevice::connect_echo(p.target, dev, p.mqtt).await.map_err(|e| e.to_string());
+    let connected = MqttDevice::connect_echo(mqtt_target(p, i), dev, p.mqtt).await.map_err(|e| e.to_string());
     if p.sync_start {
         s.connected.wait().await;
     }
@@ -317,13 +321,25 @@ async fn echo_device(s: &Shared, i: usize) -> Result<(), String> {
     out
 }
 
+/// Where MQTT device `i` connects: the target, or with `spread` one of several loopback
+/// addresses in turn.
+fn mqtt_target(p: &LoadPlan, i: usize) -> SocketAddr {
+    match p.target {
+        SocketAddr::V4(a) if p.spread > 1 && a.ip().octets() == [127, 0, 0, 1] => {
+            SocketAddr::from(([127, 0, 0, 1 + (i % p.spread as usize) as u8], a.port()))
+        }
+        t => t,
+    }
+}
+
 /// Connects as a device does: a refused or timed-out attempt is retried after a growing
 /// pause, up to [`CONNECT_ATTEMPTS`] times.
-async fn connect(s: &Shared, dev: DfuDevice) -> Result<MqttDevice, String> {
+async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, String> {
+    let target = mqtt_target(&s.plan, i);
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
-        match MqttDevice::connect(s.plan.target, dev.clone(), None, s.plan.mqtt).await {
+        match MqttDevice::connect(target, dev.clone(), None, s.plan.mqtt).await {
             Ok(d) => return Ok(d),
             Err(e) if attempt >= CONNECT_ATTEMPTS => return Err(format!("{e} (after {attempt} attempts)")),
             Err(_) => {
