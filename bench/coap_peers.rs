@@ -14,7 +14,7 @@
 //!
 //! Under `cargo test` (no `--bench`) it runs once, small, as a smoke test.
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -47,6 +47,10 @@ struct Args {
     bench: bool,
 }
 
+#[path = "peers_common.rs"]
+mod peers_common;
+use peers_common::{ensure, free_tcp, free_udp};
+
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 
 struct Server {
@@ -62,18 +66,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
 }
 
 /// Server CPU time (user + system) in seconds, from /proc.
@@ -225,9 +217,9 @@ fn main() -> Result<()> {
         bail!("--block must be a power of two from 16 to 1024");
     }
     for tool in ["coap-server-notls", "coap-client-notls"] {
-        if !have(tool) {
+        if ensure(tool, "libcoap3-bin", args.bench).is_none() {
             if args.bench {
-                bail!("{tool} is needed (apt-get install libcoap3-bin)");
+                bail!("{tool} is needed and could not be installed (apt-get install libcoap3-bin)");
             }
             println!("SKIPPED: {tool} not installed (apt-get install libcoap3-bin; .ci/run does)");
             return Ok(());

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,6 +57,10 @@ struct Args {
     image: Option<PathBuf>,
 }
 
+#[path = "peers_common.rs"]
+mod peers_common;
+use peers_common::{ensure, free_tcp as free_port};
+
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 
 struct Proc(Child);
@@ -66,14 +70,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
 }
 
 fn wait_tcp(port: u16) -> Result<()> {
@@ -116,17 +112,17 @@ fn main() -> Result<()> {
     if !args.bench {
         (args.devices, args.image_kib, args.rounds) = (20, 8, 1);
     }
-    if !have("mosquitto") && !Path::new("/usr/sbin/mosquitto").exists() {
+    let Some(mosquitto) = ensure("mosquitto", "mosquitto", args.bench) else {
         if args.bench {
-            bail!("mosquitto is needed (apt-get install mosquitto)");
+            bail!("mosquitto is needed and could not be installed (apt-get install mosquitto)");
         }
         println!("SKIPPED: mosquitto not installed (apt-get install mosquitto; .ci/run does)");
         return Ok(());
-    }
-    run(&args)
+    };
+    run(&args, &mosquitto)
 }
 
-fn run(args: &Args) -> Result<()> {
+fn run(args: &Args, mosquitto: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut rng = fastrand::Rng::with_seed(9);
     let image: Vec<u8> = (0..args.image_kib * 1024).map(|_| rng.u8(..)).collect();
@@ -162,7 +158,6 @@ fn run(args: &Args) -> Result<()> {
             "listener {mosq_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"
         ),
     )?;
-    let mosquitto = if have("mosquitto") { "mosquitto" } else { "/usr/sbin/mosquitto" };
     let _mosq =
         Proc(Command::new(mosquitto).arg("-c").arg(&mosq_conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
     wait_tcp(mosq_port)?;

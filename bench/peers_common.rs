@@ -1,0 +1,46 @@
+#![allow(dead_code)] // each benchmark uses a part
+
+//! Shared by the peer benchmarks: free loopback ports, and the external tools they compare
+//! against, installed when missing where that is possible.
+
+use std::net::{TcpListener, UdpSocket};
+use std::process::Command;
+
+pub fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn free_udp() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The path of `tool` on PATH or in /usr/sbin.
+pub fn find(tool: &str) -> Option<String> {
+    let on_path = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().ok()?;
+    if on_path.status.success() {
+        return Some(String::from_utf8_lossy(&on_path.stdout).trim().to_owned());
+    }
+    let sbin = format!("/usr/sbin/{tool}");
+    std::path::Path::new(&sbin).exists().then_some(sbin)
+}
+
+/// `tool`, installing Debian's `package` first when it is missing and we may (root, apt-get
+/// present, and `install` asked for: a benchmark run, not a smoke test).
+pub fn ensure(tool: &str, package: &str, install: bool) -> Option<String> {
+    if let Some(p) = find(tool) {
+        return Some(p);
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if install && root && find("apt-get").is_some() {
+        eprintln!("installing {package} for {tool}");
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {package}"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return find(tool);
+        }
+    }
+    None
+}
