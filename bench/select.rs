@@ -1,0 +1,83 @@
+//! Rollout selection over a million-device fleet index: `cargo bench --bench select`.
+//!
+//! Prints the index's heap bytes per device, then times a `--limit 10000` sample and a
+//! whole-group rollout of 100,000 devices.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use fwgate::planner::select::{DeviceFacts, FleetIndex, Limit, Selection};
+
+const DEVICES: u64 = 1_000_000;
+const NOW: u64 = 2_000_000_000;
+
+fn fleet() -> FleetIndex {
+    let mut x = FleetIndex::default();
+    let groups: Vec<Vec<String>> = (0..10).map(|g| vec![format!("region-{g}")]).collect();
+    for n in 0..DEVICES {
+        // UUID-shaped ids, as the seeds' devices have.
+        let id = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            n * 2_654_435_761 % (1 << 32),
+            n % 65_536,
+            n % 4096,
+            n % 4096,
+            n
+        );
+        let seen = NOW - (n * 7_919) % (30 * 86_400);
+        let facts = DeviceFacts {
+            id: &id,
+            tag: Some("prod"),
+            groups: &groups[(n % 10) as usize],
+            production: true,
+            last_seen: Some(seen),
+        };
+        x.upsert(facts).expect("index accepts the device");
+    }
+    x
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn select(c: &mut Criterion) {
+    let before = rss_kib();
+    let x = fleet();
+    let grown = rss_kib().saturating_sub(before) * 1024;
+    println!(
+        "fleet index: {} devices, {:.0} heap bytes per device counted, {:.0} bytes per device of RSS growth \
+         (UUID ids of 36 bytes included)",
+        x.len(),
+        x.heap_bytes() as f64 / x.len() as f64,
+        grown as f64 / x.len() as f64
+    );
+    let staged: Vec<bool> = (0..x.len()).map(|i| i % 50 == 0).collect();
+    let mut g = c.benchmark_group("select");
+    g.sample_size(20);
+    let limited = Selection {
+        tag: "prod",
+        production: true,
+        group: None,
+        uuids: None,
+        limit: Some(Limit::Count(10_000)),
+        seed: 42,
+        now: NOW,
+    };
+    g.bench_function("limit_10000_of_1000000", |b| {
+        b.iter(|| black_box(x.select(&limited, |i| staged[i as usize])).devices.len())
+    });
+    let group = Selection { group: Some("region-3"), limit: None, ..limited };
+    g.bench_function("whole_group_100000", |b| {
+        b.iter(|| black_box(x.select(&group, |i| staged[i as usize])).devices.len())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, select);
+criterion_main!(benches);

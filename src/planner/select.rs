@@ -1,0 +1,307 @@
+//! The fleet index and rollout selection: which devices a rollout may reach (the wave's tag,
+//! its production class, a group, an explicit list, not already in the wave) and, for
+//! `--limit`, a sample that prefers recently active devices and is the same every time for the
+//! same seed — so `--dry-run --print-uuids` can be replayed exactly.
+//!
+//! Pure and compact: no store, no clock (`now` is a parameter); a device costs its id plus
+//! about 30 bytes, so a million devices fit in well under 300 bytes each.
+
+use std::collections::HashMap;
+
+/// A device's position in the index.
+pub type Idx = u32;
+
+const NO_TAG: u16 = u16::MAX;
+
+/// Most distinct tags the index holds (ids are u16, one reserved).
+pub const MAX_TAGS: usize = u16::MAX as usize - 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IndexError {
+    #[error("more than {MAX_TAGS} distinct tags")]
+    TooManyTags,
+    #[error("more than {} devices", u32::MAX)]
+    TooManyDevices,
+}
+
+/// A stable 64-bit hash of a device id (FNV-1a), the same in every process.
+fn id_hash(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// SplitMix64's finaliser: a seed-dependent shuffle of the id hashes.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[derive(Default)]
+pub struct FleetIndex {
+    /// Every id, one after the other; device `i` is `ids[ends[i-1]..ends[i]]`.
+    ids: String,
+    ends: Vec<u32>,
+    hashes: Vec<u64>,
+    /// Id hash → device; a second id with the same hash goes to `collided`.
+    by_hash: HashMap<u64, Idx>,
+    collided: HashMap<Box<str>, Idx>,
+    tag: Vec<u16>,
+    production: Vec<bool>,
+    /// Unix seconds of the last Status, 0 for never.
+    last_seen: Vec<u32>,
+    tags: Vec<Box<str>>,
+    tag_ids: HashMap<Box<str>, u16>,
+    /// Members of each group, sorted.
+    groups: HashMap<Box<str>, Vec<Idx>>,
+}
+
+/// What a device is, as selection needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceFacts<'a> {
+    pub id: &'a str,
+    pub tag: Option<&'a str>,
+    pub groups: &'a [String],
+    pub production: bool,
+    pub last_seen: Option<u64>,
+}
+
+impl FleetIndex {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn id(&self, i: Idx) -> &str {
+        let i = i as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.ids[start..self.ends[i] as usize]
+    }
+
+    pub fn lookup(&self, id: &str) -> Option<Idx> {
+        match self.by_hash.get(&id_hash(id)) {
+            Some(&i) if self.id(i) == id => Some(i),
+            _ => self.collided.get(id).copied(),
+        }
+    }
+
+    fn tag_id(&mut self, tag: Option<&str>) -> Result<u16, IndexError> {
+        let Some(t) = tag else { return Ok(NO_TAG) };
+        if let Some(&n) = self.tag_ids.get(t) {
+            return Ok(n);
+        }
+        if self.tags.len() >= MAX_TAGS {
+            return Err(IndexError::TooManyTags);
+        }
+        let n = self.tags.len() as u16;
+        self.tags.push(t.into());
+        self.tag_ids.insert(t.into(), n);
+        Ok(n)
+    }
+
+    /// Adds a device or replaces what the index knows of it.
+    pub fn upsert(&mut self, d: DeviceFacts<'_>) -> Result<Idx, IndexError> {
+        let tag = self.tag_id(d.tag)?;
+        let i = match self.lookup(d.id) {
+            Some(i) => {
+                for members in self.groups.values_mut() {
+                    if let Ok(at) = members.binary_search(&i) {
+                        members.remove(at);
+                    }
+                }
+                i
+            }
+            None => {
+                let i = Idx::try_from(self.ends.len()).map_err(|_| IndexError::TooManyDevices)?;
+                self.ids.push_str(d.id);
+                self.ends.push(self.ids.len() as u32);
+                let h = id_hash(d.id);
+                self.hashes.push(h);
+                if self.by_hash.contains_key(&h) {
+                    self.collided.insert(d.id.into(), i);
+                } else {
+                    self.by_hash.insert(h, i);
+                }
+                self.tag.push(NO_TAG);
+                self.production.push(false);
+                self.last_seen.push(0);
+                i
+            }
+        };
+        let u = i as usize;
+        self.tag[u] = tag;
+        self.production[u] = d.production;
+        self.last_seen[u] = d.last_seen.map_or(0, |s| s.min(u32::MAX as u64) as u32);
+        for g in d.groups {
+            let members = self.groups.entry(g.as_str().into()).or_default();
+            if let Err(at) = members.binary_search(&i) {
+                members.insert(at, i);
+            }
+        }
+        Ok(i)
+    }
+
+    pub fn seen(&mut self, i: Idx, secs: u64) {
+        if let Some(s) = self.last_seen.get_mut(i as usize) {
+            *s = secs.min(u32::MAX as u64) as u32;
+        }
+    }
+
+    /// Heap bytes the index holds (capacities, and the hash maps' slots), for the per-device
+    /// budget.
+    pub fn heap_bytes(&self) -> usize {
+        let map_slot = |k: usize, v: usize| (k + v + 1) * 8 / 7;
+        self.ids.capacity()
+            + self.ends.capacity() * 4
+            + self.hashes.capacity() * 8
+            + self.by_hash.capacity() * map_slot(8, 4)
+            + self.tag.capacity() * 2
+            + self.production.capacity()
+            + self.last_seen.capacity() * 4
+            + self.groups.values().map(|m| m.capacity() * 4 + 32).sum::<usize>()
+            + self.collided.len() * 64
+            + self.tags.iter().map(|t| t.len() + 48).sum::<usize>()
+    }
+}
+
+/// How many devices `--limit` asks for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    Count(usize),
+    /// Percent of the devices the rollout could reach (tag, class, group, list), already in
+    /// the wave or not; rounded up.
+    Percent(f64),
+}
+
+/// What a rollout asks for.
+pub struct Selection<'a> {
+    pub tag: &'a str,
+    pub production: bool,
+    pub group: Option<&'a str>,
+    pub uuids: Option<&'a [String]>,
+    pub limit: Option<Limit>,
+    pub seed: u64,
+    pub now: u64,
+}
+
+/// Why a device named in `--uuids` is not selected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Unknown,
+    OtherTag,
+    OtherClass,
+    NotInGroup,
+    AlreadyInWave,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Selected {
+    /// In sample order (most recently active first, then the seed's order).
+    pub devices: Vec<Idx>,
+    /// Devices named in `--uuids` that were not selected, with the reason.
+    pub rejected: Vec<(String, Rejection)>,
+    /// Devices the rollout could reach before the limit.
+    pub population: usize,
+}
+
+/// Recency class: 0 seen within an hour … 4 never seen. The sample takes lower classes first.
+fn recency(last_seen: u32, now: u64) -> u64 {
+    if last_seen == 0 {
+        return 4;
+    }
+    match now.saturating_sub(last_seen as u64) {
+        a if a < 3_600 => 0,
+        a if a < 86_400 => 1,
+        a if a < 7 * 86_400 => 2,
+        _ => 3,
+    }
+}
+
+impl FleetIndex {
+    /// The devices a rollout reaches. `in_wave` says whether a device is already updated or
+    /// staged in this wave; those are never selected again.
+    pub fn select(&self, s: &Selection<'_>, in_wave: impl Fn(Idx) -> bool) -> Selected {
+        let Some(&tag) = self.tag_ids.get(s.tag) else {
+            let rejected = s.uuids.unwrap_or_default().iter().map(|u| (u.clone(), self.reject_unknown(u))).collect();
+            return Selected { rejected, ..Selected::default() };
+        };
+        let group = s.group.map(|g| self.groups.get(g).map(Vec::as_slice).unwrap_or_default());
+        let fits = |i: Idx| self.tag[i as usize] == tag && self.production[i as usize] == s.production;
+        let mut out = Selected::default();
+        let mut candidates: Vec<Idx> = Vec::new();
+        match s.uuids {
+            Some(list) => {
+                let mut seen = std::collections::HashSet::with_capacity(list.len());
+                for u in list {
+                    let Some(i) = self.lookup(u) else {
+                        out.rejected.push((u.clone(), Rejection::Unknown));
+                        continue;
+                    };
+                    if !seen.insert(i) {
+                        continue;
+                    }
+                    let why = if self.tag[i as usize] != tag {
+                        Some(Rejection::OtherTag)
+                    } else if self.production[i as usize] != s.production {
+                        Some(Rejection::OtherClass)
+                    } else if group.is_some_and(|g| g.binary_search(&i).is_err()) {
+                        Some(Rejection::NotInGroup)
+                    } else {
+                        None
+                    };
+                    match why {
+                        Some(r) => out.rejected.push((u.clone(), r)),
+                        None => {
+                            out.population += 1;
+                            if in_wave(i) {
+                                out.rejected.push((u.clone(), Rejection::AlreadyInWave));
+                            } else {
+                                candidates.push(i);
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                let mut consider = |i: Idx| {
+                    if fits(i) {
+                        out.population += 1;
+                        if !in_wave(i) {
+                            candidates.push(i);
+                        }
+                    }
+                };
+                match group {
+                    Some(members) => members.iter().copied().for_each(&mut consider),
+                    None => (0..self.len() as Idx).for_each(&mut consider),
+                }
+            }
+        }
+        let want = match s.limit {
+            None => candidates.len(),
+            Some(Limit::Count(n)) => n,
+            Some(Limit::Percent(p)) => ((out.population as f64) * p / 100.0).ceil() as usize,
+        };
+        let key = |i: &Idx| (recency(self.last_seen[*i as usize], s.now), mix(self.hashes[*i as usize] ^ s.seed));
+        if want < candidates.len() {
+            candidates.select_nth_unstable_by_key(want, key);
+            candidates.truncate(want);
+        }
+        candidates.sort_unstable_by_key(key);
+        out.devices = candidates;
+        out
+    }
+
+    fn reject_unknown(&self, id: &str) -> Rejection {
+        if self.lookup(id).is_some() {
+            Rejection::OtherTag
+        } else {
+            Rejection::Unknown
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
