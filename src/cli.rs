@@ -253,7 +253,14 @@ fn print_device(v: &Value) {
         println!("assigned    - (nothing assigned)");
     }
     for op in ops {
-        println!("assigned    {} ({})", s(&op, "image"), s(&op, "component"));
+        println!(
+            "assigned    {} ({}) — {} #{}, weight {}",
+            s(&op, "image"),
+            s(&op, "component"),
+            s(&op, "origin"),
+            s(&op, "seq"),
+            s(&op, "weight")
+        );
         println!("  outcome   {}", s(&op, "state"));
         println!(
             "  progress  {:.1}% ({} of {} bytes)",

@@ -25,20 +25,24 @@ pub enum OpState {
     Failed,
     /// The device went silent for longer than the operation's time limit.
     TimedOut,
+    /// Withdrawn by the planner (a canceled wave); a transfer under way stops at the next
+    /// Status, which is answered SYNC on the version the device runs.
+    Canceled,
 }
 
 impl OpState {
-    pub const ALL: [OpState; 6] = [
+    pub const ALL: [OpState; 7] = [
         OpState::Pending,
         OpState::Downloading,
         OpState::Swapping,
         OpState::Succeeded,
         OpState::Failed,
         OpState::TimedOut,
+        OpState::Canceled,
     ];
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, OpState::Succeeded | OpState::Failed | OpState::TimedOut)
+        matches!(self, OpState::Succeeded | OpState::Failed | OpState::TimedOut | OpState::Canceled)
     }
 
     /// Started but not finished: what the time limit applies to.
@@ -54,6 +58,7 @@ impl OpState {
             OpState::Succeeded => "succeeded",
             OpState::Failed => "failed",
             OpState::TimedOut => "timed_out",
+            OpState::Canceled => "canceled",
         }
     }
 }
@@ -109,7 +114,7 @@ pub fn handle_status<'a>(cfg: &EngineConfig, status: &Status<'a>, op: Option<(Op
         // Running the target: done, whether it just swapped or already ran it when assigned.
         let transition = match state {
             OpState::Pending | OpState::Downloading | OpState::Swapping => Some(OpState::Succeeded),
-            OpState::Succeeded | OpState::Failed | OpState::TimedOut => None,
+            OpState::Succeeded | OpState::Failed | OpState::TimedOut | OpState::Canceled => None,
         };
         return Step { commands: vec![sync(target.version)], transition, progress: None };
     }

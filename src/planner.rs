@@ -38,11 +38,35 @@ pub enum PlannerError {
     Firmware(#[from] FirmwareError),
 }
 
-/// One (device, component, image) update.
+/// Weight of an operator's direct assignment: ahead of everything a plan queued.
+pub const ASSIGN_WEIGHT: u16 = 1000;
+/// Where a direct assignment comes from.
+pub const ASSIGN_ORIGIN: &str = "assign";
+/// Finished operations kept per (device, component) as history; older ones are deleted.
+pub const MAX_HISTORY: usize = 8;
+
+fn default_weight() -> u16 {
+    ASSIGN_WEIGHT
+}
+
+fn default_origin() -> String {
+    ASSIGN_ORIGIN.into()
+}
+
+/// One (device, component, image) update, in its device's queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Operation {
+    /// Unique and increasing: FIFO order among equal weights.
+    #[serde(default)]
+    pub seq: u64,
     pub device: String,
     pub component: String,
+    /// 0–1000; the highest queued weight goes first.
+    #[serde(default = "default_weight")]
+    pub weight: u16,
+    /// Who queued it: `assign`, or the plan (e.g. a wave) that did.
+    #[serde(default = "default_origin")]
+    pub origin: String,
     /// NAME@VERSION.
     pub image: String,
     pub version: String,
@@ -71,24 +95,63 @@ impl Operation {
     }
 }
 
-fn op_key(device: &str, component: &str) -> String {
-    format!("{device}\0{component}")
+fn op_key(op: &Operation) -> String {
+    format!("{}\0{}\0{:016x}", op.device, op.component, op.seq)
 }
 
-/// What a transport needs to run one DFU step: the operation's state and the image, hot.
+/// The key records had before operations were queued: one per (device, component).
+fn legacy_key(op: &Operation) -> String {
+    format!("{}\0{}", op.device, op.component)
+}
+
+/// Which of a device's operations the DFU engine serves for `component`: the one in flight;
+/// else, unless another component of the device is in flight, the queued one of the highest
+/// weight, oldest first; else the latest finished one (so its outcome keeps being answered).
+/// `Err(())` when the component must wait for another one's transfer.
+fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, ()> {
+    let mine = || ops.iter().enumerate().filter(move |(_, o)| o.component == component);
+    if let Some((i, _)) = mine().find(|(_, o)| o.state.in_flight()) {
+        return Ok(Some(i));
+    }
+    let queued = mine()
+        .filter(|(_, o)| o.state == OpState::Pending)
+        .max_by(|(_, a), (_, b)| a.weight.cmp(&b.weight).then(b.seq.cmp(&a.seq)));
+    if let Some((i, _)) = queued {
+        if ops.iter().any(|o| o.state.in_flight()) {
+            return Err(());
+        }
+        return Ok(Some(i));
+    }
+    Ok(mine().max_by_key(|(_, o)| o.seq).map(|(i, _)| i))
+}
+
+/// What a transport needs to run one DFU step: the head operation and its image, hot.
 pub struct ActiveOp {
+    pub seq: u64,
     pub state: OpState,
     pub meta: Arc<ImageMeta>,
     pub image: Bytes,
+}
+
+/// The answer to "what should this device's component get now".
+pub enum Lookup {
+    /// Nothing queued or finished for the component.
+    Nothing,
+    /// Queued, but another component of the device is being transferred: at most one
+    /// operation per device is in flight.
+    Wait,
+    Active(ActiveOp),
 }
 
 pub struct Planner {
     store: Store,
     fleet: Arc<Fleet>,
     firmware: Arc<Firmware>,
-    /// Per device, its operations by component; the map entry is the device's lock.
+    /// Per device, its operations (queued, in flight, and recent history); the map entry is
+    /// the device's lock.
     ops: DashMap<String, Vec<Operation>>,
     op_timeout_secs: u64,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl Planner {
@@ -102,18 +165,50 @@ impl Planner {
         now: u64,
     ) -> Result<Planner, PlannerError> {
         let ops: DashMap<String, Vec<Operation>> = DashMap::new();
-        for mut op in store.load_all::<Operation>(Cf::Ops)? {
+        let mut loaded = store.load_all::<Operation>(Cf::Ops)?;
+        let mut next_seq = loaded.iter().map(|o| o.seq).max().unwrap_or(0) + 1;
+        // Records from before the queue have no sequence number: give them one, under the
+        // new key, in one batch with the removal of the old key.
+        let mut migrate = store.batch();
+        for op in loaded.iter_mut().filter(|o| o.seq == 0) {
+            migrate.delete(Cf::Ops, legacy_key(op).as_bytes());
+            op.seq = next_seq;
+            next_seq += 1;
+            migrate.put_json(Cf::Ops, op_key(op).as_bytes(), &*op)?;
+        }
+        if !migrate.is_empty() {
+            migrate.commit()?;
+        }
+        for mut op in loaded {
             if op.state.in_flight() {
                 op.last_activity = op.last_activity.max(now);
             }
             ops.entry(op.device.clone()).or_default().push(op);
         }
-        Ok(Planner { store, fleet, firmware, ops, op_timeout_secs })
+        for mut e in ops.iter_mut() {
+            e.sort_by(|a, b| (&a.component, a.seq).cmp(&(&b.component, b.seq)));
+        }
+        Ok(Planner { store, fleet, firmware, ops, op_timeout_secs, next_seq: next_seq.into() })
     }
 
-    /// Assigns `image` (NAME@VERSION) to a device's component, replacing a pending or finished
-    /// operation. Refused while one is in flight: at most one operation per device at a time.
+    /// Assigns `image` (NAME@VERSION) to a device's component: an operation at the head of its
+    /// queue (weight [`ASSIGN_WEIGHT`]) that replaces an earlier queued assignment. Refused
+    /// while an operation of the device is in flight: at most one at a time.
     pub fn assign(&self, device: &str, component: &str, image: &str, now: u64) -> Result<Operation, PlannerError> {
+        self.enqueue(device, component, image, ASSIGN_WEIGHT, ASSIGN_ORIGIN, now)
+    }
+
+    /// Queues `image` for a device's component with a weight and an origin. A queued
+    /// operation of the same origin and component is replaced (canceled).
+    pub fn enqueue(
+        &self,
+        device: &str,
+        component: &str,
+        image: &str,
+        weight: u16,
+        origin: &str,
+        now: u64,
+    ) -> Result<Operation, PlannerError> {
         let (name, version) = image.split_once('@').ok_or_else(|| PlannerError::BadImageRef(image.into()))?;
         let hardware = self.fleet.hardware(device).ok_or_else(|| PlannerError::UnknownDevice(device.into()))?;
         let meta = self.firmware.get(name, version).ok_or_else(|| PlannerError::UnknownImage(image.into()))?;
@@ -130,8 +225,11 @@ impl Planner {
             return Err(PlannerError::InFlight { device: device.into(), state: busy.state.as_str() });
         }
         let op = Operation {
+            seq: self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device: device.into(),
             component: component.into(),
+            weight: weight.min(ASSIGN_WEIGHT),
+            origin: origin.into(),
             image: meta.id(),
             version: meta.version.clone(),
             length: meta.length,
@@ -142,20 +240,77 @@ impl Planner {
             last_activity: now,
             detail: None,
         };
-        let mut b = self.store.batch();
-        b.put_json(Cf::Ops, op_key(device, component).as_bytes(), &op)?;
-        b.commit()?;
-        ops.retain(|o| o.component != component);
-        ops.push(op.clone());
-        ops.sort_by(|a, b| a.component.cmp(&b.component));
+        let mut next = ops.clone();
+        for o in
+            next.iter_mut().filter(|o| o.component == component && o.origin == origin && o.state == OpState::Pending)
+        {
+            o.state = OpState::Canceled;
+            o.updated_at = now;
+            o.detail = Some(format!("replaced by operation {}", op.seq));
+        }
+        next.push(op.clone());
+        self.commit(&mut ops, next)?;
         Ok(op)
     }
 
-    pub fn operation(&self, device: &str, component: &str) -> Option<Operation> {
-        self.ops.get(device)?.iter().find(|o| o.component == component).cloned()
+    /// Writes a device's changed operations (and deletes the history beyond [`MAX_HISTORY`])
+    /// in one batch, then makes them current.
+    fn commit(&self, current: &mut Vec<Operation>, mut next: Vec<Operation>) -> Result<(), PlannerError> {
+        let mut b = self.store.batch();
+        let mut finished: Vec<(String, u64)> =
+            next.iter().filter(|o| o.state.is_terminal()).map(|o| (o.component.clone(), o.seq)).collect();
+        finished.sort_by(|a, b| (&a.0, std::cmp::Reverse(a.1)).cmp(&(&b.0, std::cmp::Reverse(b.1))));
+        let mut kept: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        let mut drop = std::collections::HashSet::new();
+        for (component, seq) in &finished {
+            let n = kept.entry(component.as_str()).or_default();
+            *n += 1;
+            if *n > MAX_HISTORY {
+                drop.insert(*seq);
+            }
+        }
+        for o in &next {
+            if drop.contains(&o.seq) {
+                b.delete(Cf::Ops, op_key(o).as_bytes());
+            } else if current.iter().find(|c| c.seq == o.seq) != Some(o) {
+                b.put_json(Cf::Ops, op_key(o).as_bytes(), o)?;
+            }
+        }
+        b.commit()?;
+        next.retain(|o| !drop.contains(&o.seq));
+        next.sort_by(|a, b| (&a.component, a.seq).cmp(&(&b.component, b.seq)));
+        *current = next;
+        Ok(())
     }
 
-    /// All operations of a device, by component.
+    /// Cancels every unfinished operation queued by `origin` (e.g. a wave); a transfer under
+    /// way stops at its device's next Status. Returns how many were canceled.
+    pub fn cancel_origin(&self, origin: &str, now: u64) -> Result<usize, PlannerError> {
+        let mut n = 0;
+        for mut e in self.ops.iter_mut() {
+            if !e.iter().any(|o| o.origin == origin && !o.state.is_terminal()) {
+                continue;
+            }
+            let mut next = e.clone();
+            for o in next.iter_mut().filter(|o| o.origin == origin && !o.state.is_terminal()) {
+                o.detail = Some(format!("canceled while {}", o.state.as_str()));
+                o.state = OpState::Canceled;
+                o.updated_at = now;
+                n += 1;
+            }
+            self.commit(&mut e, next)?;
+        }
+        Ok(n)
+    }
+
+    /// The operation the engine serves for a device's component now (see [`head`]).
+    pub fn operation(&self, device: &str, component: &str) -> Option<Operation> {
+        let ops = self.ops.get(device)?;
+        head(&ops, component).ok().flatten().map(|i| ops[i].clone())
+    }
+
+    /// All operations of a device — queued, in flight and recent history — by component, then
+    /// in the order they were queued.
     pub fn operations_of(&self, device: &str) -> Vec<Operation> {
         self.ops.get(device).map(|v| v.clone()).unwrap_or_default()
     }
@@ -170,61 +325,62 @@ impl Planner {
         OpState::ALL.iter().copied().zip(n).collect()
     }
 
-    /// The operation and its image, ready for a DFU step; `None` when nothing is assigned.
-    pub fn lookup(&self, device: &str, component: &str) -> Result<Option<ActiveOp>, PlannerError> {
-        let Some((state, image)) = self.operation_image(device, component) else {
-            return Ok(None);
+    /// The head operation and its image, ready for a DFU step.
+    pub fn lookup(&self, device: &str, component: &str) -> Result<Lookup, PlannerError> {
+        let (seq, state, image) = {
+            let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
+            match head(&ops, component) {
+                Err(()) => return Ok(Lookup::Wait),
+                Ok(None) => return Ok(Lookup::Nothing),
+                Ok(Some(i)) => (ops[i].seq, ops[i].state, ops[i].image.clone()),
+            }
         };
         let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
         let meta = self.firmware.get(name, version).ok_or(PlannerError::UnknownImage(image.clone()))?;
         let image = self.firmware.bytes(&meta)?;
-        Ok(Some(ActiveOp { state, meta, image }))
+        Ok(Lookup::Active(ActiveOp { seq, state, meta, image }))
     }
 
-    /// The state of a device's operation on `component`, without copying it.
-    pub fn operation_state(&self, device: &str, component: &str) -> Option<OpState> {
+    /// The sequence number and state of the operation the engine serves for a component now,
+    /// without copying it.
+    pub fn head_state(&self, device: &str, component: &str) -> Option<(u64, OpState)> {
         let ops = self.ops.get(device)?;
-        ops.iter().find(|o| o.component == component).map(|o| o.state)
+        head(&ops, component).ok().flatten().map(|i| (ops[i].seq, ops[i].state))
     }
 
-    fn operation_image(&self, device: &str, component: &str) -> Option<(OpState, String)> {
-        let ops = self.ops.get(device)?;
-        ops.iter().find(|o| o.component == component).map(|o| (o.state, o.image.clone()))
-    }
-
-    /// Applies what a DFU step observed. A transition is written to the store before this
-    /// returns (and so before the reply goes out); progress alone stays in memory. A step
-    /// computed from a state that has changed meanwhile is dropped (`Ok(false)`).
+    /// Applies what a DFU step observed to operation `seq` of a device. A transition is
+    /// written to the store before this returns (and so before the reply goes out); progress
+    /// alone stays in memory. A step computed from a state that has changed meanwhile is
+    /// dropped (`Ok(false)`).
     pub fn record(
         &self,
         device: &str,
-        component: &str,
+        seq: u64,
         from: OpState,
         to: Option<OpState>,
         progress: Option<u32>,
         now: u64,
     ) -> Result<bool, PlannerError> {
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
-        let Some(op) = ops.iter_mut().find(|o| o.component == component) else { return Ok(false) };
-        if op.state != from {
+        let Some(at) = ops.iter().position(|o| o.seq == seq) else { return Ok(false) };
+        if ops[at].state != from {
             return Ok(false);
         }
         if let Some(to) = to {
-            let mut next = op.clone();
-            next.state = to;
-            next.updated_at = now;
-            next.last_activity = now;
+            let mut next = ops.clone();
+            let op = &mut next[at];
+            op.state = to;
+            op.updated_at = now;
+            op.last_activity = now;
             if let Some(p) = progress {
-                next.offset = p;
+                op.offset = p;
             }
             if to == OpState::Failed {
-                next.detail = Some(format!("device came back on another version than {} after SWAP", next.version));
+                op.detail = Some(format!("device came back on another version than {} after SWAP", op.version));
             }
-            let mut b = self.store.batch();
-            b.put_json(Cf::Ops, op_key(device, component).as_bytes(), &next)?;
-            b.commit()?;
-            *op = next;
+            self.commit(&mut ops, next)?;
         } else {
+            let op = &mut ops[at];
             op.last_activity = now;
             if let Some(p) = progress {
                 op.offset = p;
@@ -245,7 +401,7 @@ impl Planner {
                 op.detail = Some(format!("no Status for {} s", now - op.last_activity));
                 op.state = OpState::TimedOut;
                 op.updated_at = now;
-                b.put_json(Cf::Ops, op_key(&op.device, &op.component).as_bytes(), &*op)?;
+                b.put_json(Cf::Ops, op_key(op).as_bytes(), &*op)?;
                 n += 1;
             }
             if !b.is_empty() {
@@ -286,6 +442,14 @@ mod tests {
         World { planner: Planner::open(store, fleet, firmware, 100, 0).unwrap(), _dir: dir }
     }
 
+    fn active(p: &Planner, device: &str, component: &str) -> ActiveOp {
+        match p.lookup(device, component).unwrap() {
+            Lookup::Active(a) => a,
+            Lookup::Wait => panic!("{device}/{component}: wait"),
+            Lookup::Nothing => panic!("{device}/{component}: nothing"),
+        }
+    }
+
     #[test]
     fn assign_checks_device_image_and_hardware() {
         let w = world();
@@ -295,20 +459,20 @@ mod tests {
         assert!(matches!(p.assign("d1", MAIN_COMPONENT, "app", 1), Err(PlannerError::BadImageRef(_))));
         assert!(matches!(p.assign("d2", MAIN_COMPONENT, "app@2.0", 1), Err(PlannerError::Hardware { .. })));
         let op = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap();
-        assert_eq!(op.state, OpState::Pending);
-        assert_eq!(p.lookup("d1", MAIN_COMPONENT).unwrap().unwrap().image.len(), 10);
+        assert_eq!((op.state, op.weight, op.origin.as_str()), (OpState::Pending, ASSIGN_WEIGHT, ASSIGN_ORIGIN));
+        assert_eq!(active(p, "d1", MAIN_COMPONENT).image.len(), 10);
     }
 
     #[test]
     fn one_operation_in_flight_per_device_and_stale_steps_are_dropped() {
         let w = world();
         let p = &w.planner;
-        p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap();
-        assert!(p.record("d1", MAIN_COMPONENT, OpState::Pending, Some(OpState::Downloading), Some(0), 2).unwrap());
+        let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap().seq;
+        assert!(p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 2).unwrap());
         assert!(matches!(p.assign("d1", "bios", "app@2.0", 3), Err(PlannerError::InFlight { .. })));
         // A step computed from Pending, arriving after the move to Downloading, changes nothing.
-        assert!(!p.record("d1", MAIN_COMPONENT, OpState::Pending, Some(OpState::Downloading), Some(5), 3).unwrap());
-        assert!(p.record("d1", MAIN_COMPONENT, OpState::Downloading, None, Some(4), 4).unwrap());
+        assert!(!p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(5), 3).unwrap());
+        assert!(p.record("d1", seq, OpState::Downloading, None, Some(4), 4).unwrap());
         assert_eq!(p.operation("d1", MAIN_COMPONENT).unwrap().offset, 4);
     }
 
@@ -316,12 +480,84 @@ mod tests {
     fn silent_operations_time_out_and_fresh_ones_do_not() {
         let w = world();
         let p = &w.planner;
-        p.assign("d1", MAIN_COMPONENT, "app@2.0", 0).unwrap();
-        p.record("d1", MAIN_COMPONENT, OpState::Pending, Some(OpState::Downloading), Some(0), 10).unwrap();
+        let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", 0).unwrap().seq;
+        p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 10).unwrap();
         assert_eq!(p.sweep_timeouts(109).unwrap(), 0);
         assert_eq!(p.sweep_timeouts(110).unwrap(), 1);
         let op = p.operation("d1", MAIN_COMPONENT).unwrap();
         assert_eq!(op.state, OpState::TimedOut);
         assert!(op.detail.unwrap().contains("no Status"));
+    }
+
+    #[test]
+    fn the_queue_serves_the_heaviest_then_the_oldest_one_at_a_time_per_device() {
+        let w = world();
+        let p = &w.planner;
+        let a = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 10, "wave-a", 1).unwrap().seq;
+        let b = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 500, "wave-b", 2).unwrap().seq;
+        let c = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 500, "wave-c", 3).unwrap().seq;
+        let bios = p.enqueue("d1", "bios", "app@2.0", 10, "wave-a", 3).unwrap().seq;
+        assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, b, "weight first, then FIFO");
+        p.record("d1", b, OpState::Pending, Some(OpState::Downloading), Some(0), 4).unwrap();
+        assert!(matches!(p.lookup("d1", "bios").unwrap(), Lookup::Wait), "one transfer per device at a time");
+        p.record("d1", b, OpState::Downloading, Some(OpState::Succeeded), None, 5).unwrap();
+        assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, c);
+        assert_eq!(active(p, "d1", "bios").seq, bios);
+        // An assignment goes ahead of every plan and replaces an earlier queued assignment.
+        let first = p.assign("d1", MAIN_COMPONENT, "app@2.0", 6).unwrap().seq;
+        let second = p.assign("d1", MAIN_COMPONENT, "app@2.0", 7).unwrap().seq;
+        assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, second);
+        let replaced = p.operations_of("d1").into_iter().find(|o| o.seq == first).unwrap();
+        assert_eq!(replaced.state, OpState::Canceled);
+        // Canceling a plan withdraws its queued operations, and nothing else.
+        assert_eq!(p.cancel_origin("wave-a", 8).unwrap(), 2);
+        let states: Vec<(u64, OpState)> = p.operations_of("d1").iter().map(|o| (o.seq, o.state)).collect();
+        assert!(states.contains(&(a, OpState::Canceled)) && states.contains(&(bios, OpState::Canceled)));
+        assert!(states.contains(&(c, OpState::Pending)) && states.contains(&(b, OpState::Succeeded)));
+    }
+
+    #[test]
+    fn records_from_before_the_queue_are_given_a_sequence_number_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), false).unwrap();
+        let legacy = serde_json::json!({"device": "d1", "component": "main", "image": "app@2.0", "version": "2.0",
+            "length": 10, "state": "downloading", "offset": 4, "created_at": 1, "updated_at": 2, "last_activity": 2});
+        let mut b = store.batch();
+        b.put_json(Cf::Ops, b"d1\0main", &legacy).unwrap();
+        b.commit().unwrap();
+        let fleet = Arc::new(Fleet::open(store.clone(), 100).unwrap());
+        let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).unwrap());
+        let p = Planner::open(store.clone(), fleet, firmware, 100, 50).unwrap();
+        let op = p.operation("d1", "main").unwrap();
+        assert_eq!((op.seq, op.state, op.offset, op.weight), (1, OpState::Downloading, 4, ASSIGN_WEIGHT));
+        assert_eq!(op.last_activity, 50, "in flight: a fresh time limit from the restart");
+        assert!(store.get(Cf::Ops, b"d1\0main").unwrap().is_none(), "the old key is gone");
+        assert!(store.get(Cf::Ops, op_key(&op).as_bytes()).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_queue_survives_a_restart_and_history_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let store = Store::open(dir.path(), false).unwrap();
+            let fleet = Arc::new(Fleet::open(store.clone(), 100).unwrap());
+            let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).unwrap());
+            (Planner::open(store.clone(), fleet.clone(), firmware.clone(), 100, 0).unwrap(), fleet, firmware, store)
+        };
+        let (p, fleet, firmware, _store) = open();
+        fleet.upsert(vec![DeviceSpec { id: "d1".into(), ..Default::default() }], 0).unwrap();
+        firmware.add("app", "2.0", vec![], Bytes::from_static(b"0123456789"), 0).unwrap();
+        for t in 0..(MAX_HISTORY as u64 + 5) {
+            let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", t).unwrap().seq;
+            p.record("d1", seq, OpState::Pending, Some(OpState::Succeeded), None, t).unwrap();
+        }
+        let queued = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 3, "wave-x", 99).unwrap();
+        assert_eq!(p.operations_of("d1").len(), MAX_HISTORY + 1, "history is bounded");
+        let before = p.operations_of("d1");
+        drop((p, fleet, firmware, _store));
+        let (p, ..) = open();
+        assert_eq!(p.operations_of("d1"), before, "every operation and state is restored");
+        assert_eq!(p.operation("d1", MAIN_COMPONENT).unwrap().seq, queued.seq);
+        assert!(p.assign("d1", MAIN_COMPONENT, "app@2.0", 100).unwrap().seq > queued.seq, "sequence numbers go on");
     }
 }

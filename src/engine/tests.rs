@@ -94,7 +94,7 @@ fn old_version_after_swap_is_a_rollback() {
 #[test]
 fn terminal_operations_are_not_retried() {
     let img = image();
-    for state in [OpState::Failed, OpState::TimedOut, OpState::Succeeded] {
+    for state in [OpState::Failed, OpState::TimedOut, OpState::Succeeded, OpState::Canceled] {
         let step = handle_status(&CFG, &status("1.0.0", None), Some((state, target(&img))));
         assert_eq!(step.commands[0].op(), "SYNC", "{state:?}");
         assert_eq!(step.transition, None, "{state:?}");

@@ -7,7 +7,7 @@ use tracing::{debug, warn};
 
 use crate::engine::{self, EngineConfig, Target};
 use crate::fleet::{Fleet, MAIN_COMPONENT};
-use crate::planner::Planner;
+use crate::planner::{Lookup, Planner};
 use crate::protocol::{Command, Status};
 use crate::telemetry::Telemetry;
 
@@ -73,7 +73,14 @@ impl Dfu {
             Err(e) => return self.failed(device, &e),
         }
         let active = match self.planner.lookup(device, component) {
-            Ok(a) => a,
+            Ok(Lookup::Active(a)) => Some(a),
+            Ok(Lookup::Nothing) => None,
+            Ok(Lookup::Wait) => {
+                // Another component of the device is being transferred: this one waits.
+                self.telemetry.status("wait");
+                push(out, &engine::wait(&self.engine, &status), form);
+                return Handled::Replied;
+            }
             Err(e) => return self.failed(device, &e),
         };
         let op = active
@@ -82,7 +89,7 @@ impl Dfu {
         let step = engine::handle_status(&self.engine, &status, op);
         if let Some(a) = &active {
             if step.transition.is_some() || step.progress.is_some() {
-                match self.planner.record(device, component, a.state, step.transition, step.progress, now) {
+                match self.planner.record(device, a.seq, a.state, step.transition, step.progress, now) {
                     Ok(true) => {}
                     // The operation moved on under us (a concurrent message or the sweeper):
                     // answering from the stale state could contradict it, so stay silent and

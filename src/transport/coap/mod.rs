@@ -19,7 +19,7 @@ use super::{Dfu, Handled, TransportError};
 use crate::config::CoapConfig;
 use crate::engine::OpState;
 use crate::fleet::MAIN_COMPONENT;
-use crate::planner::Planner;
+use crate::planner::{Lookup, Planner};
 use crate::telemetry::Telemetry;
 
 /// The gateway behind the CoAP resources.
@@ -45,8 +45,10 @@ impl Resources for Gateway {
 
     fn firmware(&self, device: &str) -> FirmwareAnswer {
         match self.planner.lookup(device, MAIN_COMPONENT) {
-            Ok(Some(op)) => FirmwareAnswer::Image(Image { bytes: op.image, digest: op.meta.digest() }),
-            Ok(None) => FirmwareAnswer::NotAssigned,
+            Ok(Lookup::Active(op)) => FirmwareAnswer::Image(Image { bytes: op.image, digest: op.meta.digest() }),
+            Ok(Lookup::Nothing) => FirmwareAnswer::NotAssigned,
+            // Another component of the device is being transferred: ask again later.
+            Ok(Lookup::Wait) => FirmwareAnswer::Unavailable,
             Err(e) => {
                 warn!(device, error = %e, "cannot serve firmware");
                 self.telemetry.store_error();
@@ -58,12 +60,12 @@ impl Resources for Gateway {
     fn block_served(&self, device: &str, offset: u64, len: u64, now_secs: u64) -> bool {
         // A Block2 download is a download: the operation starts, and progress is the end of the
         // block sent (asking for a block is the only acknowledgement a stock client gives).
-        if let Some(state) = self.planner.operation_state(device, MAIN_COMPONENT) {
+        if let Some((seq, state)) = self.planner.head_state(device, MAIN_COMPONENT) {
             if matches!(state, OpState::Pending | OpState::Downloading) {
                 let to = (state == OpState::Pending).then_some(OpState::Downloading);
                 let at = Some((offset + len).min(u32::MAX as u64) as u32);
                 // Ok(false): the operation moved on meanwhile; the block is still the image's.
-                if let Err(e) = self.planner.record(device, MAIN_COMPONENT, state, to, at, now_secs) {
+                if let Err(e) = self.planner.record(device, seq, state, to, at, now_secs) {
                     warn!(device, error = %e, "cannot record progress");
                     self.telemetry.store_error();
                     return false;
