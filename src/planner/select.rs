@@ -119,10 +119,13 @@ impl FleetIndex {
                 self.ends.push(self.ids.len() as u32);
                 let h = id_hash(d.id);
                 self.hashes.push(h);
-                if self.by_hash.contains_key(&h) {
-                    self.collided.insert(d.id.into(), i);
-                } else {
-                    self.by_hash.insert(h, i);
+                match self.by_hash.entry(h) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        self.collided.insert(d.id.into(), i);
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(i);
+                    }
                 }
                 self.tag.push(NO_TAG);
                 self.production.push(false);
