@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fwgate::planner::select::{DeviceFacts, FleetIndex, Limit, Selection};
+use fwgate::fleet::select::{DeviceFacts, FleetIndex, Limit, Selection};
 
 const DEVICES: u64 = 1_000_000;
 const NOW: u64 = 2_000_000_000;

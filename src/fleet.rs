@@ -10,6 +10,9 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+pub mod select;
+
+use self::select::{DeviceFacts, FleetIndex, Rejection, Selection, MAX_TAGS};
 use crate::protocol::topic::valid_device_id;
 use crate::store::{Cf, Store, StoreError};
 
@@ -101,21 +104,76 @@ struct Entry {
     device: Device,
     /// `last_seen` moved since the record was last written.
     dirty: bool,
+    /// `last_seen` moved since the selection index last took it.
+    fresh: bool,
+}
+
+/// A rollout selection, with ids.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Selected {
+    /// In sample order.
+    pub devices: Vec<String>,
+    pub rejected: Vec<(String, Rejection)>,
+    /// Devices the rollout could reach before its limit.
+    pub population: usize,
 }
 
 pub struct Fleet {
     store: Store,
     devices: DashMap<String, Entry>,
     max_devices: usize,
+    /// The compact index rollouts select from; recency is refreshed by
+    /// [`Fleet::flush_last_seen`], not on every Status.
+    index: std::sync::RwLock<FleetIndex>,
+}
+
+fn facts(d: &Device) -> DeviceFacts<'_> {
+    DeviceFacts {
+        id: &d.spec.id,
+        tag: d.spec.tag.as_deref(),
+        groups: &d.spec.groups,
+        production: d.spec.production,
+        last_seen: d.last_seen,
+    }
 }
 
 impl Fleet {
     pub fn open(store: Store, max_devices: usize) -> Result<Fleet, FleetError> {
         let devices = DashMap::new();
+        let mut index = FleetIndex::default();
         for d in store.load_all::<Device>(Cf::Devices)? {
-            devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false });
+            index.upsert(facts(&d)).map_err(|e| FleetError::Invalid {
+                field: "tag",
+                value: d.spec.tag.clone().unwrap_or_default(),
+                message: if matches!(e, select::IndexError::TooManyTags) {
+                    "more distinct tags than the index holds"
+                } else {
+                    "more devices than the index holds"
+                },
+            })?;
+            devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
         }
-        Ok(Fleet { store, devices, max_devices })
+        Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index) })
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, FleetIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, FleetIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The devices a rollout reaches (see [`FleetIndex::select`]); `in_wave` names devices
+    /// already updated or staged in the wave, which are never selected again.
+    pub fn select(&self, s: &Selection<'_>, in_wave: impl Fn(&str) -> bool) -> Selected {
+        let index = self.index();
+        let sel = index.select(s, |i| in_wave(index.id(i)));
+        Selected {
+            devices: sel.devices.iter().map(|&i| index.id(i).to_owned()).collect(),
+            rejected: sel.rejected,
+            population: sel.population,
+        }
     }
 
     /// Adds devices or updates what an operator says of existing ones (tag, groups,
@@ -131,6 +189,18 @@ impl Fleet {
         let new = specs.iter().filter(|s| !self.devices.contains_key(&s.id)).count();
         if self.devices.len() + new > self.max_devices {
             return Err(FleetError::Full(self.max_devices));
+        }
+        {
+            let index = self.index();
+            let new_tags: std::collections::HashSet<&str> =
+                specs.iter().filter_map(|s| s.tag.as_deref()).filter(|t| !index.has_tag(t)).collect();
+            if index.tag_count() + new_tags.len() > MAX_TAGS {
+                return Err(FleetError::Invalid {
+                    field: "tag",
+                    value: new_tags.iter().next().map(|t| t.to_string()).unwrap_or_default(),
+                    message: "the fleet already has the most distinct tags it can hold",
+                });
+            }
         }
         let mut out = Upserted::default();
         let mut batch = self.store.batch();
@@ -150,8 +220,11 @@ impl Fleet {
             records.push(device);
         }
         batch.commit()?;
+        let mut index = self.index_mut();
         for d in records {
-            self.devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false });
+            // Checked above: the tags fit and the registry is bounded below u32::MAX.
+            let _ = index.upsert(facts(&d));
+            self.devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
         }
         Ok(out)
     }
@@ -195,6 +268,7 @@ impl Fleet {
     pub fn observe(&self, id: &str, component: &str, version: &str, now: u64) -> Result<bool, FleetError> {
         let Some(mut e) = self.devices.get_mut(id) else { return Ok(false) };
         e.device.last_seen = Some(now);
+        e.fresh = true;
         if e.device.running.get(component).map(String::as_str) != Some(version) {
             if e.device.running.len() >= 16 && !e.device.running.contains_key(component) {
                 // Components come from devices: keep their number bounded.
@@ -211,15 +285,31 @@ impl Fleet {
         Ok(true)
     }
 
-    /// Writes last-seen times that changed since the last flush, in one batch.
+    /// Writes last-seen times that changed since the last flush, in one batch, and hands
+    /// them to the selection index.
     pub fn flush_last_seen(&self) -> Result<usize, FleetError> {
         let mut b = self.store.batch();
         let mut n = 0;
+        let mut seen = Vec::new();
         for mut e in self.devices.iter_mut() {
+            if e.fresh {
+                e.fresh = false;
+                if let Some(t) = e.device.last_seen {
+                    seen.push((e.key().clone(), t));
+                }
+            }
             if e.dirty {
                 b.put_json(Cf::Devices, e.key().as_bytes(), &e.device)?;
                 e.dirty = false;
                 n += 1;
+            }
+        }
+        if !seen.is_empty() {
+            let mut index = self.index_mut();
+            for (id, t) in seen {
+                if let Some(i) = index.lookup(&id) {
+                    index.seen(i, t);
+                }
             }
         }
         if n > 0 {
@@ -297,6 +387,32 @@ mod tests {
         assert!(matches!(f.upsert(vec![spec("c")], 0), Err(FleetError::Full(2))));
         // Updating existing devices is still fine when full.
         assert!(f.upsert(vec![spec("a")], 0).is_ok());
+    }
+
+    #[test]
+    fn selection_sees_registrations_and_recency_after_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+        let on = |id: &str| DeviceSpec { tag: Some("prod".into()), production: true, ..spec(id) };
+        f.upsert(vec![on("a"), on("b"), on("c"), spec("x")], 0).unwrap();
+        let sel = Selection {
+            tag: "prod",
+            production: true,
+            group: None,
+            uuids: None,
+            limit: Some(select::Limit::Count(1)),
+            seed: 1,
+            now: 100,
+        };
+        f.observe("b", MAIN_COMPONENT, "1", 99).unwrap();
+        f.flush_last_seen().unwrap();
+        assert_eq!(f.select(&sel, |_| false).devices, ["b"], "the recently seen device first");
+        assert_eq!(f.select(&sel, |id| id == "b").population, 3);
+        assert_ne!(f.select(&sel, |id| id == "b").devices, ["b"]);
+        // Restarted: the index is rebuilt from the store, recency included.
+        drop(f);
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
+        assert_eq!(f.select(&sel, |_| false).devices, ["b"]);
     }
 
     #[test]

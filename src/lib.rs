@@ -7,7 +7,8 @@
 //!   is a parameter.
 //! - [`store`]: RocksDB column families and write batches; the only module naming `rocksdb`.
 //! - [`firmware`]: image ingest, chunked storage, the byte-bounded hot-image cache.
-//! - [`fleet`]: the device registry and device credentials.
+//! - [`fleet`]: the device registry, device credentials, and the compact index rollouts
+//!   select from.
 //! - [`planner`]: assignments and operations, outcome accounting, time-outs.
 //! - [`transport`]: the MQTT (embedded rumqttd) and CoAP (UDP) shells around one shared DFU
 //!   exchange.

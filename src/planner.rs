@@ -5,8 +5,6 @@
 //!
 //! Every transition is written to the store before it is acknowledged anywhere.
 
-pub mod select;
-
 use std::sync::Arc;
 
 use bytes::Bytes;

@@ -74,6 +74,16 @@ impl FleetIndex {
         self.ends.is_empty()
     }
 
+    /// Whether `tag` is known, and how many tags are: to refuse a batch that would overflow
+    /// [`MAX_TAGS`] before anything of it is written.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tag_ids.contains_key(tag)
+    }
+
+    pub fn tag_count(&self) -> usize {
+        self.tags.len()
+    }
+
     pub fn id(&self, i: Idx) -> &str {
         let i = i as usize;
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
