@@ -75,7 +75,7 @@ impl From<FleetError> for AppError {
                 (StatusCode::BAD_REQUEST, "invalid")
             }
             FleetError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            FleetError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, "full"),
+            FleetError::Full(_) | FleetError::Index(_) => (StatusCode::INSUFFICIENT_STORAGE, "full"),
             FleetError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, kind, e)

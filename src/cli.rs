@@ -172,6 +172,7 @@ pub fn read_devices_csv(path: &Path) -> Result<Vec<DeviceSpec>> {
     Ok(out)
 }
 
+#[derive(Clone)]
 struct Client {
     http: reqwest::Client,
     base: String,

@@ -29,6 +29,8 @@ pub enum FleetError {
     #[error("device {0} appears twice in one request")]
     Duplicate(String),
     #[error(transparent)]
+    Index(#[from] select::IndexError),
+    #[error(transparent)]
     Store(#[from] StoreError),
 }
 
@@ -142,15 +144,7 @@ impl Fleet {
         let devices = DashMap::new();
         let mut index = FleetIndex::default();
         for d in store.load_all::<Device>(Cf::Devices)? {
-            index.upsert(facts(&d)).map_err(|e| FleetError::Invalid {
-                field: "tag",
-                value: d.spec.tag.clone().unwrap_or_default(),
-                message: if matches!(e, select::IndexError::TooManyTags) {
-                    "more distinct tags than the index holds"
-                } else {
-                    "more devices than the index holds"
-                },
-            })?;
+            index.upsert(facts(&d))?;
             devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
         }
         Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index) })

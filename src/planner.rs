@@ -255,18 +255,14 @@ impl Planner {
     /// in one batch, then makes them current.
     fn commit(&self, current: &mut Vec<Operation>, mut next: Vec<Operation>) -> Result<(), PlannerError> {
         let mut b = self.store.batch();
-        let mut finished: Vec<(String, u64)> =
-            next.iter().filter(|o| o.state.is_terminal()).map(|o| (o.component.clone(), o.seq)).collect();
-        finished.sort_by(|a, b| (&a.0, std::cmp::Reverse(a.1)).cmp(&(&b.0, std::cmp::Reverse(b.1))));
-        let mut kept: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        let mut drop = std::collections::HashSet::new();
-        for (component, seq) in &finished {
-            let n = kept.entry(component.as_str()).or_default();
-            *n += 1;
-            if *n > MAX_HISTORY {
-                drop.insert(*seq);
-            }
-        }
+        // Per component, the newest MAX_HISTORY finished operations stay.
+        let mut finished: Vec<&Operation> = next.iter().filter(|o| o.state.is_terminal()).collect();
+        finished
+            .sort_by(|a, b| (&a.component, std::cmp::Reverse(a.seq)).cmp(&(&b.component, std::cmp::Reverse(b.seq))));
+        let drop: std::collections::HashSet<u64> = finished
+            .chunk_by(|a, b| a.component == b.component)
+            .flat_map(|same| same.iter().skip(MAX_HISTORY).map(|o| o.seq))
+            .collect();
         for o in &next {
             if drop.contains(&o.seq) {
                 b.delete(Cf::Ops, op_key(o).as_bytes());

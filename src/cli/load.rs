@@ -133,18 +133,10 @@ async fn register(c: &Client, a: &LoadArgs, ids: &[String]) -> Result<Expected> 
         if pending.len() >= 32 {
             pending.join_next().await.expect("not empty")??;
         }
-        let req = c.http.put(c.url(&format!("/api/v1/devices/{id}/assignment"))).json(&json!({"image": image}));
-        let req = match &c.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        };
-        let (id, image) = (id.clone(), image.clone());
+        let (c, id, image) = (c.clone(), id.clone(), image.clone());
         pending.spawn(async move {
-            let r = req.send().await.with_context(|| format!("assigning {id}"))?;
-            if !r.status().is_success() {
-                bail!("assigning {image} to {id}: {} {}", r.status(), r.text().await.unwrap_or_default());
-            }
-            anyhow::Ok(())
+            let req = c.http.put(c.url(&format!("/api/v1/devices/{id}/assignment"))).json(&json!({"image": image}));
+            c.send(req).await.with_context(|| format!("assigning {image} to {id}")).map(drop)
         });
     }
     while let Some(r) = pending.join_next().await {

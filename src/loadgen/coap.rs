@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::device::{DeviceError, DfuDevice, Ended};
 use super::stats::Stats;
+use crate::protocol::coap::{read_uint, uint, CF_CBOR};
 use crate::protocol::Command;
 
 #[derive(Debug, Clone, Copy)]
@@ -78,15 +79,6 @@ pub struct CoapClient {
     next_token: u32,
     buf: Vec<u8>,
     pub stats: ClientStats,
-}
-
-fn uint(v: u32) -> Vec<u8> {
-    let b = v.to_be_bytes();
-    b[b.iter().take_while(|&&x| x == 0).count()..].to_vec()
-}
-
-fn read_uint(v: &[u8]) -> Option<u32> {
-    (v.len() <= 4).then(|| v.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32))
 }
 
 /// "4.04" for a response code, as operators read them.
@@ -259,7 +251,7 @@ impl CoapClient {
     }
 
     async fn post(&mut self, path: &str, status: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let cf = [(CoapOption::ContentFormat, uint(60))];
+        let cf = [(CoapOption::ContentFormat, uint(CF_CBOR as u32))];
         let answer = self.request(RequestType::Post, path, &cf, status).await?;
         if answer.header.code != MessageClass::Response(ResponseType::Changed) {
             return Err(ClientError::Status(code_name(answer.header.code)));

@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::coap::{ClientConfig, CoapClient};
-use super::device::{DfuDevice, Ended};
-use super::mqtt::{MqttDevice, MqttDeviceConfig};
+use super::coap::{ClientConfig, ClientError, CoapClient};
+use super::device::{DeviceError, DfuDevice, Ended};
+use super::mqtt::{MqttDevice, MqttDeviceConfig, MqttError};
 use super::stats::{Percentiles, Stats};
 use crate::protocol::Form;
 
@@ -246,15 +246,15 @@ async fn device(s: &Shared, i: usize) {
         Ok(None) => true,
         Ok(Some(digest)) if hex::encode(digest) == p.expected.sha256 => true,
         Ok(Some(digest)) => {
-            s.stats.checksum_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Stats::add(&s.stats.checksum_failures, 1);
             s.error(&id, format!("ended on an image with sha256 {}", hex::encode(digest)));
             false
         }
         Err(e) => {
-            if e.contains("checksum") {
-                s.stats.checksum_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if e.checksum {
+                Stats::add(&s.stats.checksum_failures, 1);
             }
-            s.error(&id, e);
+            s.error(&id, e.message);
             false
         }
     };
@@ -273,15 +273,42 @@ fn pause_point(p: &LoadPlan) -> Option<u32> {
     p.disconnect_at_pct.map(|pct| (p.expected.length as f64 * pct / 100.0) as u32)
 }
 
-/// The device's image after an update it verified, or why it has none.
-fn updated(d: &DfuDevice, ended: Ended, want: &str) -> Result<[u8; 32], String> {
-    match d.last_sha256 {
-        Some(sha) if ended == Ended::Updated && d.running == want => Ok(sha),
-        _ => Err(format!("ended {ended:?} on version {}", d.running)),
+/// Why a simulated device did not verify its update.
+struct Failure {
+    message: String,
+    /// The image it assembled did not match the checksum it was given.
+    checksum: bool,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure { message, checksum: false }
     }
 }
 
-async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+impl From<MqttError> for Failure {
+    fn from(e: MqttError) -> Failure {
+        let checksum = matches!(e, MqttError::Device(DeviceError::Checksum { .. }));
+        Failure { message: e.to_string(), checksum }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let checksum = matches!(e, ClientError::Device(DeviceError::Checksum { .. }));
+        Failure { message: e.to_string(), checksum }
+    }
+}
+
+/// The device's image after an update it verified, or why it has none.
+fn updated(d: &DfuDevice, ended: Ended, want: &str) -> Result<[u8; 32], Failure> {
+    match d.last_sha256 {
+        Some(sha) if ended == Ended::Updated && d.running == want => Ok(sha),
+        _ => Err(format!("ended {ended:?} on version {}", d.running).into()),
+    }
+}
+
+async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
     let p = &s.plan;
     let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
     let connected = connect(s, i, new_device(p, i)).await;
@@ -290,35 +317,35 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
     }
     let mut dev = connected?;
     if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
-        dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await.map_err(|e| e.to_string())?;
-        s.stats.corrupt_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await?;
+        Stats::add(&s.stats.corrupt_sent, 1);
     }
-    let mut ended = dev.run(pause_point(p), &s.stats).await.map_err(|e| e.to_string())?;
+    let mut ended = dev.run(pause_point(p), &s.stats).await?;
     if let Ended::Paused(_) = ended {
         let state = dev.dev.clone();
         dev.disconnect().await;
-        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::add(&s.stats.reconnects, 1);
         dev = connect(s, i, state).await?;
-        ended = dev.run(None, &s.stats).await.map_err(|e| e.to_string())?;
+        ended = dev.run(None, &s.stats).await?;
     }
     let out = updated(&dev, ended, &p.expected.version);
     dev.disconnect().await;
     out
 }
 
-async fn echo_device(s: &Shared, i: usize) -> Result<(), String> {
+async fn echo_device(s: &Shared, i: usize) -> Result<(), Failure> {
     let p = &s.plan;
     let dev = new_device(p, i);
-    let connected = MqttDevice::connect_echo(mqtt_target(p, i), dev, p.mqtt).await.map_err(|e| e.to_string());
+    let connected = MqttDevice::connect_echo(mqtt_target(p, i), dev, p.mqtt).await;
     if p.sync_start {
         s.connected.wait().await;
     }
     let mut dev = connected?;
     let rounds = p.expected.length.div_ceil(p.mtu.max(1) as u64) as u32;
     let size = p.mtu.min(u16::MAX as u32) as u16;
-    let out = dev.echo(rounds, size, &s.stats).await.map_err(|e| e.to_string());
+    let out = dev.echo(rounds, size, &s.stats).await;
     dev.disconnect().await;
-    out
+    Ok(out?)
 }
 
 /// Where MQTT device `i` connects: the target, or with `spread` one of several loopback
@@ -334,14 +361,14 @@ fn mqtt_target(p: &LoadPlan, i: usize) -> SocketAddr {
 
 /// Connects as a device does: a refused or timed-out attempt is retried after a growing
 /// pause, up to [`CONNECT_ATTEMPTS`] times.
-async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, String> {
+async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, Failure> {
     let target = mqtt_target(&s.plan, i);
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
         match MqttDevice::connect(target, dev.clone(), None, s.plan.mqtt).await {
             Ok(d) => return Ok(d),
-            Err(e) if attempt >= CONNECT_ATTEMPTS => return Err(format!("{e} (after {attempt} attempts)")),
+            Err(e) if attempt >= CONNECT_ATTEMPTS => return Err(format!("{e} (after {attempt} attempts)").into()),
             Err(_) => {
                 s.stats.retry();
                 tokio::time::sleep(pause).await;
@@ -364,63 +391,63 @@ fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
 }
 
 fn tally(s: &Shared, c: &CoapClient) {
-    use std::sync::atomic::Ordering::Relaxed;
-    s.stats.retries.fetch_add(c.stats.retransmissions, Relaxed);
-    s.stats.drops.fetch_add(c.stats.lost_in + c.stats.lost_out, Relaxed);
+    Stats::add(&s.stats.retries, c.stats.retransmissions);
+    Stats::add(&s.stats.drops, c.stats.lost_in + c.stats.lost_out);
 }
 
-async fn coap_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+async fn coap_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
     let p = &s.plan;
     let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
     let mut dev = new_device(p, i);
-    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await.map_err(|e| e.to_string())?;
+    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await?;
     if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
         // Refused with 4.00; anything else would be a gateway bug.
         match c.post_status(&dev.id, GARBAGE[rng.usize(..GARBAGE.len())]).await {
-            Err(super::coap::ClientError::Status(code)) if code == "4.00" => {}
-            other => return Err(format!("a garbage Status got {other:?}, not 4.00")),
+            Err(ClientError::Status(code)) if code == "4.00" => {}
+            other => return Err(format!("a garbage Status got {other:?}, not 4.00").into()),
         }
-        s.stats.corrupt_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Stats::add(&s.stats.corrupt_sent, 1);
     }
     let first = c.run_dfu(&mut dev, pause_point(p), &s.stats).await;
     tally(s, &c);
-    let mut ended = first.map_err(|e| e.to_string())?;
+    let mut ended = first?;
     if let Ended::Paused(_) = ended {
         // Back from another port, as after a NAT rebinding or a reboot.
-        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await.map_err(|e| e.to_string())?;
+        Stats::add(&s.stats.reconnects, 1);
+        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await?;
         let second = c.run_dfu(&mut dev, None, &s.stats).await;
         tally(s, &c);
-        ended = second.map_err(|e| e.to_string())?;
+        ended = second?;
     }
     updated(&dev, ended, &p.expected.version)
 }
 
-async fn block2_device(s: &Shared, i: usize) -> Result<[u8; 32], String> {
+async fn block2_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
     let p = &s.plan;
     let id = &p.devices[i];
     let path = format!("/fw/{id}");
     let szx = p.mtu.clamp(16, 1024).ilog2() - 4;
-    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await.map_err(|e| e.to_string())?;
+    let mut c = CoapClient::connect(p.target, coap_config(p, i, 0)).await?;
     let until = pause_point(p).map(u64::from);
     let first = c.download(&path, szx, 0, until, &s.stats).await;
     tally(s, &c);
-    let mut body = first.map_err(|e| e.to_string())?;
+    let mut body = first?;
     if (body.len() as u64) < p.expected.length {
-        s.stats.reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await.map_err(|e| e.to_string())?;
+        Stats::add(&s.stats.reconnects, 1);
+        c = CoapClient::connect(p.target, coap_config(p, i, 1)).await?;
         let rest = c.download(&path, szx, body.len(), None, &s.stats).await;
         tally(s, &c);
-        body.extend_from_slice(&rest.map_err(|e| e.to_string())?);
+        body.extend_from_slice(&rest?);
     }
     let digest: [u8; 32] = Sha256::digest(&body).into();
     if hex::encode(digest) != p.expected.sha256 {
-        return Err(format!("downloaded {} bytes with sha256 {}: checksum mismatch", body.len(), hex::encode(digest)));
+        let message = format!("downloaded {} bytes with sha256 {}, not the image's", body.len(), hex::encode(digest));
+        return Err(Failure { message, checksum: true });
     }
     // Installed: report the new version, as a device does after its reboot.
     let mut dev = new_device(p, i);
     dev.running = p.expected.version.clone();
     dev.last_sha256 = Some(digest);
-    let ended = c.run_dfu(&mut dev, None, &s.stats).await.map_err(|e| e.to_string())?;
+    let ended = c.run_dfu(&mut dev, None, &s.stats).await?;
     updated(&dev, ended, &p.expected.version)
 }

@@ -110,6 +110,10 @@ impl Stats {
         Percentiles::of(&self.completion.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Relaxed)
     }

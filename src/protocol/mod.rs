@@ -1,10 +1,12 @@
-//! DFU wire types and codecs, in both CBOR forms, and the MQTT topic / CoAP path grammar.
+//! DFU wire types and codecs, in both CBOR forms, the MQTT topic / CoAP path grammar, and the
+//! CoAP option encoding both ends share.
 //!
 //! Owns: what a Status and a Command look like on the wire. Must not know: sockets, the
 //! clock, RocksDB, or what the gateway decides. Decoding is total — any byte string yields a
 //! value or a [`DecodeError`] — and borrows from the input instead of allocating, so a hostile
 //! length field can never make us reserve memory.
 
+pub mod coap;
 mod command;
 mod reader;
 mod status;

@@ -11,10 +11,8 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 
+use crate::protocol::coap::{read_uint, uint, CF_CBOR, CF_OCTET_STREAM};
 use crate::protocol::topic::{parse_coap_path, CoapPath};
-
-pub const CF_OCTET_STREAM: u16 = 42;
-pub const CF_CBOR: u16 = 60;
 
 /// The answer to a Status posted to `/dfu/{id}`.
 pub enum DfuAnswer {
@@ -108,20 +106,6 @@ const NON: u8 = 1;
 fn recognized(number: u16) -> bool {
     // Uri-Host, Uri-Port, Uri-Path, Content-Format, Uri-Query, Accept, Block2, Size2.
     matches!(number, 3 | 7 | 11 | 12 | 15 | 17 | 23 | 28) || number & 1 == 0
-}
-
-/// RFC 7252 §3.2 uint: big-endian, no leading zero bytes.
-fn uint(v: u32) -> Vec<u8> {
-    let b = v.to_be_bytes();
-    let skip = b.iter().take_while(|&&x| x == 0).count();
-    b[skip..].to_vec()
-}
-
-fn read_uint(v: &[u8]) -> Option<u32> {
-    if v.len() > 4 {
-        return None;
-    }
-    Some(v.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32))
 }
 
 enum Body {
