@@ -31,6 +31,7 @@ fn fleet() -> FleetIndex {
             groups: &groups[(n % 10) as usize],
             production: true,
             last_seen: Some(seen),
+            version: Some("1.0.0"),
         };
         x.upsert(facts).expect("index accepts the device");
     }

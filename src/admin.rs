@@ -1,5 +1,5 @@
-//! The admin HTTP API (JSON over axum): images, devices, assignment, `/metrics`, `/livez`,
-//! `/readyz`. Every mutating route — and the one that reveals device tokens — needs the
+//! The admin HTTP API (JSON over axum): images, devices, assignment, waves, `/metrics`,
+//! `/livez`, `/readyz`. Every mutating route — and the one that reveals device tokens — needs the
 //! bearer token.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::firmware::{Firmware, FirmwareError, ImageMeta};
 use crate::fleet::{Device, DeviceSpec, Fleet, FleetError, Upserted, MAIN_COMPONENT};
+use crate::planner::waves::{
+    InitRequest, RolloutReport, RolloutRequest, Wave, WaveError, WaveState, WaveStatus, Waves,
+};
 use crate::planner::{Operation, Planner, PlannerError};
 use crate::telemetry::Telemetry;
 
@@ -24,6 +27,7 @@ pub struct AppState {
     pub fleet: Arc<Fleet>,
     pub firmware: Arc<Firmware>,
     pub planner: Arc<Planner>,
+    pub waves: Arc<Waves>,
     pub telemetry: Arc<Telemetry>,
     pub token: Arc<str>,
     pub list_limit: usize,
@@ -99,6 +103,34 @@ impl From<PlannerError> for AppError {
     }
 }
 
+impl From<WaveError> for AppError {
+    fn from(e: WaveError) -> Self {
+        let (status, kind) = match &e {
+            WaveError::Planner(_) | WaveError::Fleet(_) => {
+                return match e {
+                    WaveError::Planner(p) => p.into(),
+                    WaveError::Fleet(f) => f.into(),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            WaveError::InvalidName(_)
+            | WaveError::BadLimit(_)
+            | WaveError::TwoGroups(..)
+            | WaveError::Unordered(_)
+            | WaveError::NotProduction { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            WaveError::NotFound(_) | WaveError::NoImage(_) => (StatusCode::NOT_FOUND, "not_found"),
+            WaveError::Exists(_)
+            | WaveError::ActiveWave { .. }
+            | WaveError::NotNewer { .. }
+            | WaveError::NotActive { .. }
+            | WaveError::CancelComplete(..)
+            | WaveError::TooManyRollouts(_) => (StatusCode::CONFLICT, "conflict"),
+            WaveError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        AppError::new(status, kind, e)
+    }
+}
+
 /// Proof that the request carried the admin bearer token.
 pub struct Authorized;
 
@@ -145,6 +177,13 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/devices/{id}", get(show_device))
         .route("/api/v1/devices/{id}/assignment", put(assign))
         .route("/api/v1/devices/{id}/token", post(device_token))
+        .route("/api/v1/waves", get(list_waves).post(init_wave))
+        .route("/api/v1/waves/{name}", get(show_wave))
+        .route("/api/v1/waves/{name}/rollout", post(rollout_wave))
+        .route("/api/v1/waves/{name}/complete", post(complete_wave))
+        .route("/api/v1/waves/{name}/cancel", post(cancel_wave))
+        .route("/api/v1/waves/{name}/status", get(wave_status))
+        .route("/api/v1/tags/{tag}", get(show_tag))
         .layer(DefaultBodyLimit::max(request_limit))
         .with_state(state)
 }
@@ -253,10 +292,15 @@ async fn add_devices(
         OneOrMany::One(d) => vec![d],
         OneOrMany::Many(v) => v,
     };
-    let fleet = s.fleet.clone();
-    let out = tokio::task::spawn_blocking(move || fleet.upsert(specs, now_secs()))
-        .await
-        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    let (fleet, waves) = (s.fleet.clone(), s.waves.clone());
+    let out = blocking(move || {
+        let ids: Vec<String> = specs.iter().map(|d| d.id.clone()).collect();
+        let out = fleet.upsert(specs, now_secs())?;
+        // Devices joining a tag with a complete wave get its version.
+        waves.devices_changed(&ids, now_secs())?;
+        Ok::<_, AppError>(out)
+    })
+    .await?;
     Ok(Json(out))
 }
 
@@ -325,4 +369,103 @@ async fn device_token(
         return Err(FleetError::NotFound(id).into());
     }
     Ok(Json(serde_json::json!({"device": id, "token": crate::fleet::device_token(secret, &id)})))
+}
+
+/// Runs blocking work (store writes, scans over the fleet) off the async workers.
+async fn blocking<T: Send + 'static, E: Into<AppError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?
+        .map_err(Into::into)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveQuery {
+    pub status: Option<String>,
+    pub tag: Option<String>,
+}
+
+async fn list_waves(State(s): State<AppState>, Query(q): Query<WaveQuery>) -> Result<Json<Vec<Wave>>, AppError> {
+    let state = match q.status.as_deref() {
+        None => None,
+        Some("active") => Some(WaveState::Active),
+        Some("complete") => Some(WaveState::Complete),
+        Some("canceled") => Some(WaveState::Canceled),
+        Some(other) => {
+            return Err(AppError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("unknown wave status {other:?}: active, complete or canceled"),
+            ))
+        }
+    };
+    Ok(Json(s.waves.list(state, q.tag.as_deref())))
+}
+
+async fn init_wave(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Json(req): Json<InitRequest>,
+) -> Result<(StatusCode, Json<Wave>), AppError> {
+    let dry = req.dry_run;
+    let waves = s.waves.clone();
+    let w = blocking(move || waves.init(req, now_secs())).await?;
+    Ok((if dry { StatusCode::OK } else { StatusCode::CREATED }, Json(w)))
+}
+
+async fn show_wave(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Wave>, AppError> {
+    s.waves.get(&name).map(Json).ok_or_else(|| WaveError::NotFound(name).into())
+}
+
+async fn rollout_wave(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<RolloutRequest>,
+) -> Result<Json<RolloutReport>, AppError> {
+    let waves = s.waves.clone();
+    Ok(Json(blocking(move || waves.rollout(&name, req, now_secs())).await?))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct WaveChange {
+    pub wave: Wave,
+    /// Devices staged by a complete, operations withdrawn by a cancel.
+    pub operations: usize,
+}
+
+async fn complete_wave(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<WaveChange>, AppError> {
+    let waves = s.waves.clone();
+    let (wave, operations) = blocking(move || waves.complete(&name, now_secs())).await?;
+    Ok(Json(WaveChange { wave, operations }))
+}
+
+async fn cancel_wave(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<WaveChange>, AppError> {
+    let waves = s.waves.clone();
+    let (wave, operations) = blocking(move || waves.cancel(&name, now_secs())).await?;
+    Ok(Json(WaveChange { wave, operations }))
+}
+
+async fn wave_status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<WaveStatus>, AppError> {
+    let waves = s.waves.clone();
+    Ok(Json(blocking(move || waves.status(&name, now_secs())).await?))
+}
+
+async fn show_tag(State(s): State<AppState>, Path(tag): Path<String>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "tag": tag,
+        "production_versions": s.waves.production_versions(&tag, true),
+        "ci_versions": s.waves.production_versions(&tag, false),
+    }))
 }

@@ -228,11 +228,13 @@ impl Default for AdminConfig {
 pub struct FleetConfig {
     pub max_devices: usize,
     pub last_seen_flush_secs: u64,
+    /// A device that sent a Status within this many seconds counts as online.
+    pub online_secs: u64,
 }
 
 impl Default for FleetConfig {
     fn default() -> Self {
-        FleetConfig { max_devices: 1_000_000, last_seen_flush_secs: 5 }
+        FleetConfig { max_devices: 1_000_000, last_seen_flush_secs: 5, online_secs: 900 }
     }
 }
 
@@ -341,6 +343,9 @@ impl Config {
         }
         if self.fleet.max_devices == 0 {
             return Err(invalid("fleet.max_devices", "must be at least 1"));
+        }
+        if self.fleet.online_secs == 0 {
+            return Err(invalid("fleet.online_secs", "must be at least 1"));
         }
         if self.admin.max_request_bytes < 1024 {
             return Err(invalid("admin.max_request_bytes", "must be at least 1024"));

@@ -64,6 +64,30 @@ impl ImageMeta {
     }
 }
 
+/// A version's place in the release order: semver, with `v` prefixes and one- or two-part
+/// numeric cores accepted (`2` and `2.0` are `2.0.0`, `v2.1-rc1` is `2.1.0-rc1`). `None`
+/// for versions with no order (e.g. `nightly`).
+pub fn version_order(v: &str) -> Option<semver::Version> {
+    let v = v.strip_prefix(['v', 'V']).unwrap_or(v);
+    if let Ok(x) = semver::Version::parse(v) {
+        return Some(x);
+    }
+    let at = v.find(['-', '+']).unwrap_or(v.len());
+    let (core, rest) = v.split_at(at);
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.is_empty()
+        || parts.len() > 3
+        || !parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let mut padded = parts.join(".");
+    for _ in parts.len()..3 {
+        padded.push_str(".0");
+    }
+    semver::Version::parse(&format!("{padded}{rest}")).ok()
+}
+
 /// Validates an image name or version: printable, no separators the CLI or topics use.
 pub fn check_label(field: &'static str, s: &str) -> Result<(), FirmwareError> {
     if s.is_empty() || s.len() > crate::protocol::MAX_TEXT_LEN {
@@ -212,6 +236,18 @@ impl Firmware {
         self.index.get(&format!("{name}@{version}")).map(|m| m.clone())
     }
 
+    /// The images of one version (of one name, when given), ordered by name.
+    pub fn of_version(&self, name: Option<&str>, version: &str) -> Vec<Arc<ImageMeta>> {
+        let mut v: Vec<_> = self
+            .index
+            .iter()
+            .filter(|e| e.version == version && name.is_none_or(|n| e.name == n))
+            .map(|e| e.value().clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     /// All images, ordered by name then version.
     pub fn list(&self) -> Vec<Arc<ImageMeta>> {
         let mut v: Vec<_> = self.index.iter().map(|e| e.value().clone()).collect();
@@ -271,6 +307,19 @@ impl Firmware {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_order_as_semver_with_short_numeric_cores() {
+        let o = |v: &str| version_order(v).map(|x| x.to_string());
+        assert_eq!(o("2").as_deref(), Some("2.0.0"));
+        assert_eq!(o("v2.1-rc1").as_deref(), Some("2.1.0-rc1"));
+        assert_eq!(o("1.2.3+build7").as_deref(), Some("1.2.3+build7"));
+        assert_eq!(o("nightly"), None);
+        assert_eq!(o("1..2"), None);
+        assert_eq!(o("1.2.3.4"), None);
+        assert!(version_order("2.0").unwrap() > version_order("1.10").unwrap());
+        assert!(version_order("2.0.0-rc1").unwrap() < version_order("2.0").unwrap());
+    }
 
     fn fw(dir: &std::path::Path, cache: u64) -> Firmware {
         let cfg = FirmwareConfig { max_image_bytes: 1 << 20, hot_cache_bytes: cache, chunk_bytes: 1024 };

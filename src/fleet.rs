@@ -12,7 +12,7 @@ use sha2::Sha256;
 
 pub mod select;
 
-use self::select::{DeviceFacts, FleetIndex, Rejection, Selection, MAX_TAGS};
+use self::select::{DeviceFacts, FleetIndex, Idx, Rejection, Selection, MAX_TAGS};
 use crate::protocol::topic::valid_device_id;
 use crate::store::{Cf, Store, StoreError};
 
@@ -66,7 +66,8 @@ pub struct Device {
     pub created_at: u64,
 }
 
-fn check_text(field: &'static str, v: &str) -> Result<(), FleetError> {
+/// Checks a tag, group or hardware name: 1 to 64 printable characters, no comma.
+pub fn check_text(field: &'static str, v: &str) -> Result<(), FleetError> {
     if v.is_empty() || v.len() > 64 || !v.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
         return Err(FleetError::Invalid { field, value: v.into(), message: "1 to 64 printable characters, no comma" });
     }
@@ -136,6 +137,7 @@ fn facts(d: &Device) -> DeviceFacts<'_> {
         groups: &d.spec.groups,
         production: d.spec.production,
         last_seen: d.last_seen,
+        version: d.running.get(MAIN_COMPONENT).map(String::as_str),
     }
 }
 
@@ -150,6 +152,18 @@ impl Fleet {
         Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index) })
     }
 
+    /// Runs `f` over the selection index (read-locked: keep it short).
+    pub fn with_index<R>(&self, f: impl FnOnce(&FleetIndex) -> R) -> R {
+        f(&self.index())
+    }
+
+    /// Reserves `version` in the index's version table, so devices reporting it are told
+    /// apart from all others even when the table is otherwise full.
+    pub fn reserve_version(&self, version: &str) -> Result<(), FleetError> {
+        self.index_mut().reserve_version(version)?;
+        Ok(())
+    }
+
     fn index(&self) -> std::sync::RwLockReadGuard<'_, FleetIndex> {
         self.index.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -160,9 +174,9 @@ impl Fleet {
 
     /// The devices a rollout reaches (see [`FleetIndex::select`]); `in_wave` names devices
     /// already updated or staged in the wave, which are never selected again.
-    pub fn select(&self, s: &Selection<'_>, in_wave: impl Fn(&str) -> bool) -> Selected {
+    pub fn select(&self, s: &Selection<'_>, in_wave: impl Fn(Idx) -> bool) -> Selected {
         let index = self.index();
-        let sel = index.select(s, |i| in_wave(index.id(i)));
+        let sel = index.select(s, |i| in_wave(i));
         Selected {
             devices: sel.devices.iter().map(|&i| index.id(i).to_owned()).collect(),
             rejected: sel.rejected,
@@ -263,18 +277,27 @@ impl Fleet {
         let Some(mut e) = self.devices.get_mut(id) else { return Ok(false) };
         e.device.last_seen = Some(now);
         e.fresh = true;
-        if e.device.running.get(component).map(String::as_str) != Some(version) {
-            if e.device.running.len() >= 16 && !e.device.running.contains_key(component) {
-                // Components come from devices: keep their number bounded.
-                return Ok(true);
-            }
-            e.device.running.insert(component.to_owned(), version.to_owned());
-            let mut b = self.store.batch();
-            b.put_json(Cf::Devices, id.as_bytes(), &e.device)?;
-            b.commit()?;
-            e.dirty = false;
-        } else {
+        if e.device.running.get(component).map(String::as_str) == Some(version) {
             e.dirty = true;
+            return Ok(true);
+        }
+        if e.device.running.len() >= 16 && !e.device.running.contains_key(component) {
+            // Components come from devices: keep their number bounded.
+            return Ok(true);
+        }
+        e.device.running.insert(component.to_owned(), version.to_owned());
+        let mut b = self.store.batch();
+        b.put_json(Cf::Devices, id.as_bytes(), &e.device)?;
+        b.commit()?;
+        e.dirty = false;
+        drop(e);
+        if component == MAIN_COMPONENT {
+            // The index lock is taken after the entry's is released (upsert takes them in the
+            // other order); whoever gets it last writes the version the entry holds then.
+            let mut index = self.index_mut();
+            if let (Some(i), Some(e)) = (index.lookup(id), self.devices.get(id)) {
+                index.set_version(i, e.device.running.get(MAIN_COMPONENT).map(String::as_str));
+            }
         }
         Ok(true)
     }
@@ -401,8 +424,9 @@ mod tests {
         f.observe("b", MAIN_COMPONENT, "1", 99).unwrap();
         f.flush_last_seen().unwrap();
         assert_eq!(f.select(&sel, |_| false).devices, ["b"], "the recently seen device first");
-        assert_eq!(f.select(&sel, |id| id == "b").population, 3);
-        assert_ne!(f.select(&sel, |id| id == "b").devices, ["b"]);
+        let b = f.with_index(|x| x.lookup("b")).unwrap();
+        assert_eq!(f.select(&sel, |i| i == b).population, 3);
+        assert_ne!(f.select(&sel, |i| i == b).devices, ["b"]);
         // Restarted: the index is rebuilt from the store, recency included.
         drop(f);
         let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();

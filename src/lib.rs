@@ -9,7 +9,8 @@
 //! - [`firmware`]: image ingest, chunked storage, the byte-bounded hot-image cache.
 //! - [`fleet`]: the device registry, device credentials, and the compact index rollouts
 //!   select from.
-//! - [`planner`]: assignments and operations, outcome accounting, time-outs.
+//! - [`planner`]: the per-device operation queue (assignments, outcome accounting,
+//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`].
 //! - [`transport`]: the MQTT (embedded rumqttd) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
@@ -49,6 +50,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::firmware::Firmware;
 use crate::fleet::Fleet;
+use crate::planner::waves::Waves;
 use crate::planner::Planner;
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -85,6 +87,7 @@ pub struct Gateway {
     pub telemetry: Arc<Telemetry>,
     pub fleet: Arc<Fleet>,
     pub planner: Arc<Planner>,
+    pub waves: Arc<Waves>,
     pub firmware: Arc<Firmware>,
     pub dfu: Arc<Dfu>,
     store: Store,
@@ -134,6 +137,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         Planner::open(store.clone(), fleet.clone(), firmware.clone(), config.dfu.op_timeout_secs, now)
             .map_err(|e| load(&e))?,
     );
+    let waves = Arc::new(
+        planner::waves::Waves::open(
+            store.clone(),
+            fleet.clone(),
+            firmware.clone(),
+            planner.clone(),
+            config.fleet.online_secs,
+            now,
+        )
+        .map_err(|e| load(&e))?,
+    );
     info!(
         data_dir = %dir.display(),
         images = firmware.list().len(),
@@ -154,6 +168,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         fleet: fleet.clone(),
         firmware: firmware.clone(),
         planner: planner.clone(),
+        waves: waves.clone(),
         telemetry: telemetry.clone(),
         token: token.clone().into(),
         list_limit: config.admin.list_limit,
@@ -215,6 +230,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         telemetry,
         fleet,
         planner,
+        waves,
         firmware,
         dfu,
         store,

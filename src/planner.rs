@@ -1,9 +1,10 @@
-//! Who gets what and when. For now the simplest planner: an operator assigns an image to a
-//! device, which creates one operation per (device, component); the DFU step moves it
-//! through its states, and a sweeper times out silent ones. Waves, rollouts and actions build
-//! on this (later issues).
+//! Who gets what and when: a queue of operations per device that every planning feature
+//! feeds — an operator's direct assignment, and [`waves`] — served one at a time per device
+//! by the DFU step, which moves the head through its states; a sweeper times out silent ones.
 //!
 //! Every transition is written to the store before it is acknowledged anywhere.
+
+pub mod waves;
 
 use std::sync::Arc;
 
@@ -91,6 +92,11 @@ impl Operation {
             _ => (self.offset as f64 * 100.0 / self.length as f64).min(100.0),
         }
     }
+}
+
+/// The kind of an origin: `wave` for `wave:NAME`, the whole origin when it has no `:`.
+pub fn origin_kind(origin: &str) -> &str {
+    origin.split_once(':').map_or(origin, |(kind, _)| kind)
 }
 
 fn op_key(op: &Operation) -> String {
@@ -193,11 +199,16 @@ impl Planner {
     /// queue (weight [`ASSIGN_WEIGHT`]) that replaces an earlier queued assignment. Refused
     /// while an operation of the device is in flight: at most one at a time.
     pub fn assign(&self, device: &str, component: &str, image: &str, now: u64) -> Result<Operation, PlannerError> {
+        if let Some(ops) = self.ops.get(device) {
+            if let Some(busy) = ops.iter().find(|o| o.state.in_flight()) {
+                return Err(PlannerError::InFlight { device: device.into(), state: busy.state.as_str() });
+            }
+        }
         self.enqueue(device, component, image, ASSIGN_WEIGHT, ASSIGN_ORIGIN, now)
     }
 
-    /// Queues `image` for a device's component with a weight and an origin. A queued
-    /// operation of the same origin and component is replaced (canceled).
+    /// Queues `image` (NAME@VERSION) for a device's component with a weight and an origin,
+    /// after checking the device, the image and its hardware (see [`Planner::push`]).
     pub fn enqueue(
         &self,
         device: &str,
@@ -218,10 +229,23 @@ impl Planner {
                 actual: hardware,
             });
         }
+        self.push(device, component, &meta, weight, origin, now)
+    }
+
+    /// Queues `meta` for a device's component, the caller having checked that it fits. A
+    /// queued operation of the same component and the same kind of origin (the part before
+    /// `:` — `assign`, `wave`) is replaced: it is canceled. An operation in flight is left
+    /// alone; the new one waits behind it.
+    pub fn push(
+        &self,
+        device: &str,
+        component: &str,
+        meta: &ImageMeta,
+        weight: u16,
+        origin: &str,
+        now: u64,
+    ) -> Result<Operation, PlannerError> {
         let mut ops = self.ops.entry(device.to_owned()).or_default();
-        if let Some(busy) = ops.iter().find(|o| o.state.in_flight()) {
-            return Err(PlannerError::InFlight { device: device.into(), state: busy.state.as_str() });
-        }
         let op = Operation {
             seq: self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device: device.into(),
@@ -238,13 +262,15 @@ impl Planner {
             last_activity: now,
             detail: None,
         };
+        let kind = origin_kind(origin);
         let mut next = ops.clone();
-        for o in
-            next.iter_mut().filter(|o| o.component == component && o.origin == origin && o.state == OpState::Pending)
+        for o in next
+            .iter_mut()
+            .filter(|o| o.component == component && origin_kind(&o.origin) == kind && o.state == OpState::Pending)
         {
             o.state = OpState::Canceled;
             o.updated_at = now;
-            o.detail = Some(format!("replaced by operation {}", op.seq));
+            o.detail = Some(format!("replaced by operation {} ({})", op.seq, op.origin));
         }
         next.push(op.clone());
         self.commit(&mut ops, next)?;
@@ -280,13 +306,18 @@ impl Planner {
     /// Cancels every unfinished operation queued by `origin` (e.g. a wave); a transfer under
     /// way stops at its device's next Status. Returns how many were canceled.
     pub fn cancel_origin(&self, origin: &str, now: u64) -> Result<usize, PlannerError> {
+        self.cancel_origins(|o| o == origin, now)
+    }
+
+    /// Cancels every unfinished operation whose origin `pick` chooses, in one pass.
+    pub fn cancel_origins(&self, pick: impl Fn(&str) -> bool, now: u64) -> Result<usize, PlannerError> {
         let mut n = 0;
         for mut e in self.ops.iter_mut() {
-            if !e.iter().any(|o| o.origin == origin && !o.state.is_terminal()) {
+            if !e.iter().any(|o| !o.state.is_terminal() && pick(&o.origin)) {
                 continue;
             }
             let mut next = e.clone();
-            for o in next.iter_mut().filter(|o| o.origin == origin && !o.state.is_terminal()) {
+            for o in next.iter_mut().filter(|o| !o.state.is_terminal() && pick(&o.origin)) {
                 o.detail = Some(format!("canceled while {}", o.state.as_str()));
                 o.state = OpState::Canceled;
                 o.updated_at = now;
@@ -295,6 +326,36 @@ impl Planner {
             self.commit(&mut e, next)?;
         }
         Ok(n)
+    }
+
+    /// Cancels a device's queued (not yet started) operations that `pick` chooses, saying
+    /// why. Returns how many were canceled.
+    pub fn withdraw(
+        &self,
+        device: &str,
+        pick: impl Fn(&Operation) -> bool,
+        why: &str,
+        now: u64,
+    ) -> Result<usize, PlannerError> {
+        let Some(mut e) = self.ops.get_mut(device) else { return Ok(0) };
+        let n = e.iter().filter(|o| o.state == OpState::Pending && pick(o)).count();
+        if n > 0 {
+            let mut next = e.clone();
+            for o in next.iter_mut().filter(|o| o.state == OpState::Pending && pick(o)) {
+                o.state = OpState::Canceled;
+                o.updated_at = now;
+                o.detail = Some(why.to_owned());
+            }
+            self.commit(&mut e, next)?;
+        }
+        Ok(n)
+    }
+
+    /// Visits every operation (queued, in flight, recent history), device by device.
+    pub fn scan(&self, mut f: impl FnMut(&Operation)) {
+        for e in self.ops.iter() {
+            e.iter().for_each(&mut f);
+        }
     }
 
     /// The operation the engine serves for a device's component now (see [`head`]).

@@ -27,14 +27,16 @@ pub enum Cf {
     Chunks,
     /// device id → device record (JSON).
     Devices,
-    /// device id \0 component → operation (JSON).
+    /// device id \0 component \0 sequence (hex) → operation (JSON).
     Ops,
     /// small named values.
     Meta,
+    /// wave name → wave with its rollout history (JSON).
+    Waves,
 }
 
 impl Cf {
-    const ALL: [Cf; 5] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta];
+    const ALL: [Cf; 6] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves];
 
     fn name(self) -> &'static str {
         match self {
@@ -43,6 +45,7 @@ impl Cf {
             Cf::Devices => "devices",
             Cf::Ops => "ops",
             Cf::Meta => "meta",
+            Cf::Waves => "waves",
         }
     }
 }

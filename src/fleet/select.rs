@@ -12,6 +12,12 @@ use std::collections::HashMap;
 pub type Idx = u32;
 
 const NO_TAG: u16 = u16::MAX;
+/// A device whose running version is unknown (never reported, or the table was full).
+const NO_VERSION: u16 = u16::MAX;
+
+/// Most distinct running versions the index tells apart; a version reported after the table
+/// is full counts as unknown (never "updated") until a wave reserves it.
+pub const MAX_VERSIONS: usize = u16::MAX as usize - 1;
 
 /// Most distinct tags the index holds (ids are u16, one reserved).
 pub const MAX_TAGS: usize = u16::MAX as usize - 1;
@@ -22,6 +28,8 @@ pub enum IndexError {
     TooManyTags,
     #[error("more than {} devices", u32::MAX)]
     TooManyDevices,
+    #[error("more than {MAX_VERSIONS} distinct running versions")]
+    TooManyVersions,
 }
 
 /// A stable 64-bit hash of a device id (FNV-1a), the same in every process.
@@ -51,6 +59,9 @@ pub struct FleetIndex {
     last_seen: Vec<u32>,
     tags: Vec<Box<str>>,
     tag_ids: HashMap<Box<str>, u16>,
+    /// The running version of each device's main component, interned.
+    version: Vec<u16>,
+    version_ids: HashMap<Box<str>, u16>,
     /// Members of each group, sorted.
     groups: HashMap<Box<str>, Vec<Idx>>,
 }
@@ -63,6 +74,8 @@ pub struct DeviceFacts<'a> {
     pub groups: &'a [String],
     pub production: bool,
     pub last_seen: Option<u64>,
+    /// The running version of the main component, as last reported.
+    pub version: Option<&'a str>,
 }
 
 impl FleetIndex {
@@ -140,6 +153,7 @@ impl FleetIndex {
                 self.tag.push(NO_TAG);
                 self.production.push(false);
                 self.last_seen.push(0);
+                self.version.push(NO_VERSION);
                 i
             }
         };
@@ -147,6 +161,7 @@ impl FleetIndex {
         self.tag[u] = tag;
         self.production[u] = d.production;
         self.last_seen[u] = d.last_seen.map_or(0, |s| s.min(u32::MAX as u64) as u32);
+        self.set_version(i, d.version);
         for g in d.groups {
             let members = self.groups.entry(g.as_str().into()).or_default();
             if let Err(at) = members.binary_search(&i) {
@@ -154,6 +169,63 @@ impl FleetIndex {
             }
         }
         Ok(i)
+    }
+
+    /// The id of `version` in the table, adding it when there is room.
+    pub fn reserve_version(&mut self, version: &str) -> Result<u16, IndexError> {
+        if let Some(&v) = self.version_ids.get(version) {
+            return Ok(v);
+        }
+        if self.version_ids.len() >= MAX_VERSIONS {
+            return Err(IndexError::TooManyVersions);
+        }
+        let v = self.version_ids.len() as u16;
+        self.version_ids.insert(version.into(), v);
+        Ok(v)
+    }
+
+    /// Records the running version of a device's main component.
+    pub fn set_version(&mut self, i: Idx, version: Option<&str>) {
+        let v = version.and_then(|v| self.reserve_version(v).ok()).unwrap_or(NO_VERSION);
+        if let Some(slot) = self.version.get_mut(i as usize) {
+            *slot = v;
+        }
+    }
+
+    /// Whether device `i` runs `version` (its main component).
+    pub fn runs(&self, i: Idx, version: &str) -> bool {
+        match self.version_ids.get(version) {
+            Some(&v) => self.version.get(i as usize) == Some(&v),
+            None => false,
+        }
+    }
+
+    /// The devices following `tag` in a production class, in index order.
+    pub fn on_tag(&self, tag: &str, production: bool) -> impl Iterator<Item = Idx> + '_ {
+        let t = self.tag_ids.get(tag).copied();
+        (0..self.len() as Idx)
+            .filter(move |&i| Some(self.tag[i as usize]) == t && self.production[i as usize] == production)
+    }
+
+    /// Whether device `i` follows `tag` in a production class.
+    pub fn follows(&self, i: Idx, tag: &str, production: bool) -> bool {
+        let u = i as usize;
+        match self.tag_ids.get(tag) {
+            Some(&t) => self.tag.get(u) == Some(&t) && self.production[u] == production,
+            None => false,
+        }
+    }
+
+    /// Every group with its members (sorted), in name order.
+    pub fn groups(&self) -> Vec<(&str, &[Idx])> {
+        let mut v: Vec<(&str, &[Idx])> = self.groups.iter().map(|(g, m)| (&**g, m.as_slice())).collect();
+        v.sort_unstable_by_key(|(g, _)| *g);
+        v
+    }
+
+    /// Unix seconds of device `i`'s last Status as the index knows it (0: never).
+    pub fn last_seen(&self, i: Idx) -> u64 {
+        self.last_seen.get(i as usize).copied().unwrap_or(0) as u64
     }
 
     pub fn seen(&mut self, i: Idx, secs: u64) {
@@ -173,6 +245,8 @@ impl FleetIndex {
             + self.tag.capacity() * 2
             + self.production.capacity()
             + self.last_seen.capacity() * 4
+            + self.version.capacity() * 2
+            + self.version_ids.keys().map(|v| v.len() + 48).sum::<usize>()
             + self.groups.values().map(|m| m.capacity() * 4 + 32).sum::<usize>()
             + self.collided.len() * 64
             + self.tags.iter().map(|t| t.len() + 48).sum::<usize>()

@@ -1,7 +1,7 @@
 use super::*;
 
 fn facts<'a>(id: &'a str, tag: &'a str, groups: &'a [String], production: bool, seen: u64) -> DeviceFacts<'a> {
-    DeviceFacts { id, tag: Some(tag), groups, production, last_seen: (seen > 0).then_some(seen) }
+    DeviceFacts { id, tag: Some(tag), groups, production, last_seen: (seen > 0).then_some(seen), version: None }
 }
 
 const NOW: u64 = 1_000_000;

@@ -1,0 +1,853 @@
+//! Foundries-style waves (`../shared/seeds/000_…`, `001_…`): a version promoted to the devices
+//! of one tag and production class — `init` (Active, nothing delivered), `rollout` (repeatable:
+//! a group, a sample, a list of devices), `complete` (every device of the tag, including ones
+//! that join it later; the version becomes the tag's production version), `cancel` (queued
+//! operations withdrawn, updated devices stay).
+//!
+//! A wave delivers through the per-device operation queue: each staged device gets an
+//! operation of origin `wave:NAME` and weight [`WAVE_WEIGHT`] for its main component. The
+//! operations are the record of who is in a wave; the wave record (in the store's `waves`
+//! column family) holds its state and rollout history. Every change is written before it is
+//! answered; on open, a canceled wave's leftovers are canceled again and a complete wave's
+//! missing devices are staged, so a crash between the two writes loses nothing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::{Planner, PlannerError};
+use crate::engine::OpState;
+use crate::firmware::{version_order, Firmware, ImageMeta};
+use crate::fleet::select::{Idx, Limit, Rejection, Selection};
+use crate::fleet::{check_text, Fleet, FleetError, MAIN_COMPONENT};
+use crate::store::{Cf, Store, StoreError};
+
+/// Weight of a wave's operations: after an operator's direct assignment (1000).
+pub const WAVE_WEIGHT: u16 = 500;
+/// Rollouts kept in a wave's history; one more is refused.
+pub const MAX_ROLLOUTS: usize = 1000;
+const ORIGIN_PREFIX: &str = "wave:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WaveError {
+    #[error("invalid wave name {0:?}: 1 to 64 of letters, digits and -_.")]
+    InvalidName(String),
+    #[error("no wave {0}")]
+    NotFound(String),
+    #[error("wave {0} already exists")]
+    Exists(String),
+    #[error("tag {tag} ({class}) already has an active wave: {active}; complete or cancel it first")]
+    ActiveWave { tag: String, class: &'static str, active: String },
+    #[error("version {version} is not newer than {current}, the production version of tag {tag} ({class})")]
+    NotNewer { version: String, current: String, tag: String, class: &'static str },
+    #[error("version {0:?} has no release order: use semver (1.2.3, 1.2 or 7 are fine)")]
+    Unordered(String),
+    #[error("no image of version {0}")]
+    NoImage(String),
+    #[error("--prune {version}: not a production version of tag {tag} ({class}); it has {have:?}")]
+    NotProduction { version: String, tag: String, class: &'static str, have: Vec<String> },
+    #[error("wave {name} is {state}, not active")]
+    NotActive { name: String, state: &'static str },
+    #[error("wave {0} is complete and cannot be canceled; init and complete a new wave with --prune {1} to withdraw its version")]
+    CancelComplete(String, String),
+    #[error("invalid --limit {0:?}: a count of 1 or more, or a percentage above 0 and at most 100 (e.g. 10%)")]
+    BadLimit(String),
+    #[error("group given twice, as {0} and {1}")]
+    TwoGroups(String, String),
+    #[error("wave {0} has had {MAX_ROLLOUTS} rollouts; complete it or roll out to whole groups")]
+    TooManyRollouts(String),
+    #[error(transparent)]
+    Planner(#[from] PlannerError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveState {
+    Active,
+    Complete,
+    Canceled,
+}
+
+impl WaveState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Active => "active",
+            WaveState::Complete => "complete",
+            WaveState::Canceled => "canceled",
+        }
+    }
+}
+
+fn class(production: bool) -> &'static str {
+    if production {
+        "production"
+    } else {
+        "ci"
+    }
+}
+
+/// One `rollout` (or the `complete`) as the wave's history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub at: u64,
+    #[serde(default)]
+    pub complete: bool,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub limit: Option<String>,
+    /// How many devices `--uuids` named.
+    #[serde(default)]
+    pub uuids: usize,
+    pub seed: u64,
+    pub staged: usize,
+    pub rejected: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub name: String,
+    pub tag: String,
+    /// The class of devices it is for: production devices, or test (CI) devices.
+    pub production: bool,
+    pub version: String,
+    /// When the wave was given NAME@VERSION: only that image; else any image of the version
+    /// that fits a device's hardware.
+    #[serde(default)]
+    pub image_name: Option<String>,
+    /// Production versions of the tag this wave withdraws when it completes.
+    #[serde(default)]
+    pub prune: Vec<String>,
+    pub state: WaveState,
+    /// Creation order: on one tag, waves complete in this order.
+    pub order: u64,
+    pub created_at: u64,
+    #[serde(default)]
+    pub ended_at: Option<u64>,
+    #[serde(default)]
+    pub rollouts: Vec<RolloutRecord>,
+}
+
+impl Wave {
+    pub fn origin(&self) -> String {
+        format!("{ORIGIN_PREFIX}{}", self.name)
+    }
+}
+
+/// `waves init`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InitRequest {
+    pub name: String,
+    /// VERSION, or NAME@VERSION for one image.
+    pub version: String,
+    pub tag: String,
+    /// Production devices (the default) or test devices.
+    #[serde(default = "yes")]
+    pub production: bool,
+    #[serde(default)]
+    pub prune: Vec<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `--limit` as given: a count or text (`20`, `10%`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LimitArg {
+    Count(u64),
+    Text(String),
+}
+
+/// `--uuids` as given: a list, or text with any of `,` `;` `|` and white space between ids.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UuidsArg {
+    List(Vec<String>),
+    Text(String),
+}
+
+/// `waves rollout`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub limit: Option<LimitArg>,
+    #[serde(default)]
+    pub uuids: Option<UuidsArg>,
+    /// The sample's seed; a random one when absent (reported, so the sample can be replayed).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Answer with the selected device ids.
+    #[serde(default)]
+    pub print_uuids: bool,
+}
+
+/// Parses `--limit`: `N` devices or `N%` of the devices the rollout could reach.
+pub fn parse_limit(arg: &LimitArg) -> Result<Limit, WaveError> {
+    let text = match arg {
+        LimitArg::Count(n) => n.to_string(),
+        LimitArg::Text(t) => t.trim().to_owned(),
+    };
+    let bad = || WaveError::BadLimit(text.clone());
+    if let Some(p) = text.strip_suffix('%') {
+        let p: f64 = p.trim().parse().map_err(|_| bad())?;
+        return if p > 0.0 && p <= 100.0 { Ok(Limit::Percent(p)) } else { Err(bad()) };
+    }
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(Limit::Count(n)),
+        _ => Err(bad()),
+    }
+}
+
+/// Splits a `--uuids` text on `,` `;` `|` and white space; empty pieces are dropped.
+pub fn split_uuids(text: &str) -> Vec<String> {
+    text.split(|c: char| c == ',' || c == ';' || c == '|' || c.is_whitespace())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A device a rollout did not stage, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub device: String,
+    pub reason: String,
+}
+
+fn rejection_text(r: Rejection) -> &'static str {
+    match r {
+        Rejection::Unknown => "unknown device",
+        Rejection::OtherTag => "follows another tag",
+        Rejection::OtherClass => "of the other production class",
+        Rejection::NotInGroup => "not in the group",
+        Rejection::AlreadyInWave => "already in the wave (staged or updated)",
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutReport {
+    pub wave: String,
+    pub dry_run: bool,
+    pub seed: u64,
+    /// Devices the rollout could reach (tag, class, group, list), before the limit.
+    pub population: usize,
+    /// Devices chosen.
+    pub selected: usize,
+    /// Devices given an operation (0 on a dry run).
+    pub staged: usize,
+    pub rejected: Vec<Refused>,
+    /// The chosen devices, with `print_uuids`.
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+}
+
+/// Counts for one group, as `waves status` prints them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub total: usize,
+    pub updated: usize,
+    pub need_update: usize,
+    pub scheduled: usize,
+    pub online: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveStatus {
+    pub name: String,
+    pub tag: String,
+    pub production: bool,
+    pub version: String,
+    pub state: WaveState,
+    /// Devices following the tag, in the wave's class.
+    pub total: usize,
+    /// Of those, running the wave's version (as they last reported).
+    pub updated: usize,
+    pub need_update: usize,
+    /// Staged by the wave, not yet updated: queued or in progress.
+    pub scheduled: usize,
+    pub in_progress: usize,
+    /// The wave's operations that failed (rolled back) or timed out.
+    pub failed: usize,
+    pub canceled: usize,
+    /// Sent a Status in the last `fleet.online_secs`.
+    pub online: usize,
+    pub groups: Vec<GroupStatus>,
+}
+
+/// A set of device positions (of the fleet index).
+#[derive(Debug, Default, Clone)]
+struct Members(Vec<u64>);
+
+impl Members {
+    fn insert(&mut self, i: Idx) {
+        let (w, b) = (i as usize / 64, i % 64);
+        if self.0.len() <= w {
+            self.0.resize(w + 1, 0);
+        }
+        self.0[w] |= 1 << b;
+    }
+
+    fn contains(&self, i: Idx) -> bool {
+        self.0.get(i as usize / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
+#[derive(Default)]
+struct Book {
+    waves: BTreeMap<String, Wave>,
+    /// Who is staged in each wave that can still stage devices: the active ones and the
+    /// latest complete one of each tag and class.
+    members: HashMap<String, Members>,
+}
+
+impl Book {
+    fn active_on(&self, tag: &str, production: bool) -> Option<&Wave> {
+        self.waves.values().find(|w| w.state == WaveState::Active && w.tag == tag && w.production == production)
+    }
+
+    /// Complete waves of a tag and class, in completion order.
+    fn complete_on(&self, tag: &str, production: bool) -> Vec<&Wave> {
+        let mut v: Vec<&Wave> = self
+            .waves
+            .values()
+            .filter(|w| w.state == WaveState::Complete && w.tag == tag && w.production == production)
+            .collect();
+        v.sort_by_key(|w| w.order);
+        v
+    }
+
+    /// The tag's production versions: each complete wave adds its version and removes the
+    /// ones it prunes.
+    fn production_versions(&self, tag: &str, production: bool) -> Vec<String> {
+        let mut have: Vec<String> = Vec::new();
+        for w in self.complete_on(tag, production) {
+            have.retain(|v| !w.prune.contains(v));
+            if !have.contains(&w.version) {
+                have.push(w.version.clone());
+            }
+        }
+        have
+    }
+
+    fn latest_complete(&self, tag: &str, production: bool) -> Option<&Wave> {
+        self.complete_on(tag, production).pop()
+    }
+}
+
+/// The image a device gets from a wave: of the wave's version (and name), fitting its
+/// hardware; an image naming the hardware wins over one for any hardware.
+fn pick<'a>(images: &'a [Arc<ImageMeta>], hardware: Option<&str>) -> Result<&'a Arc<ImageMeta>, String> {
+    let named: Vec<&Arc<ImageMeta>> =
+        images.iter().filter(|m| hardware.is_some_and(|h| m.hardware.iter().any(|x| x == h))).collect();
+    let any: Vec<&Arc<ImageMeta>> = images.iter().filter(|m| m.hardware.is_empty()).collect();
+    let best = if named.is_empty() { any } else { named };
+    match best.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no image of this version for hardware {}", hardware.unwrap_or("(none)"))),
+        many => Err(format!(
+            "several images fit hardware {}: {}; init the wave with NAME@VERSION",
+            hardware.unwrap_or("(none)"),
+            many.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+pub struct Waves {
+    store: Store,
+    fleet: Arc<Fleet>,
+    firmware: Arc<Firmware>,
+    planner: Arc<Planner>,
+    online_secs: u64,
+    /// Wave commands run one at a time.
+    book: Mutex<Book>,
+}
+
+impl Waves {
+    /// Loads waves; finishes what a crash may have interrupted (a cancel's withdrawals, a
+    /// complete's staging) and rebuilds who is in each wave from the operations.
+    pub fn open(
+        store: Store,
+        fleet: Arc<Fleet>,
+        firmware: Arc<Firmware>,
+        planner: Arc<Planner>,
+        online_secs: u64,
+        now: u64,
+    ) -> Result<Waves, WaveError> {
+        let mut book = Book::default();
+        for w in store.load_all::<Wave>(Cf::Waves)? {
+            book.waves.insert(w.name.clone(), w);
+        }
+        let canceled: HashSet<String> =
+            book.waves.values().filter(|w| w.state == WaveState::Canceled).map(Wave::origin).collect();
+        if !canceled.is_empty() {
+            planner.cancel_origins(|o| canceled.contains(o), now)?;
+        }
+        let waves = Waves { store, fleet, firmware, planner, online_secs, book: Mutex::new(book) };
+        let mut book = waves.lock();
+        let mut live: Vec<(String, bool)> =
+            book.waves.values().filter(|w| w.state == WaveState::Active).map(|w| (w.name.clone(), true)).collect();
+        let mut tags: Vec<(String, bool)> =
+            book.waves.values().map(|w| (w.tag.clone(), w.production)).collect::<HashSet<_>>().into_iter().collect();
+        tags.sort();
+        for (tag, production) in &tags {
+            if let Some(w) = book.latest_complete(tag, *production) {
+                live.push((w.name.clone(), false));
+            }
+        }
+        let names: HashSet<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
+        let staged = waves.staged_of(&names);
+        for (name, active) in &live {
+            book.members.insert(name.clone(), staged.get(name.as_str()).cloned().unwrap_or_default());
+            let w = book.waves[name].clone();
+            waves.fleet.reserve_version(&w.version)?;
+            if !active {
+                let n = waves.reconcile(&mut book, &w, now)?;
+                if n > 0 {
+                    info!(wave = %w.name, devices = n, "staged devices a complete wave had not reached");
+                }
+            }
+        }
+        drop(book);
+        Ok(waves)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Who each of the named waves has staged (any operation of the wave that was not
+    /// canceled), by fleet index position.
+    fn staged_of(&self, names: &HashSet<&str>) -> HashMap<String, Members> {
+        let mut ids: Vec<(String, String)> = Vec::new();
+        self.planner.scan(|o| {
+            if let Some(name) = o.origin.strip_prefix(ORIGIN_PREFIX) {
+                if o.state != OpState::Canceled && names.contains(name) {
+                    ids.push((name.to_owned(), o.device.clone()));
+                }
+            }
+        });
+        let mut out: HashMap<String, Members> = HashMap::new();
+        self.fleet.with_index(|x| {
+            for (name, id) in ids {
+                if let Some(i) = x.lookup(&id) {
+                    out.entry(name).or_default().insert(i);
+                }
+            }
+        });
+        out
+    }
+
+    fn put(&self, w: &Wave) -> Result<(), WaveError> {
+        let mut b = self.store.batch();
+        b.put_json(Cf::Waves, w.name.as_bytes(), w)?;
+        b.commit()?;
+        Ok(())
+    }
+
+    fn images(&self, w: &Wave) -> Vec<Arc<ImageMeta>> {
+        self.firmware.of_version(w.image_name.as_deref(), &w.version)
+    }
+
+    pub fn init(&self, req: InitRequest, now: u64) -> Result<Wave, WaveError> {
+        if !valid_name(&req.name) {
+            return Err(WaveError::InvalidName(req.name));
+        }
+        check_text("tag", &req.tag)?;
+        let (image_name, version) = match req.version.split_once('@') {
+            Some((n, v)) => (Some(n.to_owned()), v.to_owned()),
+            None => (None, req.version.clone()),
+        };
+        let mut book = self.lock();
+        if book.waves.contains_key(&req.name) {
+            return Err(WaveError::Exists(req.name));
+        }
+        let cls = class(req.production);
+        if let Some(a) = book.active_on(&req.tag, req.production) {
+            return Err(WaveError::ActiveWave { tag: req.tag, class: cls, active: a.name.clone() });
+        }
+        let order = version_order(&version).ok_or_else(|| WaveError::Unordered(version.clone()))?;
+        if self.firmware.of_version(image_name.as_deref(), &version).is_empty() {
+            return Err(WaveError::NoImage(req.version));
+        }
+        let have = book.production_versions(&req.tag, req.production);
+        for p in &req.prune {
+            if !have.contains(p) {
+                return Err(WaveError::NotProduction { version: p.clone(), tag: req.tag, class: cls, have });
+            }
+        }
+        let current = have
+            .iter()
+            .filter(|v| !req.prune.contains(v))
+            .filter_map(|v| version_order(v).map(|o| (o, v)))
+            .max_by(|a, b| a.0.cmp(&b.0));
+        if let Some((cur, text)) = current {
+            if order <= cur {
+                return Err(WaveError::NotNewer { version, current: text.clone(), tag: req.tag, class: cls });
+            }
+        }
+        let wave = Wave {
+            name: req.name,
+            tag: req.tag,
+            production: req.production,
+            version,
+            image_name,
+            prune: req.prune,
+            state: WaveState::Active,
+            order: book.waves.values().map(|w| w.order).max().unwrap_or(0) + 1,
+            created_at: now,
+            ended_at: None,
+            rollouts: Vec::new(),
+        };
+        if req.dry_run {
+            return Ok(wave);
+        }
+        self.fleet.reserve_version(&wave.version)?;
+        self.put(&wave)?;
+        book.members.insert(wave.name.clone(), Members::default());
+        book.waves.insert(wave.name.clone(), wave.clone());
+        info!(wave = %wave.name, tag = %wave.tag, version = %wave.version, "wave initialized");
+        Ok(wave)
+    }
+
+    fn active(book: &Book, name: &str) -> Result<Wave, WaveError> {
+        let w = book.waves.get(name).ok_or_else(|| WaveError::NotFound(name.into()))?;
+        if w.state != WaveState::Active {
+            return Err(WaveError::NotActive { name: name.into(), state: w.state.as_str() });
+        }
+        Ok(w.clone())
+    }
+
+    /// Selects devices for a rollout and, unless it is a dry run, stages them.
+    pub fn rollout(&self, name: &str, req: RolloutRequest, now: u64) -> Result<RolloutReport, WaveError> {
+        let limit = req.limit.as_ref().map(parse_limit).transpose()?;
+        let uuids = req.uuids.map(|u| match u {
+            UuidsArg::List(v) => v.iter().flat_map(|s| split_uuids(s)).collect::<Vec<_>>(),
+            UuidsArg::Text(t) => split_uuids(&t),
+        });
+        if let Some(g) = &req.group {
+            check_text("group", g)?;
+        }
+        let seed = req.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        let mut book = self.lock();
+        let wave = Self::active(&book, name)?;
+        if !req.dry_run && wave.rollouts.len() >= MAX_ROLLOUTS {
+            return Err(WaveError::TooManyRollouts(wave.name));
+        }
+        let members = book.members.get(name).cloned().unwrap_or_default();
+        let sel = Selection {
+            tag: &wave.tag,
+            production: wave.production,
+            group: req.group.as_deref(),
+            uuids: uuids.as_deref(),
+            limit,
+            seed,
+            now,
+        };
+        let (chosen, rejected, population) = self.fleet.with_index(|x| {
+            let s = x.select(&sel, |i| members.contains(i) || x.runs(i, &wave.version));
+            let chosen: Vec<(Idx, String)> = s.devices.iter().map(|&i| (i, x.id(i).to_owned())).collect();
+            (chosen, s.rejected, s.population)
+        });
+        let mut report = RolloutReport {
+            wave: wave.name.clone(),
+            dry_run: req.dry_run,
+            seed,
+            population,
+            selected: chosen.len(),
+            staged: 0,
+            rejected: rejected
+                .into_iter()
+                .map(|(device, r)| Refused { device, reason: rejection_text(r).into() })
+                .collect(),
+            devices: req.print_uuids.then(|| chosen.iter().map(|(_, id)| id.clone()).collect()),
+        };
+        if req.dry_run {
+            return Ok(report);
+        }
+        let (staged, refused) = self.stage(&mut book, &wave, &chosen, now)?;
+        report.staged = staged;
+        report.rejected.extend(refused);
+        let w = book.waves.get_mut(name).expect("checked active above");
+        w.rollouts.push(RolloutRecord {
+            at: now,
+            complete: false,
+            group: req.group,
+            limit: req.limit.map(|l| match l {
+                LimitArg::Count(n) => n.to_string(),
+                LimitArg::Text(t) => t,
+            }),
+            uuids: uuids.map_or(0, |u| u.len()),
+            seed,
+            staged,
+            rejected: report.rejected.len(),
+        });
+        let w = w.clone();
+        self.put(&w)?;
+        info!(wave = %w.name, staged, population, "wave rolled out");
+        Ok(report)
+    }
+
+    /// Gives each chosen device an operation for the wave's image that fits its hardware.
+    fn stage(
+        &self,
+        book: &mut Book,
+        wave: &Wave,
+        chosen: &[(Idx, String)],
+        now: u64,
+    ) -> Result<(usize, Vec<Refused>), WaveError> {
+        let images = self.images(wave);
+        let origin = wave.origin();
+        let members = book.members.entry(wave.name.clone()).or_default();
+        let mut refused = Vec::new();
+        let mut staged = 0;
+        for (i, id) in chosen {
+            let Some(hardware) = self.fleet.hardware(id) else {
+                refused.push(Refused { device: id.clone(), reason: "unknown device".into() });
+                continue;
+            };
+            let meta = match pick(&images, hardware.as_deref()) {
+                Ok(m) => m,
+                Err(reason) => {
+                    refused.push(Refused { device: id.clone(), reason });
+                    continue;
+                }
+            };
+            self.planner.push(id, MAIN_COMPONENT, meta, WAVE_WEIGHT, &origin, now)?;
+            members.insert(*i);
+            staged += 1;
+            if staged % 100_000 == 0 {
+                info!(wave = %wave.name, staged, of = chosen.len(), "staging");
+            }
+        }
+        Ok((staged, refused))
+    }
+
+    /// Stages every device of a complete wave's tag and class that is neither in the wave
+    /// nor running its version.
+    fn reconcile(&self, book: &mut Book, wave: &Wave, now: u64) -> Result<usize, WaveError> {
+        let members = book.members.get(&wave.name).cloned().unwrap_or_default();
+        let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
+            x.on_tag(&wave.tag, wave.production)
+                .filter(|&i| !members.contains(i) && !x.runs(i, &wave.version))
+                .map(|i| (i, x.id(i).to_owned()))
+                .collect()
+        });
+        Ok(self.stage(book, wave, &chosen, now)?.0)
+    }
+
+    /// Completes a wave: its version becomes the tag's production version and every device
+    /// of the tag gets it, now and when it joins later.
+    pub fn complete(&self, name: &str, now: u64) -> Result<(Wave, usize), WaveError> {
+        let mut book = self.lock();
+        let mut wave = Self::active(&book, name)?;
+        wave.state = WaveState::Complete;
+        wave.ended_at = Some(now);
+        self.put(&wave)?;
+        // Only the latest complete wave of a tag stages joiners.
+        let older: Vec<String> = book.complete_on(&wave.tag, wave.production).iter().map(|w| w.name.clone()).collect();
+        for o in older {
+            book.members.remove(&o);
+        }
+        book.waves.insert(wave.name.clone(), wave.clone());
+        let staged = self.reconcile(&mut book, &wave, now)?;
+        let w = book.waves.get_mut(name).expect("inserted above");
+        w.rollouts.push(RolloutRecord {
+            at: now,
+            complete: true,
+            group: None,
+            limit: None,
+            uuids: 0,
+            seed: 0,
+            staged,
+            rejected: 0,
+        });
+        let w = w.clone();
+        self.put(&w)?;
+        info!(wave = %w.name, tag = %w.tag, version = %w.version, staged, "wave complete");
+        Ok((w, staged))
+    }
+
+    /// Cancels an active wave: its queued operations are withdrawn and transfers under way
+    /// stop at the device's next Status; devices already updated stay. Canceling a canceled
+    /// wave again changes nothing.
+    pub fn cancel(&self, name: &str, now: u64) -> Result<(Wave, usize), WaveError> {
+        let mut book = self.lock();
+        let w = book.waves.get(name).ok_or_else(|| WaveError::NotFound(name.into()))?.clone();
+        match w.state {
+            WaveState::Complete => return Err(WaveError::CancelComplete(w.name, w.version)),
+            WaveState::Canceled => return Ok((w, 0)),
+            WaveState::Active => {}
+        }
+        let mut wave = w;
+        wave.state = WaveState::Canceled;
+        wave.ended_at = Some(now);
+        self.put(&wave)?;
+        book.waves.insert(wave.name.clone(), wave.clone());
+        book.members.remove(name);
+        let n = self.planner.cancel_origin(&wave.origin(), now)?;
+        info!(wave = %wave.name, operations = n, "wave canceled");
+        Ok((wave, n))
+    }
+
+    /// Waves, optionally of one state and one tag, in creation order.
+    pub fn list(&self, state: Option<WaveState>, tag: Option<&str>) -> Vec<Wave> {
+        let book = self.lock();
+        let mut v: Vec<Wave> = book
+            .waves
+            .values()
+            .filter(|w| state.is_none_or(|s| w.state == s) && tag.is_none_or(|t| w.tag == t))
+            .cloned()
+            .collect();
+        v.sort_by_key(|w| w.order);
+        v
+    }
+
+    pub fn get(&self, name: &str) -> Option<Wave> {
+        self.lock().waves.get(name).cloned()
+    }
+
+    /// The production versions of a tag and class, oldest first.
+    pub fn production_versions(&self, tag: &str, production: bool) -> Vec<String> {
+        self.lock().production_versions(tag, production)
+    }
+
+    /// Counts of the wave's devices, from the operations and the devices' own reports.
+    pub fn status(&self, name: &str, now: u64) -> Result<WaveStatus, WaveError> {
+        let wave = self.get(name).ok_or_else(|| WaveError::NotFound(name.into()))?;
+        let origin = wave.origin();
+        // The latest operation of the wave per device.
+        let mut ops: HashMap<String, (u64, OpState)> = HashMap::new();
+        self.planner.scan(|o| {
+            if o.origin == origin {
+                let e = ops.entry(o.device.clone()).or_insert((o.seq, o.state));
+                if o.seq >= e.0 {
+                    *e = (o.seq, o.state);
+                }
+            }
+        });
+        let since = now.saturating_sub(self.online_secs);
+        let status = self.fleet.with_index(|x| {
+            let state: HashMap<Idx, OpState> =
+                ops.iter().filter_map(|(id, &(_, s))| x.lookup(id).map(|i| (i, s))).collect();
+            let mut totals = WaveStatus {
+                name: wave.name.clone(),
+                tag: wave.tag.clone(),
+                production: wave.production,
+                version: wave.version.clone(),
+                state: wave.state,
+                total: 0,
+                updated: 0,
+                need_update: 0,
+                scheduled: 0,
+                in_progress: 0,
+                failed: 0,
+                canceled: 0,
+                online: 0,
+                groups: Vec::new(),
+            };
+            let count = |g: &mut GroupStatus, i: Idx| {
+                g.total += 1;
+                let updated = x.runs(i, &wave.version);
+                if updated {
+                    g.updated += 1;
+                } else {
+                    g.need_update += 1;
+                    if state.get(&i).is_some_and(|s| !s.is_terminal()) {
+                        g.scheduled += 1;
+                    }
+                }
+                if x.last_seen(i) >= since && x.last_seen(i) > 0 {
+                    g.online += 1;
+                }
+            };
+            let mut all = GroupStatus::default();
+            for i in x.on_tag(&wave.tag, wave.production) {
+                count(&mut all, i);
+                match state.get(&i) {
+                    Some(s) if s.in_flight() => totals.in_progress += 1,
+                    Some(OpState::Failed | OpState::TimedOut) => totals.failed += 1,
+                    Some(OpState::Canceled) => totals.canceled += 1,
+                    _ => {}
+                }
+            }
+            for (group, members) in x.groups() {
+                let mut g = GroupStatus { group: group.to_owned(), ..GroupStatus::default() };
+                for &i in members.iter().filter(|&&i| x.follows(i, &wave.tag, wave.production)) {
+                    count(&mut g, i);
+                }
+                if g.total > 0 {
+                    totals.groups.push(g);
+                }
+            }
+            totals.total = all.total;
+            totals.updated = all.updated;
+            totals.need_update = all.need_update;
+            totals.scheduled = all.scheduled;
+            totals.online = all.online;
+            totals
+        });
+        Ok(status)
+    }
+
+    /// After devices were registered or changed: a device now following a tag with a
+    /// complete wave gets that wave's version, and a device's queued operations of waves for
+    /// a tag or class it no longer follows are withdrawn. Returns how many were staged.
+    pub fn devices_changed(&self, ids: &[String], now: u64) -> Result<usize, WaveError> {
+        let mut book = self.lock();
+        if book.waves.is_empty() {
+            return Ok(0);
+        }
+        let mut staged = 0;
+        let mut by_wave: BTreeMap<String, Vec<(Idx, String)>> = BTreeMap::new();
+        for id in ids {
+            let Some(d) = self.fleet.get(id) else { continue };
+            let (tag, production) = (d.spec.tag.as_deref(), d.spec.production);
+            let foreign = |o: &super::Operation| {
+                o.origin
+                    .strip_prefix(ORIGIN_PREFIX)
+                    .and_then(|n| book.waves.get(n))
+                    .is_some_and(|w| Some(w.tag.as_str()) != tag || w.production != production)
+            };
+            self.planner.withdraw(id, foreign, "the device no longer follows the wave's tag and class", now)?;
+            let Some(tag) = tag else { continue };
+            let Some(w) = book.latest_complete(tag, production) else { continue };
+            let members = book.members.get(&w.name);
+            let pending = self.fleet.with_index(|x| {
+                x.lookup(id).filter(|&i| !members.is_some_and(|m| m.contains(i)) && !x.runs(i, &w.version))
+            });
+            if let Some(i) = pending {
+                by_wave.entry(w.name.clone()).or_default().push((i, id.clone()));
+            }
+        }
+        for (name, chosen) in by_wave {
+            let w = book.waves[&name].clone();
+            staged += self.stage(&mut book, &w, &chosen, now)?.0;
+        }
+        Ok(staged)
+    }
+}
+
+#[cfg(test)]
+mod tests;
