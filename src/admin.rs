@@ -115,7 +115,6 @@ impl From<WaveError> for AppError {
             }
             WaveError::InvalidName(_)
             | WaveError::BadLimit(_)
-            | WaveError::TwoGroups(..)
             | WaveError::Unordered(_)
             | WaveError::NotProduction { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             WaveError::NotFound(_) | WaveError::NoImage(_) => (StatusCode::NOT_FOUND, "not_found"),

@@ -176,7 +176,7 @@ impl Fleet {
     /// already updated or staged in the wave, which are never selected again.
     pub fn select(&self, s: &Selection<'_>, in_wave: impl Fn(Idx) -> bool) -> Selected {
         let index = self.index();
-        let sel = index.select(s, |i| in_wave(i));
+        let sel = index.select(s, in_wave);
         Selected {
             devices: sel.devices.iter().map(|&i| index.id(i).to_owned()).collect(),
             rejected: sel.rejected,

@@ -54,8 +54,6 @@ pub enum WaveError {
     CancelComplete(String, String),
     #[error("invalid --limit {0:?}: a count of 1 or more, or a percentage above 0 and at most 100 (e.g. 10%)")]
     BadLimit(String),
-    #[error("group given twice, as {0} and {1}")]
-    TwoGroups(String, String),
     #[error("wave {0} has had {MAX_ROLLOUTS} rollouts; complete it or roll out to whole groups")]
     TooManyRollouts(String),
     #[error(transparent)]
