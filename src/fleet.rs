@@ -292,11 +292,14 @@ impl Fleet {
         e.dirty = false;
         drop(e);
         if component == MAIN_COMPONENT {
-            // The index lock is taken after the entry's is released (upsert takes them in the
-            // other order); whoever gets it last writes the version the entry holds then.
+            // The record just written holds last-seen too: the index gets both, so it never
+            // knows less than the store. Its lock is taken after the entry's is released
+            // (upsert takes them in the other order); whoever gets it last writes what the
+            // entry holds then.
             let mut index = self.index_mut();
             if let (Some(i), Some(e)) = (index.lookup(id), self.devices.get(id)) {
                 index.set_version(i, e.device.running.get(MAIN_COMPONENT).map(String::as_str));
+                index.seen(i, e.device.last_seen.unwrap_or(0));
             }
         }
         Ok(true)

@@ -340,3 +340,114 @@ async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
     let (ok, out) = serve.cli(&["devices", "show", "coap-00007"]);
     assert!(ok && out.contains("succeeded"), "{out}");
 }
+
+/// (seq, state, origin, image) of every operation of every device: what a restart must keep.
+async fn operation_states(admin_url: &str, ids: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let v = device_state(admin_url, id).await;
+        for op in v["operations"].as_array().unwrap() {
+            out.push((id.clone(), format!("{} {} {} {}", op["seq"], op["state"], op["origin"], op["image"])));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waves_through_the_cli_survive_sigkill_mid_rollout_and_devices_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let img = image(16 * 1024, 21);
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    let ids: Vec<String> = (0..20).map(|i| format!("w{i:02}")).collect();
+    let mut csv = String::from("id,tag,groups,production\n");
+    for (i, id) in ids.iter().enumerate() {
+        csv.push_str(&format!("{id},release,{},true\n", if i < 5 { "canary" } else { "eu" }));
+    }
+    std::fs::write(dir.path().join("devices.csv"), csv).unwrap();
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0"]);
+    assert!(ok, "{out}");
+    let (ok, out) = serve.cli(&["devices", "import", dir.path().join("devices.csv").to_str().unwrap()]);
+    assert!(ok && out.contains("20 added"), "{out}");
+    let (ok, out) = serve.cli(&["waves", "init", "v2", "2.0", "release"]);
+    assert!(ok && out.contains("initialized"), "{out}");
+    let (ok, out) = serve.cli(&["waves", "init", "v2b", "2.0", "release"]);
+    assert!(!ok && out.contains("already has an active wave: v2"), "{out}");
+
+    // The canaries from a file that mixes every separator; w05 is not a canary.
+    let list = dir.path().join("canary.lst");
+    std::fs::write(&list, "w00, w01;w02|w03\nw04\tw05\n").unwrap();
+    let uuids = format!("@{}", list.display());
+    let (ok, out) = serve.cli(&["waves", "rollout", "v2", "canary", "--uuids", &uuids]);
+    assert!(ok && out.contains("staged 5 of 5") && out.contains("w05: not in the group"), "{out}");
+    // A dry run with a seed prints the sample the real rollout then stages.
+    let args = ["waves", "rollout", "v2", "--limit", "25%", "--seed", "3", "--print-uuids"];
+    let (ok, dry) = serve.cli(&[&args[..], &["--dry-run"]].concat());
+    assert!(ok && dry.contains("would stage 5 (dry run)"), "{dry}");
+    let (ok, real) = serve.cli(&args);
+    assert!(ok && real.contains("staged 5 of 5"), "{real}");
+    let printed = |text: &str| -> Vec<String> {
+        text.lines().filter(|l| ids.contains(&l.to_string())).map(String::from).collect()
+    };
+    let sample = printed(&real);
+    assert_eq!(printed(&dry), sample);
+    assert_eq!(sample.len(), 5);
+    assert!(sample.iter().all(|d| d.as_str() >= "w05"), "canaries are already in the wave: {sample:?}");
+
+    let mqtt = format!("127.0.0.1:{}", serve.mqtt).parse().unwrap();
+    for id in &ids[..3] {
+        let mut dev = SimDevice::connect(mqtt, id, Form::Named, "1.0", None).await;
+        assert_eq!(dev.run(None).await, Ended::Updated);
+        dev.disconnect().await;
+    }
+    let mut dev = SimDevice::connect(mqtt, &ids[3], Form::Named, "1.0", None).await;
+    let Ended::Paused(at) = dev.run(Some(8 * 1024)).await else { panic!("expected a pause") };
+    let download = dev.download.take();
+    drop(dev);
+
+    let (ok, status_before) = serve.cli(&["waves", "status", "v2", "--json"]);
+    assert!(ok, "{status_before}");
+    let before: serde_json::Value = serde_json::from_str(&status_before).unwrap();
+    assert_eq!((before[0]["updated"].as_u64(), before[0]["scheduled"].as_u64()), (Some(3), Some(7)), "{before}");
+    assert_eq!(before[0]["in_progress"], 1);
+    let ops_before = operation_states(&serve.admin, &ids).await;
+    let (_, show_before) = serve.cli(&["waves", "show", "v2", "--json"]);
+
+    let mut serve = serve;
+    serve.child.kill().unwrap(); // SIGKILL, mid-rollout and mid-transfer
+    serve.child.wait().unwrap();
+    drop(serve);
+    let serve = Serve::start(dir.path()).await;
+
+    let (ok, status_after) = serve.cli(&["waves", "status", "v2", "--json"]);
+    assert!(ok, "{status_after}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&status_after).unwrap(), before);
+    assert_eq!(operation_states(&serve.admin, &ids).await, ops_before, "every operation state is unchanged");
+    assert_eq!(serve.cli(&["waves", "show", "v2", "--json"]).1, show_before, "the rollout history is unchanged");
+    let (ok, table) = serve.cli(&["waves", "status"]);
+    assert!(ok && table.contains("GROUP") && table.contains("NEED-UPDATE") && table.contains("canary"), "{table}");
+
+    // Devices continue: the interrupted one resumes where it was, the staged ones update.
+    let mqtt = format!("127.0.0.1:{}", serve.mqtt).parse().unwrap();
+    let mut dev = SimDevice::connect(mqtt, &ids[3], Form::Named, "1.0", None).await;
+    dev.download = download;
+    assert_eq!(dev.run(None).await, Ended::Updated);
+    assert_eq!(dev.offsets.first(), Some(&at));
+    dev.disconnect().await;
+    for id in std::iter::once(&ids[4]).chain(&sample) {
+        let mut dev = SimDevice::connect(mqtt, id, Form::Named, "1.0", None).await;
+        assert_eq!(dev.run(None).await, Ended::Updated, "{id}");
+        dev.disconnect().await;
+    }
+    let (ok, out) = serve.cli(&["waves", "status", "v2", "--json"]);
+    assert!(ok, "{out}");
+    let after: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((after[0]["updated"].as_u64(), after[0]["scheduled"].as_u64()), (Some(10), Some(0)), "{after}");
+    let (ok, out) = serve.cli(&["waves", "complete", "v2"]);
+    assert!(ok && out.contains("10 more devices staged"), "{out}");
+    let (ok, out) = serve.cli(&["waves", "cancel", "v2"]);
+    assert!(!ok && out.contains("cannot be canceled"), "{out}");
+    let (ok, out) = serve.cli(&["waves", "list", "--status", "complete"]);
+    assert!(ok && out.contains("v2") && out.contains("release"), "{out}");
+}
