@@ -194,25 +194,28 @@ impl FleetIndex {
 
     /// Whether device `i` runs `version` (its main component).
     pub fn runs(&self, i: Idx, version: &str) -> bool {
-        match self.version_ids.get(version) {
-            Some(&v) => self.version.get(i as usize) == Some(&v),
-            None => false,
-        }
+        self.running(version)(i)
+    }
+
+    /// A test for "runs `version`" that looks the version up once, for loops over many
+    /// devices.
+    pub fn running(&self, version: &str) -> impl Fn(Idx) -> bool + '_ {
+        let v = self.version_ids.get(version).copied();
+        move |i| v.is_some() && self.version.get(i as usize).copied() == v
     }
 
     /// The devices following `tag` in a production class, in index order.
     pub fn on_tag(&self, tag: &str, production: bool) -> impl Iterator<Item = Idx> + '_ {
-        let t = self.tag_ids.get(tag).copied();
-        (0..self.len() as Idx)
-            .filter(move |&i| Some(self.tag[i as usize]) == t && self.production[i as usize] == production)
+        let follows = self.following(tag, production);
+        (0..self.len() as Idx).filter(move |&i| follows(i))
     }
 
-    /// Whether device `i` follows `tag` in a production class.
-    pub fn follows(&self, i: Idx, tag: &str, production: bool) -> bool {
-        let u = i as usize;
-        match self.tag_ids.get(tag) {
-            Some(&t) => self.tag.get(u) == Some(&t) && self.production[u] == production,
-            None => false,
+    /// A test for "follows `tag` in a production class" that looks the tag up once.
+    pub fn following(&self, tag: &str, production: bool) -> impl Fn(Idx) -> bool + '_ {
+        let t = self.tag_ids.get(tag).copied();
+        move |i| {
+            let u = i as usize;
+            t.is_some() && self.tag.get(u).copied() == t && self.production[u] == production
         }
     }
 

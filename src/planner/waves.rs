@@ -564,7 +564,8 @@ impl Waves {
             now,
         };
         let (chosen, rejected, population) = self.fleet.with_index(|x| {
-            let s = x.select(&sel, |i| members.contains(i) || x.runs(i, &wave.version));
+            let updated = x.running(&wave.version);
+            let s = x.select(&sel, |i| members.contains(i) || updated(i));
             let chosen: Vec<(Idx, String)> = s.devices.iter().map(|&i| (i, x.id(i).to_owned())).collect();
             (chosen, s.rejected, s.population)
         });
@@ -647,8 +648,9 @@ impl Waves {
     fn reconcile(&self, book: &mut Book, wave: &Wave, now: u64) -> Result<usize, WaveError> {
         let members = book.members.get(&wave.name).cloned().unwrap_or_default();
         let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
+            let updated = x.running(&wave.version);
             x.on_tag(&wave.tag, wave.production)
-                .filter(|&i| !members.contains(i) && !x.runs(i, &wave.version))
+                .filter(|&i| !members.contains(i) && !updated(i))
                 .map(|i| (i, x.id(i).to_owned()))
                 .collect()
         });
@@ -765,10 +767,10 @@ impl Waves {
                 online: 0,
                 groups: Vec::new(),
             };
+            let runs = x.running(&wave.version);
             let count = |g: &mut GroupStatus, i: Idx| {
                 g.total += 1;
-                let updated = x.runs(i, &wave.version);
-                if updated {
+                if runs(i) {
                     g.updated += 1;
                 } else {
                     g.need_update += 1;
@@ -790,9 +792,10 @@ impl Waves {
                     _ => {}
                 }
             }
+            let follows = x.following(&wave.tag, wave.production);
             for (group, members) in x.groups() {
                 let mut g = GroupStatus { group: group.to_owned(), ..GroupStatus::default() };
-                for &i in members.iter().filter(|&&i| x.follows(i, &wave.tag, wave.production)) {
+                for &i in members.iter().filter(|&&i| follows(i)) {
                     count(&mut g, i);
                 }
                 if g.total > 0 {

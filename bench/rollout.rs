@@ -1,0 +1,127 @@
+//! Waves on a million-device registry, through the same code the admin API calls, with
+//! RocksDB in a temp dir: `cargo bench --bench rollout`.
+//!
+//! Registers 1,000,000 UUID devices (10 groups of 100,000) and prints what that costs; times
+//! the selection of `rollout --limit 10000` and of a whole-group rollout of 100,000 devices
+//! (dry runs, repeated by criterion); then stages both for real once — one operation per
+//! device, written to RocksDB — and prints the time, the memory per operation and the time
+//! of `waves status`. Without `--bench` (as `cargo test` runs it) the registry is 20,000
+//! devices, as a smoke test.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::Criterion;
+use fwgate::config::FirmwareConfig;
+use fwgate::firmware::Firmware;
+use fwgate::fleet::{DeviceSpec, Fleet};
+use fwgate::planner::waves::{InitRequest, LimitArg, RolloutRequest, Waves};
+use fwgate::planner::Planner;
+use fwgate::store::Store;
+
+const NOW: u64 = 2_000_000_000;
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn uuid(n: u64) -> String {
+    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", n * 2_654_435_761 % (1 << 32), n % 65_536, n % 4096, n % 4096, n)
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let devices: u64 = if full { 1_000_000 } else { 20_000 };
+    let group_size = devices / 10;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), false).expect("store");
+    let fleet = Arc::new(Fleet::open(store.clone(), devices as usize + 1).expect("fleet"));
+    let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).expect("firmware"));
+    let planner = Arc::new(Planner::open(store.clone(), fleet.clone(), firmware.clone(), 3600, NOW).expect("planner"));
+    let waves = Waves::open(store, fleet.clone(), firmware.clone(), planner.clone(), 900, NOW).expect("waves");
+    firmware.add("app", "2.0", vec![], Bytes::from_static(b"firmware image"), NOW).expect("image");
+
+    let (rss0, t) = (rss_kib(), Instant::now());
+    for chunk in (0..devices).collect::<Vec<_>>().chunks(50_000) {
+        let specs = chunk
+            .iter()
+            .map(|&n| DeviceSpec {
+                id: uuid(n),
+                tag: Some("prod".into()),
+                groups: vec![format!("region-{}", n % 10)],
+                production: true,
+                hardware: None,
+            })
+            .collect();
+        fleet.upsert(specs, NOW).expect("register");
+    }
+    // Recency for the sample: a spread of last-seen times, as a real fleet reports them.
+    for n in 0..devices {
+        fleet.observe(&uuid(n), "main", "1.0", NOW - (n * 7_919) % (30 * 86_400)).expect("observe");
+    }
+    fleet.flush_last_seen().expect("flush");
+    let registry_bytes = (rss_kib() - rss0) * 1024;
+    let index_bytes = fleet.with_index(|x| x.heap_bytes());
+    println!(
+        "registered {devices} devices in {:.1} s: {:.0} B/device of RSS for the whole registry \
+         (records, index, store caches), of which the selection index {:.0} B/device",
+        t.elapsed().as_secs_f64(),
+        registry_bytes as f64 / devices as f64,
+        index_bytes as f64 / devices as f64
+    );
+
+    let init = InitRequest {
+        name: "w".into(),
+        version: "2.0".into(),
+        tag: "prod".into(),
+        production: true,
+        ..Default::default()
+    };
+    waves.init(init, NOW).expect("init");
+    let limited =
+        RolloutRequest { limit: Some(LimitArg::Count(10_000)), seed: Some(42), dry_run: true, ..Default::default() };
+    let group = RolloutRequest { group: Some("region-3".into()), seed: Some(42), dry_run: true, ..Default::default() };
+
+    let mut c = Criterion::default().configure_from_args().sample_size(10);
+    {
+        let mut g = c.benchmark_group("waves");
+        g.bench_function(format!("select_limit_10000_of_{devices}"), |b| {
+            b.iter(|| black_box(waves.rollout("w", limited.clone(), NOW).expect("dry run")).selected)
+        });
+        g.bench_function(format!("select_whole_group_{group_size}"), |b| {
+            b.iter(|| black_box(waves.rollout("w", group.clone(), NOW).expect("dry run")).selected)
+        });
+        g.finish();
+    }
+
+    for (what, req) in [("--limit 10000", limited), ("whole group region-3", group)] {
+        let (rss0, t) = (rss_kib(), Instant::now());
+        let r = waves.rollout("w", RolloutRequest { dry_run: false, ..req }, NOW).expect("rollout");
+        let secs = t.elapsed().as_secs_f64();
+        let grown = (rss_kib().saturating_sub(rss0) * 1024) as f64;
+        println!(
+            "rollout {what}: staged {} devices in {secs:.2} s ({:.1} µs/device), {:.0} B of RSS per operation",
+            r.staged,
+            secs * 1e6 / r.staged.max(1) as f64,
+            grown / r.staged.max(1) as f64
+        );
+        assert!(r.staged > 0);
+    }
+    let t = Instant::now();
+    let s = waves.status("w", NOW).expect("status");
+    println!(
+        "waves status: {} devices on the tag, {} scheduled, {} groups, in {:.0} ms",
+        s.total,
+        s.scheduled,
+        s.groups.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    c.final_summary();
+}
