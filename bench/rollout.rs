@@ -21,20 +21,11 @@ use fwgate::planner::waves::{InitRequest, LimitArg, RolloutRequest, Waves};
 use fwgate::planner::Planner;
 use fwgate::store::Store;
 
+#[path = "fleet_common.rs"]
+mod fleet_common;
+use fleet_common::{rss_kib, uuid};
+
 const NOW: u64 = 2_000_000_000;
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn uuid(n: u64) -> String {
-    format!("{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}", n * 2_654_435_761 % (1 << 32), n % 65_536, n % 4096, n % 4096, n)
-}
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");

@@ -8,6 +8,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fwgate::fleet::select::{DeviceFacts, FleetIndex, Limit, Selection};
 
+#[path = "fleet_common.rs"]
+mod fleet_common;
+use fleet_common::{rss_kib, uuid};
+
 const DEVICES: u64 = 1_000_000;
 const NOW: u64 = 2_000_000_000;
 
@@ -15,15 +19,7 @@ fn fleet() -> FleetIndex {
     let mut x = FleetIndex::default();
     let groups: Vec<Vec<String>> = (0..10).map(|g| vec![format!("region-{g}")]).collect();
     for n in 0..DEVICES {
-        // UUID-shaped ids, as the seeds' devices have.
-        let id = format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            n * 2_654_435_761 % (1 << 32),
-            n % 65_536,
-            n % 4096,
-            n % 4096,
-            n
-        );
+        let id = uuid(n);
         let seen = NOW - (n * 7_919) % (30 * 86_400);
         let facts = DeviceFacts {
             id: &id,
@@ -36,15 +32,6 @@ fn fleet() -> FleetIndex {
         x.upsert(facts).expect("index accepts the device");
     }
     x
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn select(c: &mut Criterion) {
