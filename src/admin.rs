@@ -118,6 +118,7 @@ impl From<WaveError> for AppError {
             | WaveError::Unordered(_)
             | WaveError::NotProduction { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             WaveError::NotFound(_) | WaveError::NoImage(_) => (StatusCode::NOT_FOUND, "not_found"),
+            WaveError::NotAdmissible { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_admissible"),
             WaveError::Exists(_)
             | WaveError::ActiveWave { .. }
             | WaveError::NotNewer { .. }

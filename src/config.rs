@@ -37,7 +37,60 @@ pub struct Config {
     pub coap: CoapConfig,
     pub admin: AdminConfig,
     pub fleet: FleetConfig,
+    pub tuf: TufConfig,
     pub log: LogConfig,
+}
+
+/// The TUF repositories whose targets production and CI devices may receive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TufConfig {
+    /// The production repository's trusted root.json; empty: none (production devices then
+    /// receive nothing).
+    pub production_root: PathBuf,
+    pub production_metadata_url: String,
+    pub production_targets_url: String,
+    /// The CI repository's trusted root.json; empty: CI devices take any uploaded image.
+    pub ci_root: PathBuf,
+    pub ci_metadata_url: String,
+    pub ci_targets_url: String,
+    /// How often both repositories are refreshed.
+    pub refresh_secs: u64,
+    /// Serve an image older than the version a device runs.
+    pub allow_downgrade: bool,
+}
+
+impl Default for TufConfig {
+    fn default() -> Self {
+        TufConfig {
+            production_root: PathBuf::new(),
+            production_metadata_url: String::new(),
+            production_targets_url: String::new(),
+            ci_root: PathBuf::new(),
+            ci_metadata_url: String::new(),
+            ci_targets_url: String::new(),
+            refresh_secs: 300,
+            allow_downgrade: false,
+        }
+    }
+}
+
+impl TufConfig {
+    pub fn production(&self) -> crate::tuf::RepoConfig {
+        crate::tuf::RepoConfig {
+            root: self.production_root.clone(),
+            metadata_url: self.production_metadata_url.clone(),
+            targets_url: self.production_targets_url.clone(),
+        }
+    }
+
+    pub fn ci(&self) -> crate::tuf::RepoConfig {
+        crate::tuf::RepoConfig {
+            root: self.ci_root.clone(),
+            metadata_url: self.ci_metadata_url.clone(),
+            targets_url: self.ci_targets_url.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +396,14 @@ impl Config {
         }
         if self.fleet.max_devices == 0 {
             return Err(invalid("fleet.max_devices", "must be at least 1"));
+        }
+        for (key, repo) in [("tuf.production", self.tuf.production()), ("tuf.ci", self.tuf.ci())] {
+            if repo.configured() && (repo.metadata_url.is_empty() || repo.targets_url.is_empty()) {
+                return Err(invalid(key, "a root needs metadata_url and targets_url (file:///dir/ or http://host/dir/)"));
+            }
+        }
+        if self.tuf.refresh_secs == 0 {
+            return Err(invalid("tuf.refresh_secs", "must be at least 1"));
         }
         if self.fleet.online_secs == 0 {
             return Err(invalid("fleet.online_secs", "must be at least 1"));

@@ -245,6 +245,16 @@ impl Fleet {
         self.devices.contains_key(id)
     }
 
+    /// Whether a device is a production device (`None`: unknown device).
+    pub fn is_production(&self, id: &str) -> Option<bool> {
+        self.devices.get(id).map(|e| e.device.spec.production)
+    }
+
+    /// The version a device last reported running on a component.
+    pub fn running(&self, id: &str, component: &str) -> Option<String> {
+        self.devices.get(id)?.device.running.get(component).cloned()
+    }
+
     pub fn hardware(&self, id: &str) -> Option<Option<String>> {
         self.devices.get(id).map(|e| e.device.spec.hardware.clone())
     }

@@ -11,6 +11,8 @@
 //!   select from.
 //! - [`planner`]: the per-device operation queue (assignments, outcome accounting,
 //!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`].
+//! - [`tuf`]: the production and CI TUF repositories (via `tough`), and which images are
+//!   admissible for which class of device.
 //! - [`transport`]: the MQTT (embedded rumqttd) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
@@ -36,6 +38,7 @@ pub mod protocol;
 pub mod store;
 pub mod telemetry;
 pub mod transport;
+pub mod tuf;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -133,9 +136,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
     let firmware = Arc::new(Firmware::open(store.clone(), config.firmware.clone()).map_err(|e| load(&e))?);
     let fleet = Arc::new(Fleet::open(store.clone(), config.fleet.max_devices).map_err(|e| load(&e))?);
+    let trust = Arc::new(tuf::Trust::new(&config.tuf.production(), &config.tuf.ci(), dir));
+    for repo in trust.configured() {
+        // A repository that does not verify now leaves its devices without admissible images
+        // until it does; the gateway still starts.
+        match trust.refresh(repo).await {
+            Ok(v) => info!(repo, targets = v.targets.len(), targets_version = v.targets_version, "TUF repository verified"),
+            Err(e) => error!(repo, error = %e, "TUF repository does not verify"),
+        }
+    }
     let planner = Arc::new(
         Planner::open(store.clone(), fleet.clone(), firmware.clone(), config.dfu.op_timeout_secs, now)
-            .map_err(|e| load(&e))?,
+            .map_err(|e| load(&e))?
+            .with_trust(trust.clone(), config.tuf.allow_downgrade),
     );
     let waves = Arc::new(
         planner::waves::Waves::open(
@@ -220,6 +233,25 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     every(&mut tasks, &shutdown, config.fleet.last_seen_flush_secs, "last-seen flush", move || {
         f.flush_last_seen().map(drop).map_err(Into::into)
     });
+
+    if !trust.configured().is_empty() {
+        let (trust, stop, secs) = (trust.clone(), shutdown.clone(), config.tuf.refresh_secs);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(secs));
+            tick.tick().await; // the first tick is now: just refreshed above
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                for repo in trust.configured() {
+                    if let Err(e) = trust.refresh(repo).await {
+                        error!(repo, error = %e, "TUF refresh failed; the last verified targets stay until they expire");
+                    }
+                }
+            }
+        });
+    }
 
     ready.store(true, Ordering::Relaxed);
     Ok(Gateway {

@@ -13,7 +13,8 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{timed_out, OpState};
-use crate::firmware::{Firmware, FirmwareError, ImageMeta};
+use crate::firmware::{version_order, Firmware, FirmwareError, ImageMeta};
+use crate::tuf::{Refusal, Trust};
 use crate::fleet::{Fleet, FleetError};
 use crate::store::{Cf, Store, StoreError};
 
@@ -141,6 +142,9 @@ pub struct ActiveOp {
 pub enum Lookup {
     /// Nothing queued or finished for the component.
     Nothing,
+    /// The head operation's image may not reach this device (not an admissible TUF target for
+    /// its class, or a downgrade): the operation has failed with this reason.
+    Refused(String),
     /// Queued, but another component of the device is being transferred: at most one
     /// operation per device is in flight.
     Wait,
@@ -156,6 +160,9 @@ pub struct Planner {
     ops: DashMap<String, Vec<Operation>>,
     op_timeout_secs: u64,
     next_seq: std::sync::atomic::AtomicU64,
+    /// Which images may reach which class of device.
+    trust: Arc<Trust>,
+    allow_downgrade: bool,
 }
 
 impl Planner {
@@ -192,7 +199,53 @@ impl Planner {
         for mut e in ops.iter_mut() {
             e.sort_by(|a, b| (&a.component, a.seq).cmp(&(&b.component, b.seq)));
         }
-        Ok(Planner { store, fleet, firmware, ops, op_timeout_secs, next_seq: next_seq.into() })
+        Ok(Planner {
+            store,
+            fleet,
+            firmware,
+            ops,
+            op_timeout_secs,
+            next_seq: next_seq.into(),
+            trust: Arc::new(Trust::none()),
+            allow_downgrade: false,
+        })
+    }
+
+    /// Sets which TUF targets are admissible (default: none for production devices, anything
+    /// for CI devices) and whether downgrades are served.
+    pub fn with_trust(mut self, trust: Arc<Trust>, allow_downgrade: bool) -> Planner {
+        self.trust = trust;
+        self.allow_downgrade = allow_downgrade;
+        self
+    }
+
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
+    /// Whether `meta` may reach a device of a class (and, with `tag`, is released for it).
+    pub fn admit(&self, production: bool, meta: &ImageMeta, tag: Option<&str>, now: u64) -> Result<(), Refusal> {
+        self.trust.admit(production, &meta.id(), &meta.sha256, meta.length, tag, now)
+    }
+
+    /// Why the image of an operation about to be served may not reach the device, if so.
+    fn refusal(&self, device: &str, component: &str, state: OpState, meta: &ImageMeta, now: u64) -> Option<String> {
+        let production = self.fleet.is_production(device)?;
+        if let Err(r) = self.admit(production, meta, None, now) {
+            return Some(r.to_string());
+        }
+        if state == OpState::Pending && !self.allow_downgrade {
+            let running = self.fleet.running(device, component)?;
+            if let (Some(from), Some(to)) = (version_order(&running), version_order(&meta.version)) {
+                if to < from {
+                    return Some(format!(
+                        "downgrade from {running} to {} refused (tuf.allow_downgrade is off)",
+                        meta.version
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Assigns `image` (NAME@VERSION) to a device's component: an operation at the head of its
@@ -380,8 +433,11 @@ impl Planner {
         OpState::ALL.iter().copied().zip(n).collect()
     }
 
-    /// The head operation and its image, ready for a DFU step.
-    pub fn lookup(&self, device: &str, component: &str) -> Result<Lookup, PlannerError> {
+    /// The head operation and its image, ready for a DFU step. An operation not yet finished
+    /// whose image may not reach the device fails here, with the reason, before a block of it
+    /// is served: production devices get only verified production targets, whatever planned
+    /// the operation.
+    pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
         let (seq, state, image) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             match head(&ops, component) {
@@ -392,8 +448,25 @@ impl Planner {
         };
         let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
         let meta = self.firmware.get(name, version).ok_or(PlannerError::UnknownImage(image.clone()))?;
+        if !state.is_terminal() {
+            if let Some(why) = self.refusal(device, component, state, &meta, now) {
+                self.fail(device, seq, state, &why, now)?;
+                return Ok(Lookup::Refused(why));
+            }
+        }
         let image = self.firmware.bytes(&meta)?;
         Ok(Lookup::Active(ActiveOp { seq, state, meta, image }))
+    }
+
+    /// Fails operation `seq` of a device (if it is still in `from`), saying why.
+    fn fail(&self, device: &str, seq: u64, from: OpState, why: &str, now: u64) -> Result<(), PlannerError> {
+        let Some(mut ops) = self.ops.get_mut(device) else { return Ok(()) };
+        let Some(at) = ops.iter().position(|o| o.seq == seq && o.state == from) else { return Ok(()) };
+        let mut next = ops.clone();
+        next[at].state = OpState::Failed;
+        next[at].updated_at = now;
+        next[at].detail = Some(why.to_owned());
+        self.commit(&mut ops, next)
     }
 
     /// The sequence number and state of the operation the engine serves for a component now,
@@ -498,8 +571,9 @@ mod tests {
     }
 
     fn active(p: &Planner, device: &str, component: &str) -> ActiveOp {
-        match p.lookup(device, component).unwrap() {
+        match p.lookup(device, component, 0).unwrap() {
             Lookup::Active(a) => a,
+            Lookup::Refused(why) => panic!("{device}/{component}: refused: {why}"),
             Lookup::Wait => panic!("{device}/{component}: wait"),
             Lookup::Nothing => panic!("{device}/{component}: nothing"),
         }
@@ -554,7 +628,7 @@ mod tests {
         let bios = p.enqueue("d1", "bios", "app@2.0", 10, "wave-a", 3).unwrap().seq;
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, b, "weight first, then FIFO");
         p.record("d1", b, OpState::Pending, Some(OpState::Downloading), Some(0), 4).unwrap();
-        assert!(matches!(p.lookup("d1", "bios").unwrap(), Lookup::Wait), "one transfer per device at a time");
+        assert!(matches!(p.lookup("d1", "bios", 4).unwrap(), Lookup::Wait), "one transfer per device at a time");
         p.record("d1", b, OpState::Downloading, Some(OpState::Succeeded), None, 5).unwrap();
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, c);
         assert_eq!(active(p, "d1", "bios").seq, bios);

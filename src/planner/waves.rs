@@ -46,6 +46,8 @@ pub enum WaveError {
     Unordered(String),
     #[error("no image of version {0}")]
     NoImage(String),
+    #[error("no image of version {version} may reach the {class} devices of tag {tag}: {reason}")]
+    NotAdmissible { version: String, tag: String, class: &'static str, reason: String },
     #[error("--prune {version}: not a production version of tag {tag} ({class}); it has {have:?}")]
     NotProduction { version: String, tag: String, class: &'static str, have: Vec<String> },
     #[error("wave {name} is {state}, not active")]
@@ -462,8 +464,24 @@ impl Waves {
         Ok(())
     }
 
-    fn images(&self, w: &Wave) -> Vec<Arc<ImageMeta>> {
-        self.firmware.of_version(w.image_name.as_deref(), &w.version)
+    /// The wave's images that may reach its devices: for production devices, verified
+    /// production TUF targets released for the tag (CI devices likewise when a CI repository
+    /// is configured). The first refusal says why when none may.
+    fn images(&self, w: &Wave, now: u64) -> (Vec<Arc<ImageMeta>>, Option<String>) {
+        let mut why = None;
+        let ok = self
+            .firmware
+            .of_version(w.image_name.as_deref(), &w.version)
+            .into_iter()
+            .filter(|m| match self.planner.admit(w.production, m, Some(&w.tag), now) {
+                Ok(()) => true,
+                Err(r) => {
+                    why.get_or_insert(r.to_string());
+                    false
+                }
+            })
+            .collect();
+        (ok, why)
     }
 
     pub fn init(&self, req: InitRequest, now: u64) -> Result<Wave, WaveError> {
@@ -504,7 +522,7 @@ impl Waves {
             }
         }
         let wave = Wave {
-            name: req.name,
+            name: req.name.clone(),
             tag: req.tag,
             production: req.production,
             version,
@@ -516,6 +534,15 @@ impl Waves {
             ended_at: None,
             rollouts: Vec::new(),
         };
+        let (admissible, why) = self.images(&wave, now);
+        if admissible.is_empty() {
+            return Err(WaveError::NotAdmissible {
+                version: req.version,
+                tag: wave.tag,
+                class: cls,
+                reason: why.unwrap_or_default(),
+            });
+        }
         if req.dry_run {
             return Ok(wave);
         }
@@ -616,7 +643,7 @@ impl Waves {
         chosen: &[(Idx, String)],
         now: u64,
     ) -> Result<(usize, Vec<Refused>), WaveError> {
-        let images = self.images(wave);
+        let (images, why) = self.images(wave, now);
         let origin = wave.origin();
         let members = book.members.entry(wave.name.clone()).or_default();
         let mut refused = Vec::new();
@@ -628,6 +655,11 @@ impl Waves {
             };
             let meta = match pick(&images, hardware.as_deref()) {
                 Ok(m) => m,
+                Err(_) if images.is_empty() => {
+                    let reason = why.clone().unwrap_or_else(|| "no image of the wave's version".into());
+                    refused.push(Refused { device: id.clone(), reason });
+                    continue;
+                }
                 Err(reason) => {
                     refused.push(Refused { device: id.clone(), reason });
                     continue;

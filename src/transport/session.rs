@@ -72,9 +72,16 @@ impl Dfu {
             }
             Err(e) => return self.failed(device, &e),
         }
-        let active = match self.planner.lookup(device, component) {
+        let active = match self.planner.lookup(device, component, now) {
             Ok(Lookup::Active(a)) => Some(a),
             Ok(Lookup::Nothing) => None,
+            Ok(Lookup::Refused(why)) => {
+                // Not a block of it: the operation failed with the reason, the device stays.
+                warn!(device, transport, reason = %why, "refused to serve an image");
+                self.telemetry.status("refused");
+                push(out, &engine::handle_status(&self.engine, &status, None).commands[0], form);
+                return Handled::Replied;
+            }
             Ok(Lookup::Wait) => {
                 // Another component of the device is being transferred: this one waits.
                 self.telemetry.status("wait");

@@ -38,9 +38,11 @@ fn device(id: &str, tag: &str, groups: &[&str], production: bool) -> DeviceSpec 
     }
 }
 
-/// 30 production devices p00..p29 on `release` (p00..p04 in `canary`, even ones in `eu`),
-/// 3 test devices t0..t2 on `release`, 2 production devices o0, o1 on `other`; images app 1.0,
-/// 2.0, 2.1, 3.0.
+/// 30 test (CI) devices p00..p29 on `release` (p00..p04 in `canary`, even ones in `eu`), 3
+/// production devices t0..t2 on `release`, 2 CI devices o0, o1 on `other`; images app 1.0,
+/// 2.0, 2.1, 3.0. The waves are for CI devices: with no CI TUF repository configured, any
+/// image may reach them, so these tests are about the wave rules alone (TUF: `crate::tuf`
+/// and the gateway tests).
 fn world() -> World {
     let w = open_at(tempfile::tempdir().unwrap());
     let mut specs = Vec::new();
@@ -52,13 +54,13 @@ fn world() -> World {
         if n % 2 == 0 {
             groups.push("eu");
         }
-        specs.push(device(&format!("p{n:02}"), "release", &groups, true));
+        specs.push(device(&format!("p{n:02}"), "release", &groups, false));
     }
     for n in 0..3 {
-        specs.push(device(&format!("t{n}"), "release", &[], false));
+        specs.push(device(&format!("t{n}"), "release", &[], true));
     }
     for n in 0..2 {
-        specs.push(device(&format!("o{n}"), "other", &[], true));
+        specs.push(device(&format!("o{n}"), "other", &[], false));
     }
     w.fleet.upsert(specs, 0).unwrap();
     for v in ["1.0", "2.0", "2.1", "3.0"] {
@@ -68,7 +70,7 @@ fn world() -> World {
 }
 
 fn init(name: &str, version: &str, tag: &str) -> InitRequest {
-    InitRequest { name: name.into(), version: version.into(), tag: tag.into(), production: true, ..Default::default() }
+    InitRequest { name: name.into(), version: version.into(), tag: tag.into(), production: false, ..Default::default() }
 }
 
 fn limit(l: &str) -> RolloutRequest {
@@ -100,9 +102,13 @@ fn one_active_wave_per_tag_and_class() {
     let err = w.waves.init(init("w2", "2.1", "release"), 2).unwrap_err();
     assert!(matches!(&err, WaveError::ActiveWave { active, .. } if active == "w1"), "{err}");
     assert!(err.to_string().contains("already has an active wave: w1"));
-    // Another tag, or the test devices of the same tag, are independent.
+    // Another tag is independent.
     w.waves.init(init("w3", "2.1", "other"), 3).unwrap();
-    w.waves.init(InitRequest { production: false, ..init("w4", "2.1", "release") }, 4).unwrap();
+    // The production devices of the same tag are another class: not blocked by w1, but with no
+    // production TUF repository configured no image may reach them.
+    let err = w.waves.init(InitRequest { production: true, ..init("w4", "2.1", "release") }, 4).unwrap_err();
+    assert!(matches!(err, WaveError::NotAdmissible { .. }), "{err}");
+    assert!(err.to_string().contains("no production TUF repository"), "{err}");
     assert!(matches!(w.waves.init(init("w1", "3.0", "x"), 5), Err(WaveError::Exists(_))));
     assert!(matches!(w.waves.init(init("bad name", "3.0", "x"), 5), Err(WaveError::InvalidName(_))));
     // Once the first is canceled, the tag takes a new wave.
@@ -118,7 +124,7 @@ fn the_version_must_exist_order_and_be_newer_than_production() {
     assert!(matches!(w.waves.init(init("w", "nightly", "release"), 1), Err(WaveError::Unordered(_))));
     w.waves.init(init("w1", "2.0", "release"), 1).unwrap();
     w.waves.complete("w1", 2).unwrap();
-    assert_eq!(w.waves.production_versions("release", true), ["2.0"]);
+    assert_eq!(w.waves.production_versions("release", false), ["2.0"]);
     for v in ["1.0", "2.0", "app@2.0"] {
         let err = w.waves.init(init("w2", v, "release"), 3).unwrap_err();
         assert!(matches!(err, WaveError::NotNewer { ref current, .. } if current == "2.0"), "{v}: {err}");
@@ -141,7 +147,7 @@ fn a_complete_wave_cannot_be_canceled_but_its_version_can_be_pruned() {
     assert_eq!(w.waves.get("w1").unwrap().state, WaveState::Complete);
     w.waves.init(init("w2", "3.0", "release"), 4).unwrap();
     w.waves.complete("w2", 5).unwrap();
-    assert_eq!(w.waves.production_versions("release", true), ["2.0", "3.0"]);
+    assert_eq!(w.waves.production_versions("release", false), ["2.0", "3.0"]);
     // Pruning a version that is not a production version is refused and names the ones there are.
     let req = InitRequest { prune: vec!["1.0".into()], ..init("w3", "2.1", "release") };
     assert!(matches!(w.waves.init(req, 6), Err(WaveError::NotProduction { .. })));
@@ -149,7 +155,7 @@ fn a_complete_wave_cannot_be_canceled_but_its_version_can_be_pruned() {
     let req = InitRequest { prune: vec!["3.0".into()], ..init("w3", "2.1", "release") };
     w.waves.init(req, 6).unwrap();
     w.waves.complete("w3", 7).unwrap();
-    assert_eq!(w.waves.production_versions("release", true), ["2.0", "2.1"]);
+    assert_eq!(w.waves.production_versions("release", false), ["2.0", "2.1"]);
     // Canceling twice, or canceling a canceled wave, changes nothing.
     w.waves.init(init("w4", "3.0", "release"), 8).unwrap();
     w.waves.cancel("w4", 9).unwrap();
@@ -171,7 +177,7 @@ fn limits_are_counts_or_percentages() {
 fn limit_percent_rounds_up_and_repeated_limits_never_pick_a_staged_device_again() {
     let w = world();
     w.waves.init(init("w", "2.0", "release"), 1).unwrap();
-    // 10% of the 30 production devices of the tag: 3; the test devices are another class.
+    // 10% of the 30 CI devices of the tag: 3; the production devices are another class.
     let r = w.waves.rollout("w", limit("10%"), 2).unwrap();
     assert_eq!((r.population, r.selected, r.staged), (30, 3, 3));
     let first = staged(&w, "w");
@@ -201,7 +207,7 @@ fn uuids_take_any_separator_and_intersect_with_the_group() {
     assert_eq!(split_uuids(" a,b;c|d e\tf\n\ng,,|"), ["a", "b", "c", "d", "e", "f", "g"]);
     let w = world();
     w.waves.init(init("w", "2.0", "release"), 1).unwrap();
-    // p00..p04 are canary; p06 is not; t0 is a test device; o0 follows another tag.
+    // p00..p04 are canary; p06 is not; t0 is a production device; o0 follows another tag.
     let list = "p00,p01;p02|p06\nt0 o0\tnope";
     let req = RolloutRequest {
         group: Some("canary".into()),
@@ -259,13 +265,13 @@ fn complete_reaches_every_device_of_the_tag_and_the_ones_that_join_later() {
     assert_eq!((wave.state, n), (WaveState::Complete, 25));
     assert_eq!(staged(&w, "w").len(), 30);
     assert!(state_of(&w, "t0", "w").is_none() && state_of(&w, "o0", "w").is_none());
-    // A new device on the tag, and a test device that becomes a production one, get it.
-    w.fleet.upsert(vec![device("new", "release", &[], true), device("t0", "release", &[], true)], 4).unwrap();
+    // A new device on the tag, and a production device that becomes a CI one, get it.
+    w.fleet.upsert(vec![device("new", "release", &[], false), device("t0", "release", &[], false)], 4).unwrap();
     assert_eq!(w.waves.devices_changed(&["new".into(), "t0".into()], 4).unwrap(), 2);
     assert_eq!(state_of(&w, "new", "w"), Some(OpState::Pending));
     assert_eq!(w.planner.operation("new", MAIN_COMPONENT).unwrap().image, "app@2.0");
     // A device leaving the tag before it started loses the queued operation.
-    w.fleet.upsert(vec![device("p29", "other", &[], true)], 5).unwrap();
+    w.fleet.upsert(vec![device("p29", "other", &[], false)], 5).unwrap();
     assert_eq!(w.waves.devices_changed(&["p29".into()], 5).unwrap(), 0);
     assert_eq!(state_of(&w, "p29", "w"), Some(OpState::Canceled));
     // Registering again changes nothing for devices already in the wave.
@@ -305,7 +311,7 @@ fn cancel_withdraws_queued_and_in_flight_operations_and_keeps_updated_devices() 
 #[test]
 fn each_device_gets_the_image_of_the_version_that_fits_its_hardware() {
     let w = open_at(tempfile::tempdir().unwrap());
-    let hw = |id: &str, h: &str| DeviceSpec { hardware: Some(h.into()), ..device(id, "t", &[], true) };
+    let hw = |id: &str, h: &str| DeviceSpec { hardware: Some(h.into()), ..device(id, "t", &[], false) };
     w.fleet.upsert(vec![hw("n", "nrf52"), hw("e", "esp32"), hw("s", "stm32")], 0).unwrap();
     w.firmware.add("fw-nrf", "2.0", vec!["nrf52".into()], Bytes::from_static(b"nrf"), 0).unwrap();
     w.firmware.add("fw-esp", "2.0", vec!["esp32".into()], Bytes::from_static(b"esp"), 0).unwrap();
@@ -340,14 +346,15 @@ fn waves_and_who_is_in_them_survive_a_restart_and_an_interrupted_complete_is_fin
     x.ended_at = Some(5);
     w.waves.put(&x).unwrap();
     // And a crash after `cancel` wrote the wave and before it withdrew the operations.
-    w.waves.init(InitRequest { production: false, ..init("y", "2.0", "release") }, 6).unwrap();
-    w.waves.rollout("y", RolloutRequest::default(), 6).unwrap();
+    w.waves.complete("w", 6).unwrap();
+    w.waves.init(init("y", "2.1", "release"), 6).unwrap();
+    w.waves.rollout("y", RolloutRequest { group: Some("canary".into()), ..Default::default() }, 6).unwrap();
     let mut y = w.waves.get("y").unwrap();
     y.state = WaveState::Canceled;
     w.waves.put(&y).unwrap();
     let w = reopen(w);
     assert_eq!(staged(&w, "x"), ["o0", "o1"]);
     assert!(staged(&w, "y").is_empty());
-    assert_eq!(state_of(&w, "t0", "y"), Some(OpState::Canceled));
-    assert_eq!(w.waves.production_versions("other", true), ["2.0"]);
+    assert_eq!(state_of(&w, "p00", "y"), Some(OpState::Canceled));
+    assert_eq!(w.waves.production_versions("other", false), ["2.0"]);
 }

@@ -44,9 +44,13 @@ impl Resources for Gateway {
     }
 
     fn firmware(&self, device: &str) -> FirmwareAnswer {
-        match self.planner.lookup(device, MAIN_COMPONENT) {
+        match self.planner.lookup(device, MAIN_COMPONENT, crate::now_secs()) {
             Ok(Lookup::Active(op)) => FirmwareAnswer::Image(Image { bytes: op.image, digest: op.meta.digest() }),
             Ok(Lookup::Nothing) => FirmwareAnswer::NotAssigned,
+            Ok(Lookup::Refused(why)) => {
+                warn!(device, reason = %why, "refused to serve an image");
+                FirmwareAnswer::NotAssigned
+            }
             // Another component of the device is being transferred: ask again later.
             Ok(Lookup::Wait) => FirmwareAnswer::Unavailable,
             Err(e) => {

@@ -1,0 +1,405 @@
+//! TUF: which firmware is a properly signed target of the production (or CI) repository, and
+//! so may reach a device of that class.
+//!
+//! The client workflow of the TUF specification (§5.3–5.7: root rotation chain, timestamp →
+//! snapshot → targets, signature thresholds counted once per key, expiry, rollback protection,
+//! consistent snapshots, target length and hashes) is `tough`'s (awslabs): it loads metadata
+//! written by python-tuf 7, the reference implementation, which the `tuf` crate's newest
+//! release refuses (`Unknown spec version 1.0.31`). This module adds what the gateway needs
+//! around it: a transport for `file://` and `http://` URLs, the trusted metadata persisted in a
+//! datastore directory (so a restart starts from the newest verified root and keeps rejecting
+//! rolled-back versions), and the verified targets as the set of (sha256, length) that are
+//! admissible, with their Foundries-style `custom.tags`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use tough::{async_trait, ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
+use tough::{Transport, TransportError, TransportErrorKind, TransportStream};
+use url::Url;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TufError {
+    #[error("{repo}: {what}: {source}")]
+    Io { repo: String, what: String, source: std::io::Error },
+    #[error("{repo}: invalid URL {url:?}: {message}")]
+    Url { repo: String, url: String, message: String },
+    #[error("{repo}: the repository does not verify: {message}")]
+    Verify { repo: String, message: String },
+    #[error("{repo}: no target {0}", .target)]
+    NoTarget { repo: String, target: String },
+    #[error("{repo}: target {target} does not verify: {message}")]
+    Target { repo: String, target: String, message: String },
+    #[error("{0} has no TUF repository configured")]
+    NotConfigured(&'static str),
+}
+
+/// Where one repository is and what is trusted to start with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepoConfig {
+    /// The trusted root.json shipped out of band. Empty: no repository.
+    pub root: PathBuf,
+    /// Base URL of the metadata (`file:///dir/` or `http://host/metadata/`).
+    pub metadata_url: String,
+    /// Base URL of the target files.
+    pub targets_url: String,
+}
+
+impl RepoConfig {
+    pub fn configured(&self) -> bool {
+        !self.root.as_os_str().is_empty()
+    }
+}
+
+/// A verified target as the gateway uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub length: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// `custom.tags` (Foundries): the tags the target is released for.
+    pub tags: Vec<String>,
+    /// `custom.version`, when the repository states one.
+    pub version: Option<String>,
+}
+
+/// What one successful refresh established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    pub repo: String,
+    pub root_version: u64,
+    pub timestamp_version: u64,
+    pub snapshot_version: u64,
+    pub targets_version: u64,
+    /// Unix seconds at which the first of the four roles expires; nothing is admissible after.
+    pub expires: u64,
+    pub targets: Vec<TargetInfo>,
+}
+
+fn url_of(repo: &str, text: &str) -> Result<Url, TufError> {
+    let mut u = Url::parse(text).map_err(|e| TufError::Url { repo: repo.into(), url: text.into(), message: e.to_string() })?;
+    if !u.path().ends_with('/') {
+        // A base URL: `…/metadata` and `…/metadata/` mean the same directory.
+        u.set_path(&format!("{}/", u.path()));
+    }
+    Ok(u)
+}
+
+/// Fetches `file://` and `http://` URLs. A missing file (404) is reported as such: the root
+/// rotation chain ends at the first version that is not there.
+#[derive(Debug, Clone, Default)]
+pub struct Fetch {
+    http: reqwest::Client,
+}
+
+#[async_trait]
+impl Transport for Fetch {
+    async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
+        match url.scheme() {
+            "file" => tough::FilesystemTransport.fetch(url).await,
+            "http" => {
+                let err = |kind, e: reqwest::Error| TransportError::new_with_cause(kind, url.as_str(), e);
+                let resp = self.http.get(url.clone()).send().await.map_err(|e| err(TransportErrorKind::Other, e))?;
+                let status = resp.status();
+                if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::FORBIDDEN {
+                    return Err(TransportError::new(TransportErrorKind::FileNotFound, url.as_str()));
+                }
+                if !status.is_success() {
+                    return Err(TransportError::new_with_cause(
+                        TransportErrorKind::Other,
+                        url.as_str(),
+                        format!("HTTP {status}"),
+                    ));
+                }
+                // Chunk by chunk: tough stops reading at the size limit it enforces.
+                let u = url.to_string();
+                let stream = futures::stream::unfold(Some(resp), move |resp| {
+                    let u = u.clone();
+                    async move {
+                        let mut resp = resp?;
+                        match resp.chunk().await {
+                            Ok(Some(b)) => Some((Ok(b), Some(resp))),
+                            Ok(None) => None,
+                            Err(e) => Some((Err(TransportError::new_with_cause(TransportErrorKind::Other, u, e)), None)),
+                        }
+                    }
+                });
+                Ok(Box::pin(stream))
+            }
+            _ => Err(TransportError::new(TransportErrorKind::UnsupportedUrlScheme, url.as_str())),
+        }
+    }
+}
+
+/// One repository's client: its trusted root, URLs and datastore.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    /// The trusted root used when the datastore has none yet.
+    pub initial_root: PathBuf,
+    pub metadata_url: String,
+    pub targets_url: String,
+    /// Holds root.json (the newest verified), timestamp.json, snapshot.json, targets.json.
+    pub datastore: PathBuf,
+}
+
+impl Client {
+    fn io(&self, what: String) -> impl FnOnce(std::io::Error) -> TufError + '_ {
+        move |source| TufError::Io { repo: self.name.clone(), what, source }
+    }
+
+    /// The root to start from: the newest one verified before (in the datastore), else the
+    /// one shipped out of band.
+    fn trusted_root(&self) -> Result<Vec<u8>, TufError> {
+        let stored = self.datastore.join("root.json");
+        let path = if stored.exists() { stored } else { self.initial_root.clone() };
+        std::fs::read(&path).map_err(self.io(format!("reading the trusted root {}", path.display())))
+    }
+
+    /// Runs the TUF client workflow against the repository.
+    pub async fn load(&self) -> Result<tough::Repository, TufError> {
+        std::fs::create_dir_all(&self.datastore)
+            .map_err(self.io(format!("creating {}", self.datastore.display())))?;
+        let root = self.trusted_root()?;
+        let metadata = url_of(&self.name, &self.metadata_url)?;
+        let targets = url_of(&self.name, &self.targets_url)?;
+        RepositoryLoader::new(&root, metadata, targets)
+            .transport(Fetch::default())
+            .datastore(&self.datastore)
+            .expiration_enforcement(ExpirationEnforcement::Safe)
+            .load()
+            .await
+            .map_err(|e| TufError::Verify { repo: self.name.clone(), message: error_chain(&e) })
+    }
+
+    /// Refreshes and lists the verified targets.
+    pub async fn refresh(&self) -> Result<Verified, TufError> {
+        let repo = self.load().await?;
+        Ok(verified(&self.name, &repo))
+    }
+
+    /// Downloads one target, checked against its length and sha256.
+    pub async fn fetch_target(&self, repo: &tough::Repository, name: &str) -> Result<Vec<u8>, TufError> {
+        let target = |message: String| TufError::Target { repo: self.name.clone(), target: name.into(), message };
+        let tn = TargetName::new(name).map_err(|e| target(e.to_string()))?;
+        let stream = repo.read_target(&tn).await.map_err(|e| target(error_chain(&e)))?;
+        let Some(stream) = stream else {
+            return Err(TufError::NoTarget { repo: self.name.clone(), target: name.into() });
+        };
+        stream.into_vec().await.map_err(|e| target(error_chain(&e)))
+    }
+}
+
+/// An error with its causes, on one line; key ids as their hex text.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = readable(&e.to_string());
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = readable(&s.to_string());
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// tough prints a key id as `Decoded { bytes: [...], original: "HEX", ... }`: keep the HEX.
+fn readable(text: &str) -> String {
+    let (Some(start), Some(at)) = (text.find("Decoded {"), text.find("original: \"")) else { return text.into() };
+    let hex_start = at + "original: \"".len();
+    let Some(hex_len) = text[hex_start..].find('"') else { return text.into() };
+    let end = text[hex_start..].find('}').map_or(text.len(), |e| hex_start + e + 1);
+    format!("{}{}{}", &text[..start], &text[hex_start..hex_start + hex_len], &text[end..])
+}
+
+fn verified(name: &str, repo: &tough::Repository) -> Verified {
+    let secs = |t: jiff::Timestamp| t.as_second().max(0) as u64;
+    let expires = [
+        secs(repo.root().signed.expires),
+        secs(repo.timestamp().signed.expires),
+        secs(repo.snapshot().signed.expires),
+        secs(repo.targets().signed.expires),
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(0);
+    let targets = repo
+        .all_targets()
+        .map(|(n, t)| TargetInfo {
+            name: n.raw().to_owned(),
+            length: t.length,
+            sha256: hex::encode(&*t.hashes.sha256),
+            tags: t
+                .custom
+                .get("tags")
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default(),
+            version: t.custom.get("version").and_then(|v| v.as_str()).map(str::to_owned),
+        })
+        .collect();
+    Verified {
+        repo: name.into(),
+        root_version: repo.root().signed.version.get(),
+        timestamp_version: repo.timestamp().signed.version.get(),
+        snapshot_version: repo.snapshot().signed.version.get(),
+        targets_version: repo.targets().signed.version.get(),
+        expires,
+        targets,
+    }
+}
+
+/// The two repositories a gateway trusts, and what they verified last.
+pub struct Trust {
+    production: Option<Client>,
+    ci: Option<Client>,
+    verified: RwLock<HashMap<&'static str, Arc<Verified>>>,
+}
+
+/// Why an image may not reach a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no production TUF repository is configured, so nothing is admissible for production devices")]
+    NoProductionRepo,
+    #[error("the {0} TUF repository has not been verified yet (or its last refresh failed)")]
+    NotVerified(&'static str),
+    #[error("the verified {0} TUF metadata has expired; refresh it")]
+    Expired(&'static str),
+    #[error("image {image} (sha256 {sha256}, {length} bytes) is not a verified {repo} target")]
+    NotATarget { image: String, sha256: String, length: u64, repo: &'static str },
+    #[error("image {image} is a verified {repo} target, but not for tag {tag}")]
+    OtherTag { image: String, repo: &'static str, tag: String },
+}
+
+pub const PRODUCTION: &str = "production";
+pub const CI: &str = "ci";
+
+impl Trust {
+    /// `data_dir/tuf/<repo>/` holds each repository's trusted metadata.
+    pub fn new(production: &RepoConfig, ci: &RepoConfig, data_dir: &Path) -> Trust {
+        let client = |name: &str, c: &RepoConfig| {
+            c.configured().then(|| Client {
+                name: name.into(),
+                initial_root: c.root.clone(),
+                metadata_url: c.metadata_url.clone(),
+                targets_url: c.targets_url.clone(),
+                datastore: data_dir.join("tuf").join(name),
+            })
+        };
+        Trust {
+            production: client(PRODUCTION, production),
+            ci: client(CI, ci),
+            verified: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// No repository at all: production devices get nothing, CI devices anything.
+    pub fn none() -> Trust {
+        Trust { production: None, ci: None, verified: RwLock::new(HashMap::new()) }
+    }
+
+    fn client(&self, repo: &str) -> Result<(&'static str, &Client), TufError> {
+        match repo {
+            PRODUCTION => self.production.as_ref().map(|c| (PRODUCTION, c)).ok_or(TufError::NotConfigured(PRODUCTION)),
+            CI => self.ci.as_ref().map(|c| (CI, c)).ok_or(TufError::NotConfigured(CI)),
+            _ => Err(TufError::NotConfigured("this repository")),
+        }
+    }
+
+    pub fn configured(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.production.is_some() {
+            v.push(PRODUCTION);
+        }
+        if self.ci.is_some() {
+            v.push(CI);
+        }
+        v
+    }
+
+    /// Refreshes one repository. On failure the previous verified state stays (until it
+    /// expires) and nothing changes.
+    pub async fn refresh(&self, repo: &str) -> Result<Arc<Verified>, TufError> {
+        let (name, client) = self.client(repo)?;
+        let v = Arc::new(client.refresh().await?);
+        self.verified.write().unwrap_or_else(|e| e.into_inner()).insert(name, v.clone());
+        Ok(v)
+    }
+
+    pub fn verified(&self, repo: &str) -> Option<Arc<Verified>> {
+        self.verified.read().unwrap_or_else(|e| e.into_inner()).get(repo).cloned()
+    }
+
+    /// The verified target with these bytes, of `repo`, at `now`.
+    fn target(&self, repo: &'static str, sha256: &str, length: u64, now: u64) -> Result<TargetInfo, Refusal> {
+        let v = self.verified(repo).ok_or(Refusal::NotVerified(repo))?;
+        if now >= v.expires {
+            return Err(Refusal::Expired(repo));
+        }
+        v.targets
+            .iter()
+            .find(|t| t.sha256 == sha256 && t.length == length)
+            .cloned()
+            .ok_or_else(|| Refusal::NotATarget { image: String::new(), sha256: sha256.into(), length, repo })
+    }
+
+    /// Whether an image (by its sha256 and length) may reach a device of a class: production
+    /// devices only verified production targets; CI devices verified CI targets, or anything
+    /// when no CI repository is configured. With `tag`, the target must be released for it.
+    pub fn admit(
+        &self,
+        production: bool,
+        image: &str,
+        sha256: &str,
+        length: u64,
+        tag: Option<&str>,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let repo = if production {
+            if self.production.is_none() {
+                return Err(Refusal::NoProductionRepo);
+            }
+            PRODUCTION
+        } else {
+            if self.ci.is_none() {
+                return Ok(());
+            }
+            CI
+        };
+        let t = self.target(repo, sha256, length, now).map_err(|r| match r {
+            Refusal::NotATarget { sha256, length, repo, .. } => {
+                Refusal::NotATarget { image: image.into(), sha256, length, repo }
+            }
+            other => other,
+        })?;
+        match tag {
+            Some(tag) if !t.tags.iter().any(|x| x == tag) => {
+                Err(Refusal::OtherTag { image: image.into(), repo, tag: tag.into() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The verified target of `repo` named `name`, for checking an upload against it.
+    pub fn named_target(&self, repo: &str, name: &str) -> Result<TargetInfo, TufError> {
+        let (repo, client) = self.client(repo)?;
+        let v = self.verified(repo).ok_or_else(|| TufError::Verify {
+            repo: client.name.clone(),
+            message: "not verified yet: run `fwgate tuf refresh`".into(),
+        })?;
+        v.targets
+            .iter()
+            .find(|t| t.name == name)
+            .cloned()
+            .ok_or_else(|| TufError::NoTarget { repo: repo.into(), target: name.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests;
