@@ -6,7 +6,8 @@
 //! (dry runs, repeated by criterion); then stages both for real once — one operation per
 //! device, written to RocksDB — and prints the time, the memory per operation and the time
 //! of `waves status`. Without `--bench` (as `cargo test` runs it) the registry is 20,000
-//! devices, as a smoke test.
+//! devices, as a smoke test. The devices are test (CI) devices with no CI TUF repository, so
+//! any image may reach them: this measures the planner, not TUF.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ fn main() {
                 id: uuid(n),
                 tag: Some("prod".into()),
                 groups: vec![format!("region-{}", n % 10)],
-                production: true,
+                production: false,
                 hardware: None,
             })
             .collect();
@@ -72,7 +73,7 @@ fn main() {
         name: "w".into(),
         version: "2.0".into(),
         tag: "prod".into(),
-        production: true,
+        production: false,
         ..Default::default()
     };
     waves.init(init, NOW).expect("init");

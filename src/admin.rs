@@ -184,6 +184,8 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/waves/{name}/cancel", post(cancel_wave))
         .route("/api/v1/waves/{name}/status", get(wave_status))
         .route("/api/v1/tags/{tag}", get(show_tag))
+        .route("/api/v1/tuf", get(tuf_status))
+        .route("/api/v1/tuf/{repo}/refresh", post(tuf_refresh))
         .layer(DefaultBodyLimit::max(request_limit))
         .with_state(state)
 }
@@ -213,6 +215,12 @@ async fn list_images(State(s): State<AppState>) -> Json<Vec<ImageMeta>> {
 pub struct AddImage {
     pub name: String,
     pub version: String,
+    /// The TUF target these bytes claim to be (`repo` says of which repository, default
+    /// production): the upload is refused unless length and sha256 match it.
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub repo: Option<String>,
     /// Comma-separated device types; empty or absent means any.
     #[serde(default)]
     pub hardware: Option<String>,
@@ -244,6 +252,30 @@ async fn add_image(
         .filter(|h| !h.is_empty())
         .map(String::from)
         .collect();
+    if let Some(target) = &q.target {
+        let repo = q.repo.as_deref().unwrap_or(crate::tuf::PRODUCTION);
+        let t = s
+            .planner
+            .trust()
+            .named_target(repo, target)
+            .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_a_target", e))?;
+        let sha = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&body))
+        };
+        if t.length != body.len() as u64 || t.sha256 != sha {
+            return Err(AppError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not_a_target",
+                format!(
+                    "the upload is not {repo} target {target}: {} bytes with sha256 {sha}, the target is {} bytes with sha256 {}",
+                    body.len(),
+                    t.length,
+                    t.sha256
+                ),
+            ));
+        }
+    }
     let fw = s.firmware.clone();
     // Hashing and writing tens of MiB is blocking work.
     let (meta, created) = tokio::task::spawn_blocking(move || fw.add(&q.name, &q.version, hardware, body, now_secs()))
@@ -468,4 +500,26 @@ async fn show_tag(State(s): State<AppState>, Path(tag): Path<String>) -> Json<se
         "production_versions": s.waves.production_versions(&tag, true),
         "ci_versions": s.waves.production_versions(&tag, false),
     }))
+}
+
+async fn tuf_status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let trust = s.planner.trust();
+    let repos: Vec<serde_json::Value> = trust
+        .configured()
+        .into_iter()
+        .map(|r| serde_json::json!({"repo": r, "verified": trust.verified(r).map(|v| (*v).clone())}))
+        .collect();
+    Json(serde_json::json!({"repositories": repos}))
+}
+
+async fn tuf_refresh(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(repo): Path<String>,
+) -> Result<Json<crate::tuf::Verified>, AppError> {
+    match s.planner.trust().refresh(&repo).await {
+        Ok(v) => Ok(Json((*v).clone())),
+        Err(e @ crate::tuf::TufError::NotConfigured(_)) => Err(AppError::new(StatusCode::NOT_FOUND, "not_found", e)),
+        Err(e) => Err(AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "does_not_verify", e)),
+    }
 }

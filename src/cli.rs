@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::fleet::DeviceSpec;
 
 mod load;
+mod tuf;
 
 const DEFAULT_CONFIG: &str = "config/fwgate.toml";
 
@@ -71,6 +72,13 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// TUF: refresh the gateway's repositories, or run a standalone TUF client.
+    Tuf {
+        #[command(subcommand)]
+        command: tuf::TufCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Simulate devices against a running gateway and report how fast and how correctly they
     /// update (MQTT, CoAP DFU or CoAP Block2).
     Load(Box<load::LoadArgs>),
@@ -97,6 +105,12 @@ pub enum ImagesCommand {
         /// A device type the image is for (repeatable); none means any.
         #[arg(long = "hw")]
         hardware: Vec<String>,
+        /// The TUF target these bytes are: refused unless length and sha256 match it.
+        #[arg(long)]
+        target: Option<String>,
+        /// The repository of --target: production (default) or ci.
+        #[arg(long)]
+        repo: Option<String>,
     },
     /// List images.
     List,
@@ -357,9 +371,15 @@ fn print_device(v: &Value) {
 async fn images(cmd: ImagesCommand, remote: &Remote) -> Result<()> {
     let c = Client::new(remote);
     match cmd {
-        ImagesCommand::Add { file, name, version, hardware } => {
+        ImagesCommand::Add { file, name, version, hardware, target, repo } => {
             let data = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
             let mut q = vec![("name", name), ("version", version)];
+            if let Some(t) = target {
+                q.push(("target", t));
+            }
+            if let Some(r) = repo {
+                q.push(("repo", r));
+            }
             if !hardware.is_empty() {
                 q.push(("hardware", hardware.join(",")));
             }
@@ -701,6 +721,68 @@ async fn waves(cmd: WavesCommand, remote: &Remote) -> Result<()> {
     Ok(())
 }
 
+async fn tuf_remote(cmd: tuf::TufCommand, remote: &Remote) -> Result<()> {
+    let c = Client::new(remote);
+    match cmd {
+        tuf::TufCommand::Refresh { repo } => {
+            let repos = match repo {
+                Some(r) => vec![r],
+                None => {
+                    let v = c.send(c.http.get(c.url("/api/v1/tuf"))).await?;
+                    v["repositories"].as_array().into_iter().flatten().map(|r| s(r, "repo")).collect()
+                }
+            };
+            if repos.is_empty() {
+                bail!("the gateway has no TUF repository configured ([tuf] in its config)");
+            }
+            for r in repos {
+                let v = c.send(c.http.post(c.url(&format!("/api/v1/tuf/{r}/refresh")))).await?;
+                if remote.json {
+                    println!("{v:#}");
+                } else {
+                    println!(
+                        "{r}: verified — root v{}, timestamp v{}, snapshot v{}, targets v{}; {} targets",
+                        n(&v, "root_version"),
+                        n(&v, "timestamp_version"),
+                        n(&v, "snapshot_version"),
+                        n(&v, "targets_version"),
+                        v["targets"].as_array().map_or(0, Vec::len)
+                    );
+                }
+            }
+        }
+        tuf::TufCommand::Status => {
+            let v = c.send(c.http.get(c.url("/api/v1/tuf"))).await?;
+            if remote.json {
+                println!("{v:#}");
+                return Ok(());
+            }
+            for r in v["repositories"].as_array().into_iter().flatten() {
+                let ver = &r["verified"];
+                if ver.is_null() {
+                    println!("{}: not verified (see the gateway log; `fwgate tuf refresh`)", s(r, "repo"));
+                    continue;
+                }
+                println!(
+                    "{}: targets v{}, expires in {} s",
+                    s(r, "repo"),
+                    n(ver, "targets_version"),
+                    n(ver, "expires").saturating_sub(crate::now_secs())
+                );
+                for t in ver["targets"].as_array().into_iter().flatten() {
+                    let tags = t["tags"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    println!("  {:<32} {:>10} {}  tags {}", s(t, "name"), n(t, "length"), &s(t, "sha256")[..16], tags);
+                }
+            }
+        }
+        tuf::TufCommand::Client(_) => unreachable!("run locally"),
+    }
+    Ok(())
+}
+
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -761,6 +843,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Images { command, remote } => images(command, &remote).await,
         Command::Devices { command, remote } => devices(command, &remote).await,
         Command::Waves { command, remote } => waves(command, &remote).await,
+        Command::Tuf { command: tuf::TufCommand::Client(args), .. } => tuf::client_command(args).await,
+        Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,
     }
 }

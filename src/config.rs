@@ -399,7 +399,10 @@ impl Config {
         }
         for (key, repo) in [("tuf.production", self.tuf.production()), ("tuf.ci", self.tuf.ci())] {
             if repo.configured() && (repo.metadata_url.is_empty() || repo.targets_url.is_empty()) {
-                return Err(invalid(key, "a root needs metadata_url and targets_url (file:///dir/ or http://host/dir/)"));
+                return Err(invalid(
+                    key,
+                    "a root needs metadata_url and targets_url (file:///dir/ or http://host/dir/)",
+                ));
             }
         }
         if self.tuf.refresh_secs == 0 {

@@ -141,7 +141,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         // A repository that does not verify now leaves its devices without admissible images
         // until it does; the gateway still starts.
         match trust.refresh(repo).await {
-            Ok(v) => info!(repo, targets = v.targets.len(), targets_version = v.targets_version, "TUF repository verified"),
+            Ok(v) => {
+                info!(repo, targets = v.targets.len(), targets_version = v.targets_version, "TUF repository verified")
+            }
             Err(e) => error!(repo, error = %e, "TUF repository does not verify"),
         }
     }

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{timed_out, OpState};
 use crate::firmware::{version_order, Firmware, FirmwareError, ImageMeta};
-use crate::tuf::{Refusal, Trust};
 use crate::fleet::{Fleet, FleetError};
 use crate::store::{Cf, Store, StoreError};
+use crate::tuf::{Refusal, Trust};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlannerError {

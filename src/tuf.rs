@@ -81,7 +81,8 @@ pub struct Verified {
 }
 
 fn url_of(repo: &str, text: &str) -> Result<Url, TufError> {
-    let mut u = Url::parse(text).map_err(|e| TufError::Url { repo: repo.into(), url: text.into(), message: e.to_string() })?;
+    let mut u =
+        Url::parse(text).map_err(|e| TufError::Url { repo: repo.into(), url: text.into(), message: e.to_string() })?;
     if !u.path().ends_with('/') {
         // A base URL: `…/metadata` and `…/metadata/` mean the same directory.
         u.set_path(&format!("{}/", u.path()));
@@ -124,7 +125,9 @@ impl Transport for Fetch {
                         match resp.chunk().await {
                             Ok(Some(b)) => Some((Ok(b), Some(resp))),
                             Ok(None) => None,
-                            Err(e) => Some((Err(TransportError::new_with_cause(TransportErrorKind::Other, u, e)), None)),
+                            Err(e) => {
+                                Some((Err(TransportError::new_with_cause(TransportErrorKind::Other, u, e)), None))
+                            }
                         }
                     }
                 });
@@ -162,8 +165,7 @@ impl Client {
 
     /// Runs the TUF client workflow against the repository.
     pub async fn load(&self) -> Result<tough::Repository, TufError> {
-        std::fs::create_dir_all(&self.datastore)
-            .map_err(self.io(format!("creating {}", self.datastore.display())))?;
+        std::fs::create_dir_all(&self.datastore).map_err(self.io(format!("creating {}", self.datastore.display())))?;
         let root = self.trusted_root()?;
         let metadata = url_of(&self.name, &self.metadata_url)?;
         let targets = url_of(&self.name, &self.targets_url)?;
@@ -180,6 +182,11 @@ impl Client {
     pub async fn refresh(&self) -> Result<Verified, TufError> {
         let repo = self.load().await?;
         Ok(verified(&self.name, &repo))
+    }
+
+    /// The verified targets of a loaded repository.
+    pub fn refresh_from(&self, repo: &tough::Repository) -> Verified {
+        verified(&self.name, repo)
     }
 
     /// Downloads one target, checked against its length and sha256.
@@ -292,11 +299,7 @@ impl Trust {
                 datastore: data_dir.join("tuf").join(name),
             })
         };
-        Trust {
-            production: client(PRODUCTION, production),
-            ci: client(CI, ci),
-            verified: RwLock::new(HashMap::new()),
-        }
+        Trust { production: client(PRODUCTION, production), ci: client(CI, ci), verified: RwLock::new(HashMap::new()) }
     }
 
     /// No repository at all: production devices get nothing, CI devices anything.

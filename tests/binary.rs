@@ -363,16 +363,18 @@ async fn waves_through_the_cli_survive_sigkill_mid_rollout_and_devices_continue(
     let ids: Vec<String> = (0..20).map(|i| format!("w{i:02}")).collect();
     let mut csv = String::from("id,tag,groups,production\n");
     for (i, id) in ids.iter().enumerate() {
-        csv.push_str(&format!("{id},release,{},true\n", if i < 5 { "canary" } else { "eu" }));
+        // Test (CI) devices: with no CI TUF repository configured, any uploaded image may reach
+        // them (the TUF rules have their own tests).
+        csv.push_str(&format!("{id},release,{},false\n", if i < 5 { "canary" } else { "eu" }));
     }
     std::fs::write(dir.path().join("devices.csv"), csv).unwrap();
     let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0"]);
     assert!(ok, "{out}");
     let (ok, out) = serve.cli(&["devices", "import", dir.path().join("devices.csv").to_str().unwrap()]);
     assert!(ok && out.contains("20 added"), "{out}");
-    let (ok, out) = serve.cli(&["waves", "init", "v2", "2.0", "release"]);
+    let (ok, out) = serve.cli(&["waves", "init", "v2", "2.0", "release", "--ci"]);
     assert!(ok && out.contains("initialized"), "{out}");
-    let (ok, out) = serve.cli(&["waves", "init", "v2b", "2.0", "release"]);
+    let (ok, out) = serve.cli(&["waves", "init", "v2b", "2.0", "release", "--ci"]);
     assert!(!ok && out.contains("already has an active wave: v2"), "{out}");
 
     // The canaries from a file that mixes every separator; w05 is not a canary.
@@ -450,4 +452,76 @@ async fn waves_through_the_cli_survive_sigkill_mid_rollout_and_devices_continue(
     assert!(!ok && out.contains("cannot be canceled"), "{out}");
     let (ok, out) = serve.cli(&["waves", "list", "--status", "complete"]);
     assert!(ok && out.contains("v2") && out.contains("release"), "{out}");
+}
+
+/// Serves the fixture TUF repositories over HTTP on loopback: `/REPO/metadata/...`,
+/// `/REPO/targets/...`. Missing files are 404.
+async fn serve_fixture_repos() -> String {
+    use axum::extract::Path as UrlPath;
+    let root = tuf_fixtures().join("repos");
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::get(move |UrlPath(path): UrlPath<String>| {
+            let root = root.clone();
+            async move {
+                if path.split('/').any(|p| p == ".." || p.is_empty()) {
+                    return Err(axum::http::StatusCode::BAD_REQUEST);
+                }
+                std::fs::read(root.join(&path)).map_err(|_| axum::http::StatusCode::NOT_FOUND)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+fn tuf_client(metadata: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).args(["tuf", "client", "--metadata-dir"]).arg(metadata).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.code() == Some(0) || out.status.code() == Some(1), "exit 0 or 1: {out:?}");
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tuf_client_downloads_a_verified_target_over_http_and_refuses_tampered_ones() {
+    let base = serve_fixture_repos().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (md, td) = (dir.path().join("metadata"), dir.path().join("targets"));
+    let root = tuf_fixtures().join("production-root.json");
+    let (ok, out) = tuf_client(&md, &["init", root.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let metadata_url = format!("{base}/production/metadata/");
+    let (ok, out) = tuf_client(&md, &["--metadata-url", &metadata_url, "refresh"]);
+    assert!(ok, "{out}");
+    for f in ["root.json", "timestamp.json", "snapshot.json", "targets.json"] {
+        assert!(md.join(f).exists(), "{f} kept under its non-versioned name");
+    }
+    let download = |repo: &str, name: &str| {
+        let (mu, tu) = (format!("{base}/{repo}/metadata/"), format!("{base}/{repo}/targets/"));
+        let args = ["--metadata-url", &mu, "--target-name", name, "--target-base-url", &tu, "--target-dir"];
+        let mut all: Vec<&str> = args.to_vec();
+        let td = td.to_str().unwrap().to_owned();
+        all.push(&td);
+        all.push("download");
+        tuf_client(&md, &all)
+    };
+    let (ok, out) = download("production", "app-2.0.bin");
+    assert!(ok, "{out}");
+    assert_eq!(std::fs::read(td.join("app-2.0.bin")).unwrap(), target_bytes("production", "app-2.0.bin"));
+    // Cached: verified again from disk, not fetched (the server now has other bytes for it).
+    let (ok, out) = download("bad-target-bytes", "app-2.0.bin");
+    assert!(ok, "{out}");
+    // Other bytes than the metadata says: refused, and nothing written.
+    let (ok, out) = download("bad-target-bytes", "app-2.1.bin");
+    assert!(!ok && out.contains("app-2.1.bin"), "{out}");
+    assert!(!td.join("app-2.1.bin").exists());
+    // Tampered metadata: the client refuses to update.
+    let (ok, out) = download("tampered-target", "app-2.1.bin");
+    assert!(!ok && out.contains("Signature threshold of 2 not met"), "{out}");
+    let (ok, out) = tuf_client(&md, &["--metadata-url", &format!("{base}/expired-timestamp/metadata/"), "refresh"]);
+    assert!(!ok && out.contains("expired"), "{out}");
+    let (ok, _) = download("production", "nope.bin");
+    assert!(!ok);
 }

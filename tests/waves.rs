@@ -1,6 +1,7 @@
 //! Waves end to end (the Foundries seeds' production workflow): a gateway in-process on
-//! ephemeral ports with RocksDB in a temp dir, the admin API, and devices that update over
-//! real MQTT.
+//! ephemeral ports with RocksDB in a temp dir and the python-tuf fixture repository as its
+//! production TUF repository, the admin API, and production devices that update over real
+//! MQTT to verified production targets.
 
 mod common;
 
@@ -13,6 +14,12 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 const KIB: usize = 1024;
+
+fn tuf_config(dir: &std::path::Path) -> fwgate::config::Config {
+    let mut c = test_config(dir);
+    with_tuf(&mut c, false);
+    c
+}
 
 async fn register(base: &str, devices: Value) {
     let (status, v) = admin(base, Method::POST, "/api/v1/devices", None, Some(devices)).await;
@@ -70,9 +77,9 @@ fn strings(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_production_workflow_from_canary_to_complete_and_a_late_joiner() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = TestGateway::start(test_config(dir.path())).await;
+    let gw = TestGateway::start(tuf_config(dir.path())).await;
     let base = gw.admin.clone();
-    add_image(&base, "app", "2.0", image(4 * KIB, 1)).await;
+    add_image(&base, "app", "2.0", target_bytes("production", "app-2.0.bin")).await;
     let canary = ids("canary-", 5);
     let rest = ids("dev-", 25);
     register(&base, fleet(&canary, &["canary"], true)).await;
@@ -149,13 +156,12 @@ async fn the_production_workflow_from_canary_to_complete_and_a_late_joiner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_mid_rollout_keeps_updated_devices_and_stops_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = TestGateway::start(test_config(dir.path())).await;
+    let gw = TestGateway::start(tuf_config(dir.path())).await;
     let base = gw.admin.clone();
-    let img = image(16 * KIB, 3);
-    add_image(&base, "app", "3.0", img).await;
+    add_image(&base, "app", "2.1", target_bytes("production", "app-2.1.bin")).await;
     let all = ids("d", 20);
     register(&base, fleet(&all, &[], true)).await;
-    call(&base, Method::POST, "/api/v1/waves", Some(json!({"name": "v3", "version": "3.0", "tag": "release"}))).await;
+    call(&base, Method::POST, "/api/v1/waves", Some(json!({"name": "v3", "version": "2.1", "tag": "release"}))).await;
     let r = call(
         &base,
         Method::POST,
@@ -166,10 +172,10 @@ async fn a_cancel_mid_rollout_keeps_updated_devices_and_stops_the_rest() {
     let staged = strings(&r["devices"]);
     assert_eq!(staged.len(), 10);
     let ran = run_devices(gw.mqtt, &staged[..4], "1.0").await;
-    assert!(ran.values().all(|v| *v == (Ended::Updated, "3.0".into())), "{ran:?}");
+    assert!(ran.values().all(|v| *v == (Ended::Updated, "2.1".into())), "{ran:?}");
     // One device is half-way through its download when the wave is canceled.
     let mut mid = SimDevice::connect(gw.mqtt, &staged[4], Form::Named, "1.0", None).await;
-    assert_eq!(mid.run(Some(8 * KIB as u32)).await, Ended::Paused(8 * KIB as u32));
+    assert_eq!(mid.run(Some(2 * KIB as u32)).await, Ended::Paused(2 * KIB as u32));
     let s = status(&base, "v3").await;
     assert_eq!((s["scheduled"].as_u64(), s["in_progress"].as_u64()), (Some(6), Some(1)), "{s}");
 
@@ -191,7 +197,7 @@ async fn a_cancel_mid_rollout_keeps_updated_devices_and_stops_the_rest() {
         let v = device_state(&base, id).await;
         *reported.entry(v["running"]["main"].as_str().unwrap_or("none").to_owned()).or_insert(0u64) += 1;
     }
-    assert_eq!(s["updated"].as_u64(), reported.get("3.0").copied(), "{s} vs {reported:?}");
+    assert_eq!(s["updated"].as_u64(), reported.get("2.1").copied(), "{s} vs {reported:?}");
     assert_eq!(s["updated"], 4);
     assert_eq!((s["total"].as_u64(), s["need_update"].as_u64()), (Some(20), Some(16)));
     assert_eq!(
@@ -208,9 +214,9 @@ async fn a_cancel_mid_rollout_keeps_updated_devices_and_stops_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_mistakes_get_clear_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let gw = TestGateway::start(test_config(dir.path())).await;
+    let gw = TestGateway::start(tuf_config(dir.path())).await;
     let base = gw.admin.clone();
-    add_image(&base, "app", "2.0", image(KIB, 4)).await;
+    add_image(&base, "app", "2.0", target_bytes("production", "app-2.0.bin")).await;
     register(&base, fleet(&ids("d", 3), &[], true)).await;
     call(&base, Method::POST, "/api/v1/waves", Some(json!({"name": "a", "version": "2.0", "tag": "release"}))).await;
     let cases = [

@@ -34,7 +34,10 @@ fn a_python_tuf_production_repository_verifies_and_lists_its_targets() {
     names.sort();
     assert_eq!(names, ["app-2.0.bin", "app-2.1.bin", "beta-3.0.bin"]);
     let app = v.targets.iter().find(|t| t.name == "app-2.0.bin").unwrap();
-    assert_eq!((app.length, app.tags.as_slice(), app.version.as_deref()), (4096, &["release".to_string()][..], Some("2.0")));
+    assert_eq!(
+        (app.length, app.tags.as_slice(), app.version.as_deref()),
+        (4096, &["release".to_string()][..], Some("2.0"))
+    );
     assert_eq!(app.sha256.len(), 64);
     // The trusted metadata is persisted under non-versioned names.
     for f in ["root.json", "timestamp.json", "snapshot.json", "targets.json"] {
@@ -79,7 +82,8 @@ fn a_root_rotation_signed_by_old_and_new_keys_is_followed_and_kept() {
     let dir = tempfile::tempdir().unwrap();
     let v = rt().block_on(client("rotated", dir.path()).refresh()).unwrap();
     assert_eq!(v.root_version, 2);
-    let stored: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("root.json")).unwrap()).unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("root.json")).unwrap()).unwrap();
     assert_eq!(stored["signed"]["version"], 2, "the next start trusts version 2");
 }
 
@@ -112,7 +116,11 @@ fn production_devices_get_only_verified_production_targets_for_their_tag() {
     let trust = Trust::new(&repo("production"), &RepoConfig::default(), dir.path());
     let bytes = |name: &str, v: &str| {
         let dir = fixtures().join("repos").join(v).join("targets");
-        let f = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_string_lossy().ends_with(name)).unwrap();
+        let f = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(name))
+            .unwrap();
         std::fs::read(f).unwrap()
     };
     let sha = |b: &[u8]| {

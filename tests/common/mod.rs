@@ -28,6 +28,37 @@ pub fn test_config(dir: &Path) -> Config {
     c
 }
 
+/// The python-tuf fixture repositories (`fixtures/tuf/`).
+pub fn tuf_fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tuf")
+}
+
+/// Points the gateway's production (and, with `ci`, CI) TUF repository at the fixtures.
+pub fn with_tuf(c: &mut Config, ci: bool) {
+    let url =
+        |repo: &str, what: &str| format!("file://{}/", tuf_fixtures().join("repos").join(repo).join(what).display());
+    c.tuf.production_root = tuf_fixtures().join("production-root.json");
+    c.tuf.production_metadata_url = url("production", "metadata");
+    c.tuf.production_targets_url = url("production", "targets");
+    if ci {
+        c.tuf.ci_root = tuf_fixtures().join("ci-root.json");
+        c.tuf.ci_metadata_url = url("ci", "metadata");
+        c.tuf.ci_targets_url = url("ci", "targets");
+    }
+}
+
+/// The bytes of a fixture repository's target file.
+pub fn target_bytes(repo: &str, name: &str) -> Vec<u8> {
+    let dir = tuf_fixtures().join("repos").join(repo).join("targets");
+    let suffix = format!(".{name}");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().ends_with(&suffix))
+        .unwrap_or_else(|| panic!("no target {name} in {}", dir.display()));
+    std::fs::read(file).unwrap()
+}
+
 pub struct TestGateway {
     pub gw: Option<fwgate::Gateway>,
     pub mqtt: SocketAddr,
