@@ -95,6 +95,13 @@ impl Operation {
     }
 }
 
+fn refusal_text(meta: &ImageMeta, r: &Refusal) -> String {
+    match r {
+        Refusal::NotATarget { .. } | Refusal::OtherTag { .. } => format!("image {} ({r}) may not be served", meta.id()),
+        _ => format!("image {} may not be served: {r}", meta.id()),
+    }
+}
+
 /// The kind of an origin: `wave` for `wave:NAME`, the whole origin when it has no `:`.
 pub fn origin_kind(origin: &str) -> &str {
     origin.split_once(':').map_or(origin, |(kind, _)| kind)
@@ -223,16 +230,19 @@ impl Planner {
         &self.trust
     }
 
-    /// Whether `meta` may reach a device of a class (and, with `tag`, is released for it).
-    pub fn admit(&self, production: bool, meta: &ImageMeta, tag: Option<&str>, now: u64) -> Result<(), Refusal> {
-        self.trust.admit(production, &meta.id(), &meta.sha256, meta.length, tag, now)
+    /// Whether `meta` may reach a device of a class (and, with `tag`, is released for it);
+    /// the refusal names the image.
+    pub fn admit(&self, production: bool, meta: &ImageMeta, tag: Option<&str>, now: u64) -> Result<(), String> {
+        self.trust.admit(production, &meta.sha256, meta.length, tag, now).map_err(|r| refusal_text(meta, &r))
     }
 
-    /// Why the image of an operation about to be served may not reach the device, if so.
+    /// Why the image of a device's head operation may not reach it, if so: not admissible for
+    /// its class (checked whatever the operation's state, so a finished operation's image is
+    /// not handed out either), or, before the transfer starts, a downgrade.
     fn refusal(&self, device: &str, component: &str, state: OpState, meta: &ImageMeta, now: u64) -> Option<String> {
         let production = self.fleet.is_production(device)?;
-        if let Err(r) = self.admit(production, meta, None, now) {
-            return Some(r.to_string());
+        if let Err(why) = self.admit(production, meta, None, now) {
+            return Some(why);
         }
         if state == OpState::Pending && !self.allow_downgrade {
             let running = self.fleet.running(device, component)?;
@@ -433,10 +443,10 @@ impl Planner {
         OpState::ALL.iter().copied().zip(n).collect()
     }
 
-    /// The head operation and its image, ready for a DFU step. An operation not yet finished
-    /// whose image may not reach the device fails here, with the reason, before a block of it
-    /// is served: production devices get only verified production targets, whatever planned
-    /// the operation.
+    /// The head operation and its image, ready for a DFU step. An image that may not reach the
+    /// device is refused here, before a block of it is served (an unfinished operation fails
+    /// with the reason): production devices get only verified production targets, whatever
+    /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
         let (seq, state, image) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
@@ -448,11 +458,11 @@ impl Planner {
         };
         let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
         let meta = self.firmware.get(name, version).ok_or(PlannerError::UnknownImage(image.clone()))?;
-        if !state.is_terminal() {
-            if let Some(why) = self.refusal(device, component, state, &meta, now) {
+        if let Some(why) = self.refusal(device, component, state, &meta, now) {
+            if !state.is_terminal() {
                 self.fail(device, seq, state, &why, now)?;
-                return Ok(Lookup::Refused(why));
             }
+            return Ok(Lookup::Refused(why));
         }
         let image = self.firmware.bytes(&meta)?;
         Ok(Lookup::Active(ActiveOp { seq, state, meta, image }))

@@ -278,10 +278,10 @@ pub enum Refusal {
     NotVerified(&'static str),
     #[error("the verified {0} TUF metadata has expired; refresh it")]
     Expired(&'static str),
-    #[error("image {image} (sha256 {sha256}, {length} bytes) is not a verified {repo} target")]
-    NotATarget { image: String, sha256: String, length: u64, repo: &'static str },
-    #[error("image {image} is a verified {repo} target, but not for tag {tag}")]
-    OtherTag { image: String, repo: &'static str, tag: String },
+    #[error("sha256 {sha256}, {length} bytes: not a verified {repo} target")]
+    NotATarget { sha256: String, length: u64, repo: &'static str },
+    #[error("a verified {repo} target, but not for tag {tag}")]
+    OtherTag { repo: &'static str, tag: String },
 }
 
 pub const PRODUCTION: &str = "production";
@@ -339,26 +339,13 @@ impl Trust {
         self.verified.read().unwrap_or_else(|e| e.into_inner()).get(repo).cloned()
     }
 
-    /// The verified target with these bytes, of `repo`, at `now`.
-    fn target(&self, repo: &'static str, sha256: &str, length: u64, now: u64) -> Result<TargetInfo, Refusal> {
-        let v = self.verified(repo).ok_or(Refusal::NotVerified(repo))?;
-        if now >= v.expires {
-            return Err(Refusal::Expired(repo));
-        }
-        v.targets
-            .iter()
-            .find(|t| t.sha256 == sha256 && t.length == length)
-            .cloned()
-            .ok_or_else(|| Refusal::NotATarget { image: String::new(), sha256: sha256.into(), length, repo })
-    }
-
     /// Whether an image (by its sha256 and length) may reach a device of a class: production
     /// devices only verified production targets; CI devices verified CI targets, or anything
     /// when no CI repository is configured. With `tag`, the target must be released for it.
+    /// Allocates nothing when the image is admissible: it runs on every Status.
     pub fn admit(
         &self,
         production: bool,
-        image: &str,
         sha256: &str,
         length: u64,
         tag: Option<&str>,
@@ -375,16 +362,18 @@ impl Trust {
             }
             CI
         };
-        let t = self.target(repo, sha256, length, now).map_err(|r| match r {
-            Refusal::NotATarget { sha256, length, repo, .. } => {
-                Refusal::NotATarget { image: image.into(), sha256, length, repo }
-            }
-            other => other,
-        })?;
+        let verified = self.verified.read().unwrap_or_else(|e| e.into_inner());
+        let v = verified.get(repo).ok_or(Refusal::NotVerified(repo))?;
+        if now >= v.expires {
+            return Err(Refusal::Expired(repo));
+        }
+        let t = v
+            .targets
+            .iter()
+            .find(|t| t.length == length && t.sha256 == sha256)
+            .ok_or_else(|| Refusal::NotATarget { sha256: sha256.into(), length, repo })?;
         match tag {
-            Some(tag) if !t.tags.iter().any(|x| x == tag) => {
-                Err(Refusal::OtherTag { image: image.into(), repo, tag: tag.into() })
-            }
+            Some(tag) if !t.tags.iter().any(|x| x == tag) => Err(Refusal::OtherTag { repo, tag: tag.into() }),
             _ => Ok(()),
         }
     }

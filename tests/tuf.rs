@@ -46,7 +46,13 @@ async fn a_production_device_is_never_served_a_ci_image_even_when_assigned_one_d
     assert!(dev.offsets.is_empty() && dev.running == "2.0");
     let op = op_of(&base, "prod-1").await;
     assert_eq!(op["state"], "failed", "{op}");
-    assert!(op["detail"].as_str().unwrap().contains("is not a verified production target"), "{op}");
+    assert!(op["detail"].as_str().unwrap().contains("not a verified production target"), "{op}");
+    // Nor over CoAP: a stock client's Block2 GET of the device's firmware gets 4.04.
+    let mut coap = fwgate::loadgen::coap::CoapClient::connect(gw.coap(), Default::default()).await.unwrap();
+    match coap.get_block("/fw/prod-1", 0, 5).await {
+        Err(fwgate::loadgen::coap::ClientError::Status(s)) => assert_eq!(s, "4.04"),
+        other => panic!("expected 4.04, got {other:?}"),
+    }
     // A verified production target for the same device is served.
     add_image(&base, "app", "2.1", target_bytes("production", "app-2.1.bin")).await;
     assign(&base, "prod-1", "app@2.1").await;
@@ -83,7 +89,7 @@ async fn production_waves_need_a_verified_production_target_of_their_tag() {
     )
     .await;
     assert_eq!(code, 422, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("is not a verified production target"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not a verified production target"), "{v}");
     // A production target, but released for another tag.
     add_image(&base, "app", "3.0", target_bytes("production", "beta-3.0.bin")).await;
     let (code, v) = admin(
@@ -170,7 +176,7 @@ async fn a_ci_device_updates_from_ci_targets_and_only_from_them() {
     assign(&base, "ci-2", "app@2.1").await;
     let mut dev = SimDevice::connect(gw.mqtt, "ci-2", Form::Named, "2.0", None).await;
     assert_eq!(dev.run(None).await, Ended::Synced);
-    assert!(op_of(&base, "ci-2").await["detail"].as_str().unwrap().contains("is not a verified ci target"));
+    assert!(op_of(&base, "ci-2").await["detail"].as_str().unwrap().contains("not a verified ci target"));
     dev.disconnect().await;
     let (_, tuf) = admin(&base, Method::GET, "/api/v1/tuf", None, None).await;
     assert_eq!(tuf["repositories"].as_array().unwrap().len(), 2, "{tuf}");

@@ -476,7 +476,7 @@ impl Waves {
             .filter(|m| match self.planner.admit(w.production, m, Some(&w.tag), now) {
                 Ok(()) => true,
                 Err(r) => {
-                    why.get_or_insert(r.to_string());
+                    why.get_or_insert(r);
                     false
                 }
             })

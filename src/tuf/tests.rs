@@ -130,18 +130,49 @@ fn production_devices_get_only_verified_production_targets_for_their_tag() {
     let app = bytes("app-2.0.bin", "production");
     let ci = bytes("app-2.2-ci.bin", "ci");
     let now = 1_800_000_000;
-    assert_eq!(trust.admit(true, "app@2.0", &sha(&app), 4096, None, now), Err(Refusal::NotVerified(PRODUCTION)));
+    assert_eq!(trust.admit(true, &sha(&app), 4096, None, now), Err(Refusal::NotVerified(PRODUCTION)));
     rt().block_on(trust.refresh(PRODUCTION)).unwrap();
-    assert_eq!(trust.admit(true, "app@2.0", &sha(&app), 4096, Some("release"), now), Ok(()));
-    assert!(matches!(trust.admit(true, "app@2.0", &sha(&app), 4096, Some("beta"), now), Err(Refusal::OtherTag { .. })));
-    assert!(matches!(trust.admit(true, "ci@2.2", &sha(&ci), 4096, None, now), Err(Refusal::NotATarget { .. })));
-    assert!(matches!(trust.admit(true, "app@2.0", &sha(&app), 4095, None, now), Err(Refusal::NotATarget { .. })));
-    assert_eq!(trust.admit(true, "app@2.0", &sha(&app), 4096, None, 2_200_000_000), Err(Refusal::Expired(PRODUCTION)));
+    assert_eq!(trust.admit(true, &sha(&app), 4096, Some("release"), now), Ok(()));
+    assert!(matches!(trust.admit(true, &sha(&app), 4096, Some("beta"), now), Err(Refusal::OtherTag { .. })));
+    assert!(matches!(trust.admit(true, &sha(&ci), 4096, None, now), Err(Refusal::NotATarget { .. })));
+    assert!(matches!(trust.admit(true, &sha(&app), 4095, None, now), Err(Refusal::NotATarget { .. })));
+    assert_eq!(trust.admit(true, &sha(&app), 4096, None, 2_200_000_000), Err(Refusal::Expired(PRODUCTION)));
     // Without a CI repository, CI devices take any image; with one, only its targets.
-    assert_eq!(trust.admit(false, "ci@2.2", &sha(&ci), 4096, None, now), Ok(()));
+    assert_eq!(trust.admit(false, &sha(&ci), 4096, None, now), Ok(()));
     let trust = Trust::new(&repo("production"), &repo("ci"), dir.path());
     rt().block_on(trust.refresh(CI)).unwrap();
-    assert_eq!(trust.admit(false, "ci@2.2", &sha(&ci), 4096, Some("release"), now), Ok(()));
-    assert!(matches!(trust.admit(false, "app@2.0", &sha(&app), 4096, None, now), Err(Refusal::NotATarget { .. })));
-    assert_eq!(Trust::none().admit(true, "app@2.0", &sha(&app), 4096, None, now), Err(Refusal::NoProductionRepo));
+    assert_eq!(trust.admit(false, &sha(&ci), 4096, Some("release"), now), Ok(()));
+    assert!(matches!(trust.admit(false, &sha(&app), 4096, None, now), Err(Refusal::NotATarget { .. })));
+    assert_eq!(Trust::none().admit(true, &sha(&app), 4096, None, now), Err(Refusal::NoProductionRepo));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_refresh_that_does_not_verify_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served");
+    let good = fixtures().join("repos/production");
+    copy_dir(&good.join("metadata"), &served.join("metadata"));
+    let config = RepoConfig {
+        root: fixtures().join("production-root.json"),
+        metadata_url: file_url(&served.join("metadata")),
+        targets_url: file_url(&good.join("targets")),
+    };
+    let trust = Trust::new(&config, &RepoConfig::default(), &dir.path().join("data"));
+    let rt = rt();
+    let before = rt.block_on(trust.refresh(PRODUCTION)).unwrap();
+    let app = before.targets.iter().find(|t| t.name == "app-2.0.bin").unwrap().clone();
+    // The server now offers tampered metadata.
+    std::fs::remove_dir_all(served.join("metadata")).unwrap();
+    copy_dir(&fixtures().join("repos/tampered-target/metadata"), &served.join("metadata"));
+    assert!(matches!(rt.block_on(trust.refresh(PRODUCTION)), Err(TufError::Verify { .. })));
+    assert_eq!(trust.verified(PRODUCTION).unwrap(), before, "the last verified state stays");
+    assert_eq!(trust.admit(true, &app.sha256, app.length, Some("release"), 1_800_000_000), Ok(()));
 }
