@@ -117,5 +117,53 @@ fn blocks(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, engine, blocks);
+/// The per-Status lookup of a device's operation and image, for a CI device (no CI
+/// repository: no TUF check) and for a production device (its image checked against the
+/// verified production targets on every Status).
+fn lookup(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use fwgate::fleet::{DeviceSpec, Fleet};
+    use fwgate::planner::Planner;
+    use fwgate::tuf::{RepoConfig, Trust};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db"), false).unwrap();
+    let fleet = Arc::new(Fleet::open(store.clone(), 10).unwrap());
+    let fw = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).unwrap());
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tuf");
+    let repo = fixtures.join("repos/production");
+    let config = RepoConfig {
+        root: fixtures.join("production-root.json"),
+        metadata_url: format!("file://{}/", repo.join("metadata").display()),
+        targets_url: format!("file://{}/", repo.join("targets").display()),
+    };
+    let trust = Arc::new(Trust::new(&config, &RepoConfig::default(), dir.path()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(trust.refresh("production")).expect("the fixture repository verifies");
+    let target = std::fs::read_dir(repo.join("targets"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".app-2.0.bin"))
+        .unwrap();
+    fw.add("app", "2.0", vec![], std::fs::read(target).unwrap().into(), 0).unwrap();
+    let spec = |id: &str, production| DeviceSpec { id: id.into(), production, ..Default::default() };
+    fleet.upsert(vec![spec("prod-1", true), spec("ci-1", false)], 0).unwrap();
+    let planner = Planner::open(store, fleet, fw, 3600, 0).unwrap().with_trust(trust, false);
+    let mut g = c.benchmark_group("lookup");
+    for id in ["ci-1", "prod-1"] {
+        let seq = planner.assign(id, "main", "app@2.0", 1).unwrap().seq;
+        planner.record(id, seq, OpState::Pending, Some(OpState::Downloading), Some(0), 1).unwrap();
+        let what = if id == "ci-1" { "ci_device" } else { "production_device_tuf_checked" };
+        g.bench_function(what, |b| {
+            b.iter(|| match planner.lookup(black_box(id), "main", 1_800_000_000).unwrap() {
+                fwgate::planner::Lookup::Active(a) => a.seq,
+                _ => panic!("{id}: not served"),
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, engine, blocks, lookup);
 criterion_main!(benches);
