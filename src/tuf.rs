@@ -6,7 +6,7 @@
 //! consistent snapshots, target length and hashes) is `tough`'s (awslabs): it loads metadata
 //! written by python-tuf 7, the reference implementation, which the `tuf` crate's newest
 //! release refuses (`Unknown spec version 1.0.31`). This module adds what the gateway needs
-//! around it: a transport for `file://` and `http://` URLs, the trusted metadata persisted in a
+//! around it: a transport for `file://`, `http://` and `https://` URLs, the trusted metadata persisted in a
 //! datastore directory (so a restart starts from the newest verified root and keeps rejecting
 //! rolled-back versions), and the verified targets as the set of (sha256, length) that are
 //! admissible, with their Foundries-style `custom.tags`.
@@ -90,7 +90,7 @@ fn url_of(repo: &str, text: &str) -> Result<Url, TufError> {
     Ok(u)
 }
 
-/// Fetches `file://` and `http://` URLs. A missing file (404) is reported as such: the root
+/// Fetches `file://`, `http://` and `https://` URLs. A missing file (404) is reported as such: the root
 /// rotation chain ends at the first version that is not there.
 #[derive(Debug, Clone, Default)]
 pub struct Fetch {
@@ -102,7 +102,7 @@ impl Transport for Fetch {
     async fn fetch(&self, url: Url) -> Result<TransportStream, TransportError> {
         match url.scheme() {
             "file" => tough::FilesystemTransport.fetch(url).await,
-            "http" => {
+            "http" | "https" => {
                 let err = |kind, e: reqwest::Error| TransportError::new_with_cause(kind, url.as_str(), e);
                 let resp = self.http.get(url.clone()).send().await.map_err(|e| err(TransportErrorKind::Other, e))?;
                 let status = resp.status();
