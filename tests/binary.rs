@@ -32,6 +32,11 @@ struct Serve {
 
 impl Serve {
     async fn start(dir: &Path) -> Serve {
+        Serve::start_with(dir, &[]).await
+    }
+
+    /// Starts `fwgate serve` with extra `FWGATE_*` overrides.
+    async fn start_with(dir: &Path, env: &[(&str, String)]) -> Serve {
         let (admin, mqtt, mqtt5) = (free_port(), free_port(), free_port());
         let coap = free_udp_port();
         let config = dir.join("fwgate.toml");
@@ -46,6 +51,7 @@ impl Serve {
             .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
             .env("FWGATE_COAP__LISTEN", format!("127.0.0.1:{coap}"))
             .env("FWGATE_ADMIN__TOKEN", "test-token")
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -524,4 +530,83 @@ async fn the_tuf_client_downloads_a_verified_target_over_http_and_refuses_tamper
     assert!(!ok && out.contains("expired"), "{out}");
     let (ok, _) = download("production", "nope.bin");
     assert!(!ok);
+}
+
+/// Copies a fixture repository's metadata into `to` (replacing what is there): the "server"
+/// of a file:// repository changes what it offers.
+fn offer(variant: &str, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(tuf_fixtures().join("repos").join(variant).join("metadata")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refreshes_its_production_repository_and_keeps_its_trust_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served-metadata");
+    offer("production", &served);
+    let env = [
+        ("FWGATE_TUF__PRODUCTION_ROOT", tuf_fixtures().join("production-root.json").display().to_string()),
+        ("FWGATE_TUF__PRODUCTION_METADATA_URL", format!("file://{}/", served.display())),
+        (
+            "FWGATE_TUF__PRODUCTION_TARGETS_URL",
+            format!("file://{}/", tuf_fixtures().join("repos/production/targets").display()),
+        ),
+    ];
+    let serve = Serve::start_with(dir.path(), &env).await;
+    let (ok, out) = serve.cli(&["tuf", "status"]);
+    assert!(ok && out.contains("production: targets v2") && out.contains("app-2.1.bin"), "{out}");
+    // An upload is checked against the target it claims to be.
+    let good = dir.path().join("app-2.1.bin");
+    std::fs::write(&good, target_bytes("production", "app-2.1.bin")).unwrap();
+    let bad = dir.path().join("other.bin");
+    std::fs::write(&bad, image(4096, 5)).unwrap();
+    let add = |file: &Path| {
+        serve.cli(&[
+            "images",
+            "add",
+            file.to_str().unwrap(),
+            "--name",
+            "app",
+            "--version",
+            "2.1",
+            "--target",
+            "app-2.1.bin",
+        ])
+    };
+    let (ok, out) = add(&bad);
+    assert!(!ok && out.contains("is not production target app-2.1.bin"), "{out}");
+    let (ok, out) = add(&good);
+    assert!(ok, "{out}");
+    // The repository rotates its root key; a refresh follows the chain.
+    offer("rotated", &served);
+    let (ok, out) = serve.cli(&["tuf", "refresh", "production"]);
+    assert!(ok && out.contains("production: verified — root v2"), "{out}");
+    // A refresh that does not verify is reported and changes nothing.
+    offer("tampered-target", &served);
+    let (ok, out) = serve.cli(&["tuf", "refresh"]);
+    assert!(!ok && out.contains("Signature threshold of 2 not met"), "{out}");
+    let (ok, out) = serve.cli(&["tuf", "status"]);
+    assert!(ok && out.contains("production: targets v2"), "{out}");
+
+    let mut serve = serve;
+    serve.child.kill().unwrap(); // SIGKILL
+    serve.child.wait().unwrap();
+    drop(serve);
+    // After the restart the gateway starts from the root it verified (version 2), not the one
+    // in its config, and still refuses metadata older than what it has seen.
+    offer("rollback", &served);
+    let serve = Serve::start_with(dir.path(), &env).await;
+    let (ok, out) = serve.cli(&["tuf", "status"]);
+    assert!(ok && out.contains("production: not verified"), "rolled-back metadata is not trusted: {out}");
+    // The production repository's metadata has no 2.root.json: only a client that kept the
+    // rotated root reports version 2.
+    offer("production", &served);
+    let (ok, out) = serve.cli(&["tuf", "refresh", "production"]);
+    assert!(ok && out.contains("root v2"), "{out}");
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    assert!(log.contains("TUF repository does not verify"), "{log}");
 }
