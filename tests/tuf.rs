@@ -80,38 +80,17 @@ async fn production_waves_need_a_verified_production_target_of_their_tag() {
     register(&base, "prod-1", true).await;
     // An image the production repository does not list.
     add_image(&base, "app", "2.5", image(4096, 9)).await;
-    let (code, v) = admin(
-        &base,
-        Method::POST,
-        "/api/v1/waves",
-        None,
-        Some(json!({"name": "w", "version": "2.5", "tag": "release"})),
-    )
-    .await;
+    let (code, v) = post(&base, "/api/v1/waves", json!({"name": "w", "version": "2.5", "tag": "release"})).await;
     assert_eq!(code, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("not a verified production target"), "{v}");
     // A production target, but released for another tag.
     add_image(&base, "app", "3.0", target_bytes("production", "beta-3.0.bin")).await;
-    let (code, v) = admin(
-        &base,
-        Method::POST,
-        "/api/v1/waves",
-        None,
-        Some(json!({"name": "w", "version": "3.0", "tag": "release"})),
-    )
-    .await;
+    let (code, v) = post(&base, "/api/v1/waves", json!({"name": "w", "version": "3.0", "tag": "release"})).await;
     assert_eq!(code, 422, "{v}");
     assert!(v["error"].as_str().unwrap().contains("not for tag release"), "{v}");
     // The CI build is not a production target either, though the CI repository verifies it.
     add_image(&base, "app", "2.2-ci", target_bytes("ci", "app-2.2-ci.bin")).await;
-    let (code, _) = admin(
-        &base,
-        Method::POST,
-        "/api/v1/waves",
-        None,
-        Some(json!({"name": "w", "version": "2.2-ci", "tag": "release"})),
-    )
-    .await;
+    let (code, _) = post(&base, "/api/v1/waves", json!({"name": "w", "version": "2.2-ci", "tag": "release"})).await;
     assert_eq!(code, 422);
     let (_, list) = admin(&base, Method::GET, "/api/v1/waves", None, None).await;
     assert_eq!(list, json!([]), "nothing was created");
@@ -135,14 +114,7 @@ async fn production_waves_need_a_verified_production_target_of_their_tag() {
     )
     .await;
     assert_eq!(code, 201, "{v}");
-    let (code, w) = admin(
-        &base,
-        Method::POST,
-        "/api/v1/waves",
-        None,
-        Some(json!({"name": "w", "version": "2.0", "tag": "release"})),
-    )
-    .await;
+    let (code, w) = post(&base, "/api/v1/waves", json!({"name": "w", "version": "2.0", "tag": "release"})).await;
     assert_eq!(code, 201, "{w}");
     gw.stop().await;
 }
@@ -156,17 +128,14 @@ async fn a_ci_device_updates_from_ci_targets_and_only_from_them() {
     add_image(&base, "app", "2.1", target_bytes("production", "app-2.1.bin")).await;
     register(&base, "ci-1", false).await;
     register(&base, "ci-2", false).await;
-    let (code, v) = admin(
+    let (code, v) = post(
         &base,
-        Method::POST,
         "/api/v1/waves",
-        None,
-        Some(json!({"name": "nightly", "version": "2.2-ci", "tag": "release", "production": false})),
+        json!({"name": "nightly", "version": "2.2-ci", "tag": "release", "production": false}),
     )
     .await;
     assert_eq!(code, 201, "{v}");
-    let (code, r) =
-        admin(&base, Method::POST, "/api/v1/waves/nightly/rollout", None, Some(json!({"uuids": "ci-1"}))).await;
+    let (code, r) = post(&base, "/api/v1/waves/nightly/rollout", json!({"uuids": "ci-1"})).await;
     assert_eq!((code, r["staged"].as_u64()), (200, Some(1)), "{r}");
     let mut dev = SimDevice::connect(gw.mqtt, "ci-1", Form::Packed, "2.0", None).await;
     assert_eq!(dev.run(None).await, Ended::Updated);

@@ -140,14 +140,7 @@ async fn the_production_workflow_from_canary_to_complete_and_a_late_joiner() {
     assert_eq!((s["total"].as_u64(), s["updated"].as_u64(), s["scheduled"].as_u64()), (Some(31), Some(31), Some(0)));
     // The next wave must be newer than the production version.
     add_image(&base, "app", "1.5", image(4 * KIB, 2)).await;
-    let (code, v) = admin(
-        &base,
-        Method::POST,
-        "/api/v1/waves",
-        None,
-        Some(json!({"name": "old", "version": "1.5", "tag": "release"})),
-    )
-    .await;
+    let (code, v) = post(&base, "/api/v1/waves", json!({"name": "old", "version": "1.5", "tag": "release"})).await;
     assert_eq!(code, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("not newer than 2.0"), "{v}");
     gw.stop().await;
@@ -187,7 +180,7 @@ async fn a_cancel_mid_rollout_keeps_updated_devices_and_stops_the_rest() {
     mid.disconnect().await;
     let ran = run_devices(gw.mqtt, &staged[5..], "1.0").await;
     assert!(ran.values().all(|v| *v == (Ended::Synced, "1.0".into())), "staged ones do not update: {ran:?}");
-    let (code, v) = admin(&base, Method::POST, "/api/v1/waves/v3/rollout", None, Some(json!({}))).await;
+    let (code, v) = post(&base, "/api/v1/waves/v3/rollout", json!({})).await;
     assert_eq!(code, 409, "a canceled wave rolls out no more: {v}");
 
     // The counts agree with what the devices themselves report.

@@ -113,6 +113,11 @@ pub async fn admin(
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
+/// POSTs JSON to the admin API with the test token; returns (status, JSON body).
+pub async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    admin(base, reqwest::Method::POST, path, None, Some(body)).await
+}
+
 pub async fn add_image(base: &str, name: &str, version: &str, data: Vec<u8>) -> Value {
     let (status, v) = admin(
         base,
