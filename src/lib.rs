@@ -238,6 +238,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
 
     if !trust.configured().is_empty() {
         let (trust, stop, secs) = (trust.clone(), shutdown.clone(), config.tuf.refresh_secs);
+        let waves = waves.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(secs));
             tick.tick().await; // the first tick is now: just refreshed above
@@ -250,6 +251,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                     if let Err(e) = trust.refresh(repo).await {
                         error!(repo, error = %e, "TUF refresh failed; the last verified targets stay until they expire");
                     }
+                }
+                // Complete waves reach devices that joined while their image was not admissible.
+                let w = waves.clone();
+                match tokio::task::spawn_blocking(move || w.reconcile_complete(now_secs())).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => info!(devices = n, "complete waves staged devices they had not reached"),
+                    Ok(Err(e)) => error!(error = %e, "staging for complete waves failed"),
+                    Err(e) => error!(error = %e, "staging for complete waves panicked"),
                 }
             }
         });

@@ -844,6 +844,23 @@ impl Waves {
         Ok(status)
     }
 
+    /// Stages, for the latest complete wave of every tag and class, the devices it has not
+    /// reached — e.g. devices that joined while its image was not admissible (a TUF refresh
+    /// had failed). Runs after every successful TUF refresh. Returns how many were staged.
+    pub fn reconcile_complete(&self, now: u64) -> Result<usize, WaveError> {
+        let mut book = self.lock();
+        let mut tags: Vec<(String, bool)> =
+            book.waves.values().map(|w| (w.tag.clone(), w.production)).collect::<HashSet<_>>().into_iter().collect();
+        tags.sort();
+        let mut staged = 0;
+        for (tag, production) in tags {
+            if let Some(w) = book.latest_complete(&tag, production).cloned() {
+                staged += self.reconcile(&mut book, &w, now)?;
+            }
+        }
+        Ok(staged)
+    }
+
     /// After devices were registered or changed: a device now following a tag with a
     /// complete wave gets that wave's version, and a device's queued operations of waves for
     /// a tag or class it no longer follows are withdrawn. Returns how many were staged.

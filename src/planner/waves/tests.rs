@@ -276,6 +276,12 @@ fn complete_reaches_every_device_of_the_tag_and_the_ones_that_join_later() {
     assert_eq!(state_of(&w, "p29", "w"), Some(OpState::Canceled));
     // Registering again changes nothing for devices already in the wave.
     assert_eq!(w.waves.devices_changed(&["new".into()], 6).unwrap(), 0);
+    // A device the join hook missed (its image was not admissible then) is reached by the
+    // reconciliation that follows each TUF refresh, once.
+    w.fleet.upsert(vec![device("missed", "release", &[], false)], 7).unwrap();
+    assert_eq!(w.waves.reconcile_complete(7).unwrap(), 1);
+    assert_eq!(state_of(&w, "missed", "w"), Some(OpState::Pending));
+    assert_eq!(w.waves.reconcile_complete(8).unwrap(), 0);
 }
 
 #[test]
