@@ -62,6 +62,8 @@ pub struct FleetIndex {
     /// The running version of each device's main component, interned.
     version: Vec<u16>,
     version_ids: HashMap<Box<str>, u16>,
+    /// Version id → its text.
+    version_names: Vec<Box<str>>,
     /// Members of each group, sorted.
     groups: HashMap<Box<str>, Vec<Idx>>,
 }
@@ -181,6 +183,7 @@ impl FleetIndex {
         }
         let v = self.version_ids.len() as u16;
         self.version_ids.insert(version.into(), v);
+        self.version_names.push(version.into());
         Ok(v)
     }
 
@@ -202,6 +205,15 @@ impl FleetIndex {
     pub fn running(&self, version: &str) -> impl Fn(Idx) -> bool + '_ {
         let v = self.version_ids.get(version).copied();
         move |i| v.is_some() && self.version.get(i as usize).copied() == v
+    }
+
+    /// A test for "runs a version that `pick` chooses", deciding once per distinct version.
+    pub fn running_any(&self, pick: impl Fn(&str) -> bool) -> impl Fn(Idx) -> bool + '_ {
+        let chosen: Vec<bool> = self.version_names.iter().map(|v| pick(v)).collect();
+        move |i| {
+            let v = self.version.get(i as usize).copied().unwrap_or(NO_VERSION);
+            chosen.get(v as usize).copied().unwrap_or(false)
+        }
     }
 
     /// The devices following `tag` in a production class, in index order.
@@ -249,7 +261,7 @@ impl FleetIndex {
             + self.production.capacity()
             + self.last_seen.capacity() * 4
             + self.version.capacity() * 2
-            + self.version_ids.keys().map(|v| v.len() + 48).sum::<usize>()
+            + self.version_ids.keys().map(|v| 2 * v.len() + 64).sum::<usize>()
             + self.groups.values().map(|m| m.capacity() * 4 + 32).sum::<usize>()
             + self.collided.len() * 64
             + self.tags.iter().map(|t| t.len() + 48).sum::<usize>()

@@ -676,13 +676,16 @@ impl Waves {
     }
 
     /// Stages every device of a complete wave's tag and class that is neither in the wave
-    /// nor running its version.
+    /// nor running its version or a newer one.
     fn reconcile(&self, book: &mut Book, wave: &Wave, now: u64) -> Result<usize, WaveError> {
         let members = book.members.get(&wave.name).cloned().unwrap_or_default();
+        let order = version_order(&wave.version);
         let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
-            let updated = x.running(&wave.version);
+            // Running the version, or a newer one (e.g. from a wave canceled after they
+            // updated): nothing to deliver — a complete wave never stages a downgrade.
+            let done = x.running_any(|v| v == wave.version || version_order(v).is_some_and(|o| Some(o) > order));
             x.on_tag(&wave.tag, wave.production)
-                .filter(|&i| !members.contains(i) && !updated(i))
+                .filter(|&i| !members.contains(i) && !done(i))
                 .map(|i| (i, x.id(i).to_owned()))
                 .collect()
         });
@@ -884,8 +887,10 @@ impl Waves {
             let Some(tag) = tag else { continue };
             let Some(w) = book.latest_complete(tag, production) else { continue };
             let members = book.members.get(&w.name);
+            let order = version_order(&w.version);
             let pending = self.fleet.with_index(|x| {
-                x.lookup(id).filter(|&i| !members.is_some_and(|m| m.contains(i)) && !x.runs(i, &w.version))
+                let done = x.running_any(|v| v == w.version || version_order(v).is_some_and(|o| Some(o) > order));
+                x.lookup(id).filter(|&i| !members.is_some_and(|m| m.contains(i)) && !done(i))
             });
             if let Some(i) = pending {
                 by_wave.entry(w.name.clone()).or_default().push((i, id.clone()));

@@ -282,6 +282,13 @@ fn complete_reaches_every_device_of_the_tag_and_the_ones_that_join_later() {
     assert_eq!(w.waves.reconcile_complete(7).unwrap(), 1);
     assert_eq!(state_of(&w, "missed", "w"), Some(OpState::Pending));
     assert_eq!(w.waves.reconcile_complete(8).unwrap(), 0);
+    // A device that already runs a newer version (a later wave it updated to was canceled)
+    // is not handed a downgrade.
+    w.fleet.upsert(vec![device("ahead", "release", &[], false)], 9).unwrap();
+    w.fleet.observe("ahead", MAIN_COMPONENT, "2.1", 9).unwrap();
+    assert_eq!(w.waves.devices_changed(&["ahead".into()], 9).unwrap(), 0);
+    assert_eq!(w.waves.reconcile_complete(9).unwrap(), 0);
+    assert_eq!(state_of(&w, "ahead", "w"), None);
 }
 
 #[test]
