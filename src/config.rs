@@ -397,12 +397,14 @@ impl Config {
         if self.fleet.max_devices == 0 {
             return Err(invalid("fleet.max_devices", "must be at least 1"));
         }
-        for (key, repo) in [("tuf.production", self.tuf.production()), ("tuf.ci", self.tuf.ci())] {
-            if repo.configured() && (repo.metadata_url.is_empty() || repo.targets_url.is_empty()) {
-                return Err(invalid(
-                    key,
-                    "a root needs metadata_url and targets_url (file:///dir/ or http://host/dir/)",
-                ));
+        for (name, repo) in [("production", self.tuf.production()), ("ci", self.tuf.ci())] {
+            for (what, url) in [("metadata_url", &repo.metadata_url), ("targets_url", &repo.targets_url)] {
+                if repo.configured() && url.is_empty() {
+                    return Err(invalid(
+                        &format!("tuf.{name}_{what}"),
+                        format!("needed because tuf.{name}_root is set (file:///dir/ or http://host/dir/)"),
+                    ));
+                }
             }
         }
         if self.tuf.refresh_secs == 0 {
@@ -493,6 +495,8 @@ mod tests {
         assert_eq!(c.store.data_dir, PathBuf::from("/tmp/x"));
         // CLI variables are not config keys.
         assert!(load("", &[("FWGATE_SERVER", "http://x"), ("FWGATE_TOKEN", "t")]).is_ok());
+        let err = load("", &[("FWGATE_TUF__CI_ROOT", "/etc/ci-root.json")]).unwrap_err();
+        assert!(err.to_string().starts_with("tuf.ci_metadata_url:"), "{err}");
         let err = load("", &[("FWGATE_DFU__NOPE", "1")]).unwrap_err();
         assert!(err.to_string().starts_with("dfu.nope:"), "{err}");
     }
