@@ -3,7 +3,7 @@
 //!
 //! Must not know: DFU, operations, transports.
 
-use std::collections::BTreeMap;
+use litemap::LiteMap;
 
 use dashmap::DashMap;
 use hmac::{Hmac, Mac};
@@ -57,9 +57,10 @@ pub struct DeviceSpec {
 pub struct Device {
     #[serde(flatten)]
     pub spec: DeviceSpec,
-    /// Running version per component, as last reported.
+    /// Running version per component, as last reported. A sorted vector, not a tree: most
+    /// devices report one component, and a tree node costs ~500 bytes per device.
     #[serde(default)]
-    pub running: BTreeMap<String, String>,
+    pub running: LiteMap<String, String>,
     /// Unix seconds of the last Status, if any.
     #[serde(default)]
     pub last_seen: Option<u64>,
@@ -221,7 +222,7 @@ impl Fleet {
                 }
                 None => {
                     out.created += 1;
-                    Device { spec, running: BTreeMap::new(), last_seen: None, created_at: now }
+                    Device { spec, running: LiteMap::new(), last_seen: None, created_at: now }
                 }
             };
             batch.put_json(Cf::Devices, device.spec.id.as_bytes(), &device)?;

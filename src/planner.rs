@@ -362,6 +362,9 @@ impl Planner {
         b.commit()?;
         next.retain(|o| !drop.contains(&o.seq));
         next.sort_by(|a, b| (&a.component, a.seq).cmp(&(&b.component, b.seq)));
+        // A queue is short and held for every device of a rollout: no spare capacity (a push
+        // onto a one-element clone would otherwise keep room for four).
+        next.shrink_to_fit();
         *current = next;
         Ok(())
     }
