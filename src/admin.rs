@@ -105,14 +105,9 @@ impl From<PlannerError> for AppError {
 
 impl From<WaveError> for AppError {
     fn from(e: WaveError) -> Self {
-        let (status, kind) = match &e {
-            WaveError::Planner(_) | WaveError::Fleet(_) => {
-                return match e {
-                    WaveError::Planner(p) => p.into(),
-                    WaveError::Fleet(f) => f.into(),
-                    _ => unreachable!("matched above"),
-                }
-            }
+        let (status, kind) = match e {
+            WaveError::Planner(p) => return p.into(),
+            WaveError::Fleet(f) => return f.into(),
             WaveError::InvalidName(_)
             | WaveError::BadLimit(_)
             | WaveError::Unordered(_)

@@ -778,7 +778,7 @@ async fn tuf_remote(cmd: tuf::TufCommand, remote: &Remote) -> Result<()> {
                 }
             }
         }
-        tuf::TufCommand::Client(_) => unreachable!("run locally"),
+        tuf::TufCommand::Client(args) => tuf::client_command(args).await?,
     }
     Ok(())
 }
@@ -843,7 +843,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Images { command, remote } => images(command, &remote).await,
         Command::Devices { command, remote } => devices(command, &remote).await,
         Command::Waves { command, remote } => waves(command, &remote).await,
-        Command::Tuf { command: tuf::TufCommand::Client(args), .. } => tuf::client_command(args).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,
     }
