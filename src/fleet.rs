@@ -59,12 +59,17 @@ pub struct Device {
     pub spec: DeviceSpec,
     /// Running version per component, as last reported. A sorted vector, not a tree: most
     /// devices report one component, and a tree node costs ~500 bytes per device.
-    #[serde(default)]
+    #[serde(default, serialize_with = "as_map")]
     pub running: LiteMap<String, String>,
     /// Unix seconds of the last Status, if any.
     #[serde(default)]
     pub last_seen: Option<u64>,
     pub created_at: u64,
+}
+
+/// A JSON object always (litemap writes an empty map as a list).
+fn as_map<S: serde::Serializer>(m: &LiteMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(m.iter())
 }
 
 /// Checks a tag, group or hardware name: 1 to 64 printable characters, no comma.
@@ -405,6 +410,10 @@ mod tests {
         let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
         let a = f.get("a").unwrap();
         assert!(a.spec.production);
+        // `running` is a JSON object, empty or not, and reads back.
+        let b = serde_json::to_value(f.get("b").unwrap()).unwrap();
+        assert_eq!(b["running"], serde_json::json!({}));
+        assert_eq!(serde_json::to_value(&a).unwrap()["running"], serde_json::json!({"main": "1.0.0"}));
         assert_eq!(a.running.get(MAIN_COMPONENT).map(String::as_str), Some("1.0.0"));
         assert_eq!(a.created_at, 1);
         assert_eq!(f.list(Some("a"), 10).iter().map(|d| d.spec.id.as_str()).collect::<Vec<_>>(), ["b"]);
