@@ -14,7 +14,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::firmware::{Firmware, FirmwareError, ImageMeta};
+use crate::firmware::{Expected, Firmware, FirmwareError, ImageMeta};
 use crate::fleet::{Device, DeviceSpec, Fleet, FleetError, Upserted, MAIN_COMPONENT};
 use crate::planner::waves::{
     InitRequest, RolloutReport, RolloutRequest, Wave, WaveError, WaveState, WaveStatus, Waves,
@@ -66,6 +66,7 @@ impl From<FirmwareError> for AppError {
             FirmwareError::Empty | FirmwareError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid"),
             FirmwareError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             FirmwareError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FirmwareError::NotExpected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_target"),
             FirmwareError::Damaged(_) | FirmwareError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, kind, e)
@@ -247,35 +248,22 @@ async fn add_image(
         .filter(|h| !h.is_empty())
         .map(String::from)
         .collect();
-    if let Some(target) = &q.target {
-        let repo = q.repo.as_deref().unwrap_or(crate::tuf::PRODUCTION);
-        let t = s
-            .planner
-            .trust()
-            .named_target(repo, target)
-            .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_a_target", e))?;
-        let sha = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&body))
-        };
-        if t.length != body.len() as u64 || t.sha256 != sha {
-            return Err(AppError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "not_a_target",
-                format!(
-                    "the upload is not {repo} target {target}: {} bytes with sha256 {sha}, the target is {} bytes with sha256 {}",
-                    body.len(),
-                    t.length,
-                    t.sha256
-                ),
-            ));
+    let expected = match &q.target {
+        None => None,
+        Some(target) => {
+            let repo = q.repo.as_deref().unwrap_or(crate::tuf::PRODUCTION);
+            let t = s
+                .planner
+                .trust()
+                .named_target(repo, target)
+                .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_a_target", e))?;
+            Some(Expected { what: format!("{repo} target {target}"), length: t.length, sha256: t.sha256 })
         }
-    }
+    };
     let fw = s.firmware.clone();
     // Hashing and writing tens of MiB is blocking work.
-    let (meta, created) = tokio::task::spawn_blocking(move || fw.add(&q.name, &q.version, hardware, body, now_secs()))
-        .await
-        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    let (meta, created) =
+        blocking(move || fw.add_expecting(&q.name, &q.version, hardware, body, expected.as_ref(), now_secs())).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(Added { created, item: (*meta).clone() })))
 }
@@ -378,9 +366,7 @@ async fn assign(
         return Err(AppError::new(StatusCode::BAD_REQUEST, "invalid", "component must be 1 to 128 characters"));
     }
     let planner = s.planner.clone();
-    let op = tokio::task::spawn_blocking(move || planner.assign(&id, &component, &b.image, now_secs()))
-        .await
-        .map_err(|e| AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))??;
+    let op = blocking(move || planner.assign(&id, &component, &b.image, now_secs())).await?;
     Ok(Json(op.into()))
 }
 

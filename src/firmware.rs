@@ -28,8 +28,23 @@ pub enum FirmwareError {
     NotFound(String),
     #[error("image {0} is damaged in the store: chunks do not match its sha256")]
     Damaged(String),
+    #[error(
+        "the upload is not {what}: {length} bytes with sha256 {sha256}, \
+         the target is {expected_length} bytes with sha256 {expected_sha256}"
+    )]
+    NotExpected { what: String, length: u64, sha256: String, expected_length: u64, expected_sha256: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What an upload must be when it claims to be a known file (a TUF target).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// How to name it in an error, e.g. "production target app-2.1.bin".
+    pub what: String,
+    pub length: u64,
+    /// Lowercase hex.
+    pub sha256: String,
 }
 
 /// What the gateway knows of an image; the bytes live in chunks and in the hot cache.
@@ -179,6 +194,20 @@ impl Firmware {
         data: Bytes,
         now: u64,
     ) -> Result<(Arc<ImageMeta>, bool), FirmwareError> {
+        self.add_expecting(name, version, hardware, data, None, now)
+    }
+
+    /// [`Firmware::add`], refusing bytes that are not `expected` (checked with the one hash
+    /// the upload needs anyway, before anything is stored).
+    pub fn add_expecting(
+        &self,
+        name: &str,
+        version: &str,
+        hardware: Vec<String>,
+        data: Bytes,
+        expected: Option<&Expected>,
+        now: u64,
+    ) -> Result<(Arc<ImageMeta>, bool), FirmwareError> {
         check_label("name", name)?;
         check_label("version", version)?;
         for h in &hardware {
@@ -192,6 +221,15 @@ impl Firmware {
         }
         let digest: [u8; 32] = Sha256::digest(&data).into();
         let sha256 = hex::encode(digest);
+        if let Some(e) = expected.filter(|e| e.length != data.len() as u64 || e.sha256 != sha256) {
+            return Err(FirmwareError::NotExpected {
+                what: e.what.clone(),
+                length: data.len() as u64,
+                sha256,
+                expected_length: e.length,
+                expected_sha256: e.sha256.clone(),
+            });
+        }
         let id = format!("{name}@{version}");
         if let Some(existing) = self.index.get(&id) {
             if existing.sha256 == sha256 {

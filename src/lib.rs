@@ -137,16 +137,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let firmware = Arc::new(Firmware::open(store.clone(), config.firmware.clone()).map_err(|e| load(&e))?);
     let fleet = Arc::new(Fleet::open(store.clone(), config.fleet.max_devices).map_err(|e| load(&e))?);
     let trust = Arc::new(tuf::Trust::new(&config.tuf.production(), &config.tuf.ci(), dir));
-    for repo in trust.configured() {
-        // A repository that does not verify now leaves its devices without admissible images
-        // until it does; the gateway still starts.
-        match trust.refresh(repo).await {
-            Ok(v) => {
-                info!(repo, targets = v.targets.len(), targets_version = v.targets_version, "TUF repository verified")
-            }
-            Err(e) => error!(repo, error = %e, "TUF repository does not verify"),
-        }
-    }
+    // A repository that does not verify now leaves its devices without admissible images
+    // until it does; the gateway still starts.
+    refresh_tuf(&trust).await;
     let planner = Arc::new(
         Planner::open(store.clone(), fleet.clone(), firmware.clone(), config.dfu.op_timeout_secs, now)
             .map_err(|e| load(&e))?
@@ -247,11 +240,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                for repo in trust.configured() {
-                    if let Err(e) = trust.refresh(repo).await {
-                        error!(repo, error = %e, "TUF refresh failed; the last verified targets stay until they expire");
-                    }
-                }
+                refresh_tuf(&trust).await;
                 // Complete waves reach devices that joined while their image was not admissible.
                 let w = waves.clone();
                 match tokio::task::spawn_blocking(move || w.reconcile_complete(now_secs())).await {
@@ -280,6 +269,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         tasks,
         shutdown,
     })
+}
+
+/// Refreshes every configured TUF repository. A failure is logged and changes nothing: the
+/// last verified targets stay admissible until their metadata expires.
+async fn refresh_tuf(trust: &tuf::Trust) {
+    for repo in trust.configured() {
+        match trust.refresh(repo).await {
+            Ok(v) => {
+                info!(repo, targets = v.targets.len(), targets_version = v.targets_version, "TUF repository verified")
+            }
+            Err(e) => error!(repo, error = %e, "TUF repository does not verify"),
+        }
+    }
 }
 
 /// Runs blocking `work` on tokio's blocking pool every `secs` seconds until `stop`.

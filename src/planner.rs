@@ -85,6 +85,13 @@ pub struct Operation {
 }
 
 impl Operation {
+    /// Moves the operation to a final state at `now`, saying why.
+    fn end(&mut self, state: OpState, detail: String, now: u64) {
+        self.state = state;
+        self.updated_at = now;
+        self.detail = Some(detail);
+    }
+
     /// Bytes written so far as a percentage of the image.
     pub fn progress_percent(&self) -> f64 {
         match self.state {
@@ -331,9 +338,7 @@ impl Planner {
             .iter_mut()
             .filter(|o| o.component == component && origin_kind(&o.origin) == kind && o.state == OpState::Pending)
         {
-            o.state = OpState::Canceled;
-            o.updated_at = now;
-            o.detail = Some(format!("replaced by operation {} ({})", op.seq, op.origin));
+            o.end(OpState::Canceled, format!("replaced by operation {} ({})", op.seq, op.origin), now);
         }
         next.push(op.clone());
         self.commit(&mut ops, next)?;
@@ -384,9 +389,7 @@ impl Planner {
             }
             let mut next = e.clone();
             for o in next.iter_mut().filter(|o| !o.state.is_terminal() && pick(&o.origin)) {
-                o.detail = Some(format!("canceled while {}", o.state.as_str()));
-                o.state = OpState::Canceled;
-                o.updated_at = now;
+                o.end(OpState::Canceled, format!("canceled while {}", o.state.as_str()), now);
                 n += 1;
             }
             self.commit(&mut e, next)?;
@@ -408,9 +411,7 @@ impl Planner {
         if n > 0 {
             let mut next = e.clone();
             for o in next.iter_mut().filter(|o| o.state == OpState::Pending && pick(o)) {
-                o.state = OpState::Canceled;
-                o.updated_at = now;
-                o.detail = Some(why.to_owned());
+                o.end(OpState::Canceled, why.to_owned(), now);
             }
             self.commit(&mut e, next)?;
         }
@@ -476,9 +477,7 @@ impl Planner {
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(()) };
         let Some(at) = ops.iter().position(|o| o.seq == seq && o.state == from) else { return Ok(()) };
         let mut next = ops.clone();
-        next[at].state = OpState::Failed;
-        next[at].updated_at = now;
-        next[at].detail = Some(why.to_owned());
+        next[at].end(OpState::Failed, why.to_owned(), now);
         self.commit(&mut ops, next)
     }
 
@@ -539,9 +538,7 @@ impl Planner {
             let mut b = self.store.batch();
             let mut next = e.clone();
             for op in next.iter_mut().filter(|o| timed_out(o.state, o.last_activity, now, self.op_timeout_secs)) {
-                op.detail = Some(format!("no Status for {} s", now - op.last_activity));
-                op.state = OpState::TimedOut;
-                op.updated_at = now;
+                op.end(OpState::TimedOut, format!("no Status for {} s", now - op.last_activity), now);
                 b.put_json(Cf::Ops, op_key(op).as_bytes(), &*op)?;
                 n += 1;
             }

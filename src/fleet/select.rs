@@ -195,11 +195,6 @@ impl FleetIndex {
         }
     }
 
-    /// Whether device `i` runs `version` (its main component).
-    pub fn runs(&self, i: Idx, version: &str) -> bool {
-        self.running(version)(i)
-    }
-
     /// A test for "runs `version`" that looks the version up once, for loops over many
     /// devices.
     pub fn running(&self, version: &str) -> impl Fn(Idx) -> bool + '_ {

@@ -20,7 +20,7 @@ use tracing::info;
 use super::{Planner, PlannerError};
 use crate::engine::OpState;
 use crate::firmware::{version_order, Firmware, ImageMeta};
-use crate::fleet::select::{Idx, Limit, Rejection, Selection};
+use crate::fleet::select::{FleetIndex, Idx, Limit, Rejection, Selection};
 use crate::fleet::{check_text, Fleet, FleetError, MAIN_COMPONENT};
 use crate::store::{Cf, Store, StoreError};
 
@@ -348,6 +348,23 @@ impl Book {
     fn latest_complete(&self, tag: &str, production: bool) -> Option<&Wave> {
         self.complete_on(tag, production).pop()
     }
+
+    /// The latest complete wave of each tag and class: the ones that stage joiners.
+    fn latest_complete_each(&self) -> Vec<Wave> {
+        let mut tags: Vec<(&str, bool)> =
+            self.waves.values().map(|w| (w.tag.as_str(), w.production)).collect::<HashSet<_>>().into_iter().collect();
+        tags.sort();
+        tags.into_iter().filter_map(|(t, p)| self.latest_complete(t, p).cloned()).collect()
+    }
+}
+
+/// A test for "a complete wave still has to reach device `i`": not staged in it, and running
+/// neither its version nor a newer one (e.g. from a later wave that was canceled after they
+/// updated) — a complete wave never stages a downgrade.
+fn not_reached<'a>(x: &'a FleetIndex, wave: &'a Wave, members: Option<&'a Members>) -> impl Fn(Idx) -> bool + 'a {
+    let order = version_order(&wave.version);
+    let done = x.running_any(move |v| v == wave.version || version_order(v).is_some_and(|o| Some(o) > order));
+    move |i| !members.is_some_and(|m| m.contains(i)) && !done(i)
 }
 
 /// The image a device gets from a wave: of the wave's version (and name), fitting its
@@ -406,14 +423,7 @@ impl Waves {
         let mut book = waves.lock();
         let mut live: Vec<(String, bool)> =
             book.waves.values().filter(|w| w.state == WaveState::Active).map(|w| (w.name.clone(), true)).collect();
-        let mut tags: Vec<(String, bool)> =
-            book.waves.values().map(|w| (w.tag.clone(), w.production)).collect::<HashSet<_>>().into_iter().collect();
-        tags.sort();
-        for (tag, production) in &tags {
-            if let Some(w) = book.latest_complete(tag, *production) {
-                live.push((w.name.clone(), false));
-            }
-        }
+        live.extend(book.latest_complete_each().into_iter().map(|w| (w.name, false)));
         let names: HashSet<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
         let staged = waves.staged_of(&names);
         for (name, active) in &live {
@@ -678,16 +688,9 @@ impl Waves {
     /// Stages every device of a complete wave's tag and class that is neither in the wave
     /// nor running its version or a newer one.
     fn reconcile(&self, book: &mut Book, wave: &Wave, now: u64) -> Result<usize, WaveError> {
-        let members = book.members.get(&wave.name).cloned().unwrap_or_default();
-        let order = version_order(&wave.version);
         let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
-            // Running the version, or a newer one (e.g. from a wave canceled after they
-            // updated): nothing to deliver — a complete wave never stages a downgrade.
-            let done = x.running_any(|v| v == wave.version || version_order(v).is_some_and(|o| Some(o) > order));
-            x.on_tag(&wave.tag, wave.production)
-                .filter(|&i| !members.contains(i) && !done(i))
-                .map(|i| (i, x.id(i).to_owned()))
-                .collect()
+            let pending = not_reached(x, wave, book.members.get(&wave.name));
+            x.on_tag(&wave.tag, wave.production).filter(|&i| pending(i)).map(|i| (i, x.id(i).to_owned())).collect()
         });
         Ok(self.stage(book, wave, &chosen, now)?.0)
     }
@@ -852,14 +855,9 @@ impl Waves {
     /// had failed). Runs after every successful TUF refresh. Returns how many were staged.
     pub fn reconcile_complete(&self, now: u64) -> Result<usize, WaveError> {
         let mut book = self.lock();
-        let mut tags: Vec<(String, bool)> =
-            book.waves.values().map(|w| (w.tag.clone(), w.production)).collect::<HashSet<_>>().into_iter().collect();
-        tags.sort();
         let mut staged = 0;
-        for (tag, production) in tags {
-            if let Some(w) = book.latest_complete(&tag, production).cloned() {
-                staged += self.reconcile(&mut book, &w, now)?;
-            }
+        for w in book.latest_complete_each() {
+            staged += self.reconcile(&mut book, &w, now)?;
         }
         Ok(staged)
     }
@@ -872,8 +870,8 @@ impl Waves {
         if book.waves.is_empty() {
             return Ok(0);
         }
-        let mut staged = 0;
-        let mut by_wave: BTreeMap<String, Vec<(Idx, String)>> = BTreeMap::new();
+        // Per complete wave, the devices that now follow its tag and class.
+        let mut by_wave: BTreeMap<String, Vec<&String>> = BTreeMap::new();
         for id in ids {
             let Some(d) = self.fleet.get(id) else { continue };
             let (tag, production) = (d.spec.tag.as_deref(), d.spec.production);
@@ -884,20 +882,17 @@ impl Waves {
                     .is_some_and(|w| Some(w.tag.as_str()) != tag || w.production != production)
             };
             self.planner.withdraw(id, foreign, "the device no longer follows the wave's tag and class", now)?;
-            let Some(tag) = tag else { continue };
-            let Some(w) = book.latest_complete(tag, production) else { continue };
-            let members = book.members.get(&w.name);
-            let order = version_order(&w.version);
-            let pending = self.fleet.with_index(|x| {
-                let done = x.running_any(|v| v == w.version || version_order(v).is_some_and(|o| Some(o) > order));
-                x.lookup(id).filter(|&i| !members.is_some_and(|m| m.contains(i)) && !done(i))
-            });
-            if let Some(i) = pending {
-                by_wave.entry(w.name.clone()).or_default().push((i, id.clone()));
+            if let Some(w) = tag.and_then(|t| book.latest_complete(t, production)) {
+                by_wave.entry(w.name.clone()).or_default().push(id);
             }
         }
-        for (name, chosen) in by_wave {
+        let mut staged = 0;
+        for (name, ids) in by_wave {
             let w = book.waves[&name].clone();
+            let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
+                let pending = not_reached(x, &w, book.members.get(&name));
+                ids.into_iter().filter_map(|id| x.lookup(id).filter(|&i| pending(i)).map(|i| (i, id.clone()))).collect()
+            });
             staged += self.stage(&mut book, &w, &chosen, now)?.0;
         }
         Ok(staged)
