@@ -165,5 +165,61 @@ fn lookup(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, engine, blocks, lookup);
+/// One Status through the whole shared DFU step, as either transport runs it
+/// (`transport::session::Dfu::handle`): decode, fleet observe (last seen, running version),
+/// operation and hot-image lookup, engine, progress record, encode of the 512-byte WRITE into
+/// a fresh buffer, telemetry. RocksDB in a temp dir; a device mid-download, the Status's
+/// offset moving through the image as a real download's does.
+fn session(c: &mut Criterion) {
+    use std::sync::Arc;
+
+    use fwgate::fleet::{DeviceSpec, Fleet};
+    use fwgate::planner::Planner;
+    use fwgate::telemetry::Telemetry;
+    use fwgate::transport::{Dfu, Handled};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db"), false).unwrap();
+    let fleet = Arc::new(Fleet::open(store.clone(), 10).unwrap());
+    let fw = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).unwrap());
+    const LEN: u32 = 256 * 1024;
+    fw.add("app", "2.0.0", vec![], (0..LEN).map(|i| (i * 31 + 7) as u8).collect::<Vec<u8>>().into(), 0).unwrap();
+    fleet.upsert(vec![DeviceSpec { id: "dev-1".into(), ..Default::default() }], 0).unwrap();
+    let planner = Arc::new(Planner::open(store, fleet.clone(), fw, 3600, 0).unwrap());
+    let seq = planner.assign("dev-1", "main", "app@2.0.0", 1).unwrap().seq;
+    planner.record("dev-1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 1).unwrap();
+    let dfu = Dfu::new(planner, fleet, CFG, Arc::new(Telemetry::new()));
+    let mut g = c.benchmark_group("session");
+    g.throughput(Throughput::Elements(1));
+    for form in [Form::Named, Form::Packed] {
+        // Every Status of a 512-byte-block download, in order, over and over.
+        let statuses: Vec<Vec<u8>> = (0..LEN / 512)
+            .map(|n| {
+                let s = Status {
+                    mtu: Some(512),
+                    correlation_id: Some(n),
+                    update: Some(UpdateProgress { version: "2.0.0", offset: n * 512 }),
+                    ..Status::new("1.0.0")
+                };
+                let mut out = Vec::new();
+                s.encode(form, &mut out);
+                out
+            })
+            .collect();
+        let mut out = Vec::with_capacity(1);
+        let mut n = 0;
+        g.bench_function(format!("status_to_write512/{}", form.as_str()), |b| {
+            b.iter(|| {
+                out.clear();
+                n = (n + 1) % statuses.len();
+                let h = dfu.handle("mqtt", "dev-1", black_box(&statuses[n]), 1_800_000_000, false, &mut out);
+                assert_eq!(h, Handled::Replied);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, codec, engine, blocks, lookup, session);
 criterion_main!(benches);

@@ -3,7 +3,9 @@
 //!
 //! Registers 1,000,000 UUID devices (10 groups of 100,000) and prints what that costs; times
 //! the selection of `rollout --limit 10000` and of a whole-group rollout of 100,000 devices
-//! (dry runs, repeated by criterion); then stages both for real once — one operation per
+//! (dry runs, repeated by criterion); then, in a fresh process that builds the same registry
+//! and runs no dry run first (criterion's repeated dry runs leave freed heap behind that
+//! staging would reuse, hiding what it costs), stages both for real once — one operation per
 //! device, written to RocksDB — and prints the time, the memory per operation and the time
 //! of `waves status`. Without `--bench` (as `cargo test` runs it) the registry is 20,000
 //! devices, as a smoke test. The devices are test (CI) devices with no CI TUF repository, so
@@ -28,10 +30,55 @@ use fleet_common::{rss_kib, uuid};
 
 const NOW: u64 = 2_000_000_000;
 
+/// The registry, the planner and a wave over it, as `fwgate serve` holds them.
+struct World {
+    _dir: tempfile::TempDir,
+    waves: Waves,
+    devices: u64,
+}
+
 fn main() {
-    let full = std::env::args().any(|a| a == "--bench");
+    let args: Vec<String> = std::env::args().collect();
+    let full = args.iter().any(|a| a == "--bench");
     let devices: u64 = if full { 1_000_000 } else { 20_000 };
-    let group_size = devices / 10;
+    if args.iter().any(|a| a == "--stage") {
+        return stage(&registry(devices));
+    }
+    let w = registry(devices);
+    let mut c = Criterion::default().configure_from_args().sample_size(10);
+    {
+        let mut g = c.benchmark_group("waves");
+        g.bench_function(format!("select_limit_10000_of_{devices}"), |b| {
+            b.iter(|| black_box(w.waves.rollout("w", limited(true), NOW).expect("dry run")).selected)
+        });
+        g.bench_function(format!("select_whole_group_{}", devices / 10), |b| {
+            b.iter(|| black_box(w.waves.rollout("w", group(true), NOW).expect("dry run")).selected)
+        });
+        g.finish();
+    }
+    c.final_summary();
+    drop(w);
+    // Staging for real, in a process of its own.
+    let mut child = std::process::Command::new(std::env::current_exe().expect("own path"));
+    child.arg("--stage");
+    if full {
+        child.arg("--bench");
+    }
+    let status = child.status().expect("staging process runs");
+    assert!(status.success(), "staging process failed: {status}");
+}
+
+fn limited(dry_run: bool) -> RolloutRequest {
+    RolloutRequest { limit: Some(LimitArg::Count(10_000)), seed: Some(42), dry_run, ..Default::default() }
+}
+
+fn group(dry_run: bool) -> RolloutRequest {
+    RolloutRequest { group: Some("region-3".into()), seed: Some(42), dry_run, ..Default::default() }
+}
+
+/// Registers `devices` devices with UUID ids, 10 groups, spread last-seen times, and inits
+/// wave `w` on their tag; prints what the registry costs.
+fn registry(devices: u64) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path(), false).expect("store");
     let fleet = Arc::new(Fleet::open(store.clone(), devices as usize + 1).expect("fleet"));
@@ -68,7 +115,6 @@ fn main() {
         registry_bytes as f64 / devices as f64,
         index_bytes as f64 / devices as f64
     );
-
     let init = InitRequest {
         name: "w".into(),
         version: "2.0".into(),
@@ -77,25 +123,15 @@ fn main() {
         ..Default::default()
     };
     waves.init(init, NOW).expect("init");
-    let limited =
-        RolloutRequest { limit: Some(LimitArg::Count(10_000)), seed: Some(42), dry_run: true, ..Default::default() };
-    let group = RolloutRequest { group: Some("region-3".into()), seed: Some(42), dry_run: true, ..Default::default() };
+    World { _dir: dir, waves, devices }
+}
 
-    let mut c = Criterion::default().configure_from_args().sample_size(10);
-    {
-        let mut g = c.benchmark_group("waves");
-        g.bench_function(format!("select_limit_10000_of_{devices}"), |b| {
-            b.iter(|| black_box(waves.rollout("w", limited.clone(), NOW).expect("dry run")).selected)
-        });
-        g.bench_function(format!("select_whole_group_{group_size}"), |b| {
-            b.iter(|| black_box(waves.rollout("w", group.clone(), NOW).expect("dry run")).selected)
-        });
-        g.finish();
-    }
-
-    for (what, req) in [("--limit 10000", limited), ("whole group region-3", group)] {
+/// Stages `--limit 10000`, then the rest of a whole group, for real; then `waves status`.
+fn stage(w: &World) {
+    println!("staging in a fresh process ({} devices registered, no dry run before):", w.devices);
+    for (what, req) in [("--limit 10000", limited(false)), ("whole group region-3", group(false))] {
         let (rss0, t) = (rss_kib(), Instant::now());
-        let r = waves.rollout("w", RolloutRequest { dry_run: false, ..req }, NOW).expect("rollout");
+        let r = w.waves.rollout("w", req, NOW).expect("rollout");
         let secs = t.elapsed().as_secs_f64();
         let grown = (rss_kib().saturating_sub(rss0) * 1024) as f64;
         println!(
@@ -107,7 +143,7 @@ fn main() {
         assert!(r.staged > 0);
     }
     let t = Instant::now();
-    let s = waves.status("w", NOW).expect("status");
+    let s = w.waves.status("w", NOW).expect("status");
     println!(
         "waves status: {} devices on the tag, {} scheduled, {} groups, in {:.0} ms",
         s.total,
@@ -115,5 +151,4 @@ fn main() {
         s.groups.len(),
         t.elapsed().as_secs_f64() * 1e3
     );
-    c.final_summary();
 }

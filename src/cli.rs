@@ -44,6 +44,11 @@ pub enum Command {
     Serve {
         #[arg(long, env = "FWGATE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Once every listener is up, write the addresses they are bound to as JSON
+        /// (`{"admin", "mqtt", "mqtt_v5", "coap"}`) to this file: how a script that starts the
+        /// gateway on port 0 learns its ports.
+        #[arg(long)]
+        ports_file: Option<PathBuf>,
     },
     /// Configuration files.
     Config {
@@ -805,13 +810,16 @@ fn raise_fd_limit() {
     }
 }
 
-async fn serve(path: &Path) -> Result<()> {
+async fn serve(path: &Path, ports_file: Option<&Path>) -> Result<()> {
     let config = crate::load_config(path).with_context(|| format!("config {}", path.display()))?;
     init_logging(&config.log.level);
     raise_fd_limit();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let gateway = crate::start(config, shutdown.clone()).await?;
     tracing::info!(admin = %gateway.admin, "fwgate ready");
+    if let Some(file) = ports_file {
+        write_ports(&gateway, file).with_context(|| format!("--ports-file {}", file.display()))?;
+    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -831,10 +839,24 @@ async fn serve(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes where the gateway listens, atomically (a reader sees the whole file or none).
+fn write_ports(gateway: &crate::Gateway, file: &Path) -> Result<()> {
+    let ports = serde_json::json!({
+        "admin": gateway.admin,
+        "mqtt": gateway.mqtt.map(|m| m.v4),
+        "mqtt_v5": gateway.mqtt.and_then(|m| m.v5),
+        "coap": gateway.coap,
+    });
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&ports)?)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
 /// Runs the command line; the binary's `main` is this.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config } => serve(&config).await,
+        Command::Serve { config, ports_file } => serve(&config, ports_file.as_deref()).await,
         Command::Config { command: ConfigCommand::Check { config } } => {
             crate::load_config(&config).with_context(|| config.display().to_string())?;
             println!("{}: ok", config.display());

@@ -656,6 +656,24 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_operation_is_replaced_by_a_newer_one_of_the_same_kind_only() {
+        let w = world();
+        let p = &w.planner;
+        let assigned = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap().seq;
+        let older = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 10, "wave:a", 2).unwrap().seq;
+        let bios = p.enqueue("d1", "bios", "app@2.0", 10, "wave:a", 3).unwrap().seq;
+        let newer = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 10, "wave:b", 4).unwrap().seq;
+        let state = |seq| p.operations_of("d1").into_iter().find(|o| o.seq == seq).unwrap();
+        // wave:b replaces wave:a's queued operation of the same component...
+        assert_eq!(state(older).state, OpState::Canceled);
+        assert_eq!(state(older).detail.unwrap(), format!("replaced by operation {newer} (wave:b)"));
+        assert_eq!(state(newer).state, OpState::Pending);
+        // ...and nothing of another kind or another component.
+        assert_eq!(state(assigned).state, OpState::Pending);
+        assert_eq!(state(bios).state, OpState::Pending);
+    }
+
+    #[test]
     fn records_from_before_the_queue_are_given_a_sequence_number_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,14 +11,6 @@ use common::*;
 use fwgate::protocol::{Form, Status};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fwgate");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 struct Serve {
     child: Child,
@@ -30,47 +21,82 @@ struct Serve {
     log: PathBuf,
 }
 
+/// What `fwgate serve --ports-file` wrote: the addresses it bound.
+fn port_of(ports: &serde_json::Value, key: &str) -> u16 {
+    let addr = ports[key].as_str().unwrap_or_else(|| panic!("no {key} in the ports file: {ports}"));
+    addr.parse::<std::net::SocketAddr>().unwrap().port()
+}
+
 impl Serve {
     async fn start(dir: &Path) -> Serve {
         Serve::start_with(dir, &[]).await
     }
 
-    /// Starts `fwgate serve` with extra `FWGATE_*` overrides.
+    /// Starts `fwgate serve` with extra `FWGATE_*` overrides. Every listener binds port 0 and
+    /// the gateway reports what it got (`--ports-file`), so no port is picked here and released
+    /// for another process to take. rumqttd binds by address, so the gateway itself picks its
+    /// MQTT ports the same way (free, then bound): the rare start that loses that race is tried
+    /// again, up to three times.
     async fn start_with(dir: &Path, env: &[(&str, String)]) -> Serve {
-        let (admin, mqtt, mqtt5) = (free_port(), free_port(), free_port());
-        let coap = free_udp_port();
         let config = dir.join("fwgate.toml");
         std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
-        let log = dir.join(format!("serve-{admin}.log"));
-        let child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("FWGATE_STORE__DATA_DIR", dir.join("data"))
-            .env("FWGATE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
-            .env("FWGATE_MQTT__LISTEN_V5", format!("127.0.0.1:{mqtt5}"))
-            .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-            .env("FWGATE_COAP__LISTEN", format!("127.0.0.1:{coap}"))
-            .env("FWGATE_ADMIN__TOKEN", "test-token")
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("fwgate binary starts");
-        let s = Serve { child, admin: format!("http://127.0.0.1:{admin}"), mqtt, mqtt5, coap, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{}/readyz", s.admin)).await {
-                if r.status() == 200 {
-                    return s;
+        for attempt in 1..=3 {
+            let ports_file = dir.join(format!("ports-{attempt}-{}.json", std::process::id()));
+            let _ = std::fs::remove_file(&ports_file);
+            let log = dir.join(format!("serve-{}.log", ports_file.file_stem().unwrap().to_string_lossy()));
+            let mut child = Command::new(BIN)
+                .args(["serve", "--config"])
+                .arg(&config)
+                .arg("--ports-file")
+                .arg(&ports_file)
+                .env("FWGATE_STORE__DATA_DIR", dir.join("data"))
+                .env("FWGATE_MQTT__LISTEN", "127.0.0.1:0")
+                .env("FWGATE_MQTT__LISTEN_V5", "127.0.0.1:0")
+                .env("FWGATE_ADMIN__LISTEN", "127.0.0.1:0")
+                .env("FWGATE_COAP__LISTEN", "127.0.0.1:0")
+                .env("FWGATE_ADMIN__TOKEN", "test-token")
+                .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("fwgate binary starts");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let ports = loop {
+                if let Ok(text) = std::fs::read(&ports_file) {
+                    break Some(serde_json::from_slice::<serde_json::Value>(&text).expect("ports file is JSON"));
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fwgate serve not ready; log:\n{}",
-                std::fs::read_to_string(&s.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+                if child.try_wait().unwrap().is_some() {
+                    break None;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "fwgate serve not ready after 30 s; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let Some(ports) = ports else {
+                assert!(
+                    attempt < 3 && (text.contains("bind") || text.contains("not listening")),
+                    "fwgate serve exited (attempt {attempt}); log:\n{text}"
+                );
+                continue;
+            };
+            let admin = format!("http://127.0.0.1:{}", port_of(&ports, "admin"));
+            let s = Serve {
+                child,
+                admin,
+                mqtt: port_of(&ports, "mqtt"),
+                mqtt5: port_of(&ports, "mqtt_v5"),
+                coap: port_of(&ports, "coap"),
+                log,
+            };
+            let r = reqwest::get(format!("{}/readyz", s.admin)).await.expect("admin answers once ports are written");
+            assert_eq!(r.status(), 200, "ready once the ports file is written");
+            return s;
         }
+        unreachable!("the loop returns or fails")
     }
 
     fn cli(&self, args: &[&str]) -> (bool, String) {
@@ -92,12 +118,19 @@ impl Drop for Serve {
     }
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false)
+/// Fails the test, saying what to install, when an external client it runs is missing: a
+/// test that cannot run its tool has not passed.
+fn require(tool: &str, package: &str) {
+    let found =
+        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{tool} is not on PATH: this test runs it; install it with `apt-get install {package}` (.ci/run does)"
+    );
 }
 
 /// One Status/Command pair through mosquitto_pub and mosquitto_sub.
-fn mosquitto_exchange(port: u16, version_flag: &str, device: &str, status_file: &Path) -> Vec<u8> {
+async fn mosquitto_exchange(port: u16, version_flag: &str, device: &str, status_file: &Path) -> Vec<u8> {
     let mut sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version_flag, "-i", &format!("{device}-sub")])
         .args(["-t", &format!("dfu/{device}/command"), "-C", "1", "-W", "20", "-F", "%x"])
@@ -114,7 +147,7 @@ fn mosquitto_exchange(port: u16, version_flag: &str, device: &str, status_file: 
             .status()
             .unwrap();
         assert!(ok.success(), "mosquitto_pub failed");
-        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
         if let Ok(Some(_)) = sub.try_wait() {
             break;
         }
@@ -126,12 +159,8 @@ fn mosquitto_exchange(port: u16, version_flag: &str, device: &str, status_file: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_clients_exchange_status_and_command_with_fwgate_serve() {
-    if !have("mosquitto_pub") || !have("mosquitto_sub") {
-        eprintln!(
-            "SKIPPED: mosquitto_pub/mosquitto_sub not installed (apt-get install mosquitto-clients; .ci/run does)"
-        );
-        return;
-    }
+    require("mosquitto_pub", "mosquitto-clients");
+    require("mosquitto_sub", "mosquitto-clients");
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path()).await;
     let img = image(4096, 11);
@@ -149,7 +178,7 @@ async fn mosquitto_clients_exchange_status_and_command_with_fwgate_serve() {
     std::fs::write(&status_file, &bytes).unwrap();
 
     for (device, port, flag) in [("mq-3", serve.mqtt, "mqttv311"), ("mq-5", serve.mqtt5, "mqttv5")] {
-        let reply = mosquitto_exchange(port, flag, device, &status_file);
+        let reply = mosquitto_exchange(port, flag, device, &status_file).await;
         let (cmd, form) = fwgate::protocol::Command::decode(&reply).expect("a valid command");
         assert_eq!(form, Form::Named);
         match cmd {
@@ -217,7 +246,7 @@ async fn sigkill_mid_transfer_loses_nothing_and_the_device_resumes() {
             break s;
         }
         assert!(Instant::now() < deadline, "fwgate did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
@@ -256,10 +285,7 @@ fn config_check_names_the_first_invalid_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn libcoap_client_downloads_the_assigned_image_block_wise() {
-    if !have("coap-client-notls") {
-        eprintln!("SKIPPED: coap-client-notls not installed (apt-get install libcoap3-bin; .ci/run does)");
-        return;
-    }
+    require("coap-client-notls", "libcoap3-bin");
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path()).await;
     let img = image(256 * 1024, 13);
@@ -303,7 +329,7 @@ async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path()).await;
     let runs: [(&str, usize, &[&str]); 3] = [
-        ("mqtt", 60, &["--disconnect-at", "50", "--corrupt", "20", "--window", "4"]),
+        ("mqtt", 60, &["--disconnect-at", "50", "--corrupt", "20", "--window", "4", "--sync-start"]),
         ("coap", 30, &["--drop", "5", "--disconnect-at", "50", "--corrupt", "20", "--form", "packed"]),
         ("coap-block2", 30, &["--drop", "5", "--disconnect-at", "50", "--mtu", "256"]),
     ];
@@ -327,7 +353,14 @@ async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
         assert_eq!(r["reconnects"], n, "{transport}: every device disconnected once at 50%");
         assert_eq!(r["checksum_failures"], 0);
         assert!(r["blocks"].as_u64().unwrap() > 0);
-        assert!(r["gateway_rss_max_kib"].as_u64().unwrap() > 0, "{transport}: rss sampled");
+        let rss = &r["gateway_rss"];
+        for moment in ["before_connect_kib", "peak_downloading_kib", "after_kib"] {
+            assert!(rss[moment].as_u64().is_some_and(|k| k > 0), "{transport}: {moment} sampled: {rss}");
+        }
+        // Only a --sync-start run has a moment when every device is connected and none
+        // downloads.
+        assert_eq!(rss["connected_idle_kib"].as_u64().is_some(), transport == "mqtt", "{transport}: {rss}");
+        assert!(text.contains("gateway RSS before connect"), "{text}");
         if transport != "mqtt" {
             assert!(r["drops"].as_u64().unwrap() > 0, "{transport}: datagrams were lost: {r:#}");
         }
@@ -345,6 +378,24 @@ async fn fwgate_load_verifies_every_device_over_every_transport_with_faults() {
     // Operations are recorded for each device, as for any other device.
     let (ok, out) = serve.cli(&["devices", "show", "coap-00007"]);
     assert!(ok && out.contains("succeeded"), "{out}");
+
+    // Devices that --duration stops before they verified make the run fail: 2 MiB in 64-byte
+    // blocks is 32,768 round trips per device, far more than 0.3 s holds.
+    let report = dir.path().join("cut-short.json");
+    let out = Command::new(BIN)
+        .args(["load", "--transport", "coap", "--devices", "2", "--register", "--quiet", "--duration", "0.3"])
+        .args(["--image-kib", "2048", "--mtu", "64", "--prefix", "short-", "--seed", "8"])
+        .args(["--coap", &format!("127.0.0.1:{}", serve.coap), "--report"])
+        .arg(&report)
+        .env("FWGATE_SERVER", &serve.admin)
+        .env("FWGATE_TOKEN", "test-token")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "unfinished devices fail the run: {text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!((r["ok"].as_u64(), r["unfinished"].as_u64()), (Some(0), Some(2)), "{r:#}");
+    assert!(text.contains("NOT all verified") && text.contains("2 unfinished"), "{text}");
 }
 
 /// (seq, state, origin, image) of every operation of every device: what a restart must keep.
@@ -602,6 +653,12 @@ async fn the_gateway_refreshes_its_production_repository_and_keeps_its_trust_acr
     let serve = Serve::start_with(dir.path(), &env).await;
     let (ok, out) = serve.cli(&["tuf", "status"]);
     assert!(ok && out.contains("production: not verified"), "rolled-back metadata is not trusted: {out}");
+    // Refused as a rollback (timestamp version 1 after 2), not for any other reason.
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    assert!(
+        log.contains("Found version 1 of timestamp metadata when we had previously fetched version 2"),
+        "refused as a rollback: {log}"
+    );
     // The production repository's metadata has no 2.root.json: only a client that kept the
     // rotated root reports version 2.
     offer("production", &served);

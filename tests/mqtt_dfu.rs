@@ -165,10 +165,15 @@ async fn bad_input_is_counted_and_changes_nothing() {
     for (_, bytes) in &vectors {
         bad.publish_raw(bytes.clone()).await;
     }
-    // Nothing comes back for garbage...
-    assert_eq!(bad.next_payload(Duration::from_millis(1500)).await, None, "no reply to bad input");
-    // ...every message was counted by kind...
+    // The device's client sends while it is polled: poll it until the gateway has counted
+    // every message — nothing may come back for garbage meanwhile, nor just after...
     let t = &gw.gw().telemetry;
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while t.status_count("bad_input") < 13 && tokio::time::Instant::now() < deadline {
+        assert_eq!(bad.next_payload(Duration::from_millis(20)).await, None, "no reply to bad input");
+    }
+    assert_eq!(bad.next_payload(Duration::from_millis(200)).await, None, "no reply to bad input");
+    // ...and every message was counted, by kind...
     assert_eq!(t.status_count("bad_input"), 13);
     for (kind, n) in [
         ("empty", 1),
@@ -233,10 +238,20 @@ async fn device_authentication_takes_the_derived_token() {
     let (status, v) = admin(&gw.admin, reqwest::Method::POST, "/api/v1/devices/auth-1/token", None, None).await;
     assert_eq!(status, 200);
     let token = v["token"].as_str().unwrap().to_owned();
+    // A second registered device with a valid token of its own.
+    add_device(&gw.admin, "auth-2").await;
+    let (status, v) = admin(&gw.admin, reqwest::Method::POST, "/api/v1/devices/auth-2/token", None, None).await;
+    assert_eq!(status, 200);
+    let other = v["token"].as_str().unwrap().to_owned();
+    assert_ne!(token, other);
 
     assert!(SimDevice::connect_raw(gw.mqtt, "auth-1", None).await.is_err(), "no password");
     assert!(SimDevice::connect_raw(gw.mqtt, "auth-1", Some("00ff")).await.is_err(), "wrong password");
-    assert!(SimDevice::connect_raw(gw.mqtt, "stranger", Some(&token)).await.is_err(), "another device's token");
+    assert!(SimDevice::connect_raw(gw.mqtt, "auth-1", Some(&other)).await.is_err(), "another device's valid token");
+    assert!(SimDevice::connect_raw(gw.mqtt, "auth-2", Some(&token)).await.is_err(), "and the other way round");
+    assert!(SimDevice::connect_raw(gw.mqtt, "stranger", Some(&token)).await.is_err(), "an unregistered id");
+    // Each token opens its own device's connection.
+    assert!(SimDevice::connect_raw(gw.mqtt, "auth-2", Some(&other)).await.is_ok(), "auth-2 with its own token");
     let mut dev = SimDevice::connect(gw.mqtt, "auth-1", Form::Named, "1.0.0", Some(&token)).await;
     assert_eq!(dev.run(None).await, Ended::Updated);
     gw.stop().await;

@@ -75,7 +75,10 @@ pub struct LoadArgs {
     /// QoS of MQTT Status messages (0 or 1).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
-    /// Sample the gateway's resident memory (from /proc) during the run.
+    /// Read the gateway's resident memory (from /proc) at named moments: before the first
+    /// device connects, once all are connected and idle (with --sync-start; 1 s after the last
+    /// connection, before any download starts), the peak while downloading (sampled every
+    /// 500 ms), and 1 s after the last device ended.
     #[arg(long)]
     gateway_pid: Option<u32>,
     /// Write the JSON report here.
@@ -179,13 +182,20 @@ fn print_summary(r: &Report) {
         "{:<28} {} retries, {} reconnects, {} datagrams dropped, {} garbage Statuses, {} checksum failures",
         "faults", r.retries, r.reconnects, r.drops, r.corrupt_sent, r.checksum_failures
     );
-    if let Some(rss) = r.gateway_rss_max_kib {
+    if let Some(rss) = &r.gateway_rss {
+        let mib = |k: u64| format!("{:.1} MiB", k as f64 / 1024.0);
+        let per = |k: u64| format!("{:.1} KiB per device over the start", rss.per_device_kib(k, r.devices));
+        println!("{:<28} {}", "gateway RSS before connect", mib(rss.before_connect_kib));
+        if let Some(k) = rss.connected_idle_kib {
+            println!("{:<28} {}, {}", "  all connected, idle", mib(k), per(k));
+        }
         println!(
-            "{:<28} {:.1} MiB max, {:.1} KiB per device",
-            "gateway RSS",
-            rss as f64 / 1024.0,
-            r.gateway_rss_per_device_kib.unwrap_or(0.0)
+            "{:<28} {}, {}",
+            "  peak while downloading",
+            mib(rss.peak_downloading_kib),
+            per(rss.peak_downloading_kib)
         );
+        println!("{:<28} {}", "  after", mib(rss.after_kib));
     }
     for e in &r.errors {
         println!("error: {e}");
@@ -263,8 +273,15 @@ pub async fn load(a: LoadArgs) -> Result<()> {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
-    if report.failed > 0 || (a.duration.is_none() && report.unfinished > 0) {
-        bail!("{} of {} devices did not verify their update", report.failed + report.unfinished, report.devices);
+    // A device that --duration stopped did not verify its update either.
+    if report.failed > 0 || report.unfinished > 0 {
+        bail!(
+            "{} of {} devices did not verify their update ({} failed, {} unfinished)",
+            report.failed + report.unfinished,
+            report.devices,
+            report.failed,
+            report.unfinished
+        );
     }
     Ok(())
 }

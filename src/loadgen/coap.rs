@@ -53,6 +53,10 @@ pub enum ClientError {
 pub struct ClientStats {
     pub requests: u64,
     pub retransmissions: u64,
+    /// Waits for an answer that ran out (each is followed by a retransmission, or, after the
+    /// last attempt, by giving up), and the time spent in them.
+    pub timeouts: u64,
+    pub timeout_wait: Duration,
     pub lost_out: u64,
     pub lost_in: u64,
 }
@@ -168,6 +172,8 @@ impl CoapClient {
                     return Ok(answer);
                 }
             }
+            self.stats.timeouts += 1;
+            self.stats.timeout_wait += timeout;
             timeout *= 2;
         }
         Err(ClientError::Timeout(self.cfg.max_retransmit + 1))

@@ -108,11 +108,36 @@ pub struct Report {
     pub corrupt_sent: u64,
     /// The first few failures, each with its device.
     pub errors: Vec<String>,
-    pub gateway_rss_max_kib: Option<u64>,
-    pub gateway_rss_per_device_kib: Option<f64>,
+    /// The gateway's resident set at named moments of the run (with `--gateway-pid`).
+    pub gateway_rss: Option<RssMoments>,
     pub expected: Expected,
     pub command: String,
 }
+
+/// The gateway's RSS, in KiB, at the moments of a run that size its memory.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RssMoments {
+    /// Before the first device connects.
+    pub before_connect_kib: u64,
+    /// With `sync_start`: every device connected, none downloading yet, after a
+    /// [`SETTLE`] pause.
+    pub connected_idle_kib: Option<u64>,
+    /// The largest sample (every 500 ms) from the first download to the last device's end.
+    pub peak_downloading_kib: u64,
+    /// [`SETTLE`] after the last device ended (and disconnected).
+    pub after_kib: u64,
+}
+
+impl RssMoments {
+    /// What a moment holds beyond the start, per device.
+    pub fn per_device_kib(&self, kib: u64, devices: usize) -> f64 {
+        kib.saturating_sub(self.before_connect_kib) as f64 / devices.max(1) as f64
+    }
+}
+
+/// Pause before the "connected, idle" and "after" samples, so the gateway has taken in the
+/// last connection or closed the last socket.
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// Failures kept verbatim in the report; the rest are only counted.
 const MAX_ERRORS: usize = 20;
@@ -132,8 +157,22 @@ struct Shared {
     plan: LoadPlan,
     stats: Stats,
     errors: std::sync::Mutex<Vec<String>>,
-    /// With `sync_start`: every device passes it once, connected or not.
-    connected: tokio::sync::Barrier,
+    /// With `sync_start`: devices that tried to connect (connected or not)...
+    arrived: std::sync::atomic::AtomicUsize,
+    /// ...and the signal that lets them start downloading, once all have.
+    go: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    /// With `sync_start`, a device that tried to connect waits here for the whole fleet.
+    async fn wait_for_fleet(&self) {
+        if !self.plan.sync_start {
+            return;
+        }
+        self.arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut go = self.go.subscribe();
+        let _ = go.wait_for(|&go| go).await;
+    }
 }
 
 impl Shared {
@@ -147,8 +186,17 @@ impl Shared {
 
 pub async fn run(plan: LoadPlan, command: String) -> Report {
     let n = plan.devices.len();
-    let connected = tokio::sync::Barrier::new(if plan.sync_start { n } else { 1 });
-    let shared = Arc::new(Shared { plan, stats: Stats::default(), errors: Default::default(), connected });
+    let shared = Arc::new(Shared {
+        plan,
+        stats: Stats::default(),
+        errors: Default::default(),
+        arrived: Default::default(),
+        go: tokio::sync::watch::channel(false).0,
+    });
+    let pid = shared.plan.gateway_pid;
+    let before_connect = pid.and_then(rss_kib);
+    let mut connected_idle = None;
+    let mut released = !shared.plan.sync_start;
     let bar = if shared.plan.progress { ProgressBar::new(n as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} devices  {msg}")
@@ -159,7 +207,7 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
     let deadline = shared.plan.duration.map(|d| started + d);
     let mut tasks = JoinSet::new();
     let gap = (shared.plan.connect_rate > 0.0).then(|| Duration::from_secs_f64(1.0 / shared.plan.connect_rate));
-    let mut rss_max = None;
+    let mut peak = None;
     let mut last_tick = Instant::now();
     let mut last_blocks = 0;
     let mut next = 0;
@@ -175,6 +223,14 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
         if done == n || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
+        if !released && shared.arrived.load(std::sync::atomic::Ordering::Relaxed) == n {
+            if let Some(pid) = pid {
+                tokio::time::sleep(SETTLE).await;
+                connected_idle = rss_kib(pid);
+            }
+            released = true;
+            shared.go.send_replace(true);
+        }
         let wake = gap.map_or(Duration::from_millis(200), |g| g.min(Duration::from_millis(200)));
         tokio::select! {
             r = tasks.join_next(), if !tasks.is_empty() => {
@@ -186,8 +242,8 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
             _ = tokio::time::sleep(wake) => {}
         }
         if last_tick.elapsed() >= Duration::from_millis(500) {
-            if let Some(pid) = shared.plan.gateway_pid {
-                rss_max = rss_max.max(rss_kib(pid));
+            if let Some(pid) = pid.filter(|_| released) {
+                peak = peak.max(rss_kib(pid));
             }
             let blocks = Stats::get(&shared.stats.blocks);
             let rate = (blocks - last_blocks) as f64 / last_tick.elapsed().as_secs_f64();
@@ -196,11 +252,25 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    tasks.abort_all();
-    bar.finish_and_clear();
-    if let Some(pid) = shared.plan.gateway_pid {
-        rss_max = rss_max.max(rss_kib(pid));
+    if let Some(pid) = pid {
+        peak = peak.max(rss_kib(pid));
     }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    bar.finish_and_clear();
+    let gateway_rss = match (pid, before_connect) {
+        (Some(pid), Some(before_connect_kib)) => {
+            tokio::time::sleep(SETTLE).await;
+            let after_kib = rss_kib(pid).unwrap_or(0);
+            Some(RssMoments {
+                before_connect_kib,
+                connected_idle_kib: connected_idle,
+                peak_downloading_kib: peak.unwrap_or(0),
+                after_kib,
+            })
+        }
+        _ => None,
+    };
     let st = &shared.stats;
     let (ok, failed) = (Stats::get(&st.ok), Stats::get(&st.failed));
     let (blocks, bytes) = (Stats::get(&st.blocks), Stats::get(&st.bytes));
@@ -223,8 +293,7 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
         checksum_failures: Stats::get(&st.checksum_failures),
         corrupt_sent: Stats::get(&st.corrupt_sent),
         errors: shared.errors.lock().map(|e| e.clone()).unwrap_or_default(),
-        gateway_rss_max_kib: rss_max,
-        gateway_rss_per_device_kib: rss_max.map(|r| r as f64 / n.max(1) as f64),
+        gateway_rss,
         expected: shared.plan.expected.clone(),
         command,
     }
@@ -312,9 +381,7 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
     let p = &s.plan;
     let mut rng = fastrand::Rng::with_seed(p.seed ^ i as u64);
     let connected = connect(s, i, new_device(p, i)).await;
-    if p.sync_start {
-        s.connected.wait().await;
-    }
+    s.wait_for_fleet().await;
     let mut dev = connected?;
     if p.corrupt_pct > 0.0 && rng.f64() * 100.0 < p.corrupt_pct {
         dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await?;
@@ -337,9 +404,7 @@ async fn echo_device(s: &Shared, i: usize) -> Result<(), Failure> {
     let p = &s.plan;
     let dev = new_device(p, i);
     let connected = MqttDevice::connect_echo(mqtt_target(p, i), dev, p.mqtt).await;
-    if p.sync_start {
-        s.connected.wait().await;
-    }
+    s.wait_for_fleet().await;
     let mut dev = connected?;
     let rounds = p.expected.length.div_ceil(p.mtu.max(1) as u64) as u32;
     let size = p.mtu.min(u16::MAX as u32) as u16;

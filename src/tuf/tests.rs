@@ -67,14 +67,24 @@ fn every_defective_repository_is_refused_with_a_clear_error_and_poisons_nothing(
     }
 }
 
+/// What tough says when a repository offers older metadata than it verified before.
+const ROLLBACK: &str = "Found version 1 of timestamp metadata when we had previously fetched version 2";
+
 #[test]
 fn a_rolled_back_repository_is_refused_once_a_newer_one_was_seen() {
     let dir = tempfile::tempdir().unwrap();
     // Alone, version 1 is a valid repository.
     rt().block_on(client("rollback", tempfile::tempdir().unwrap().path()).refresh()).unwrap();
     rt().block_on(client("production", dir.path()).refresh()).unwrap();
-    let err = rt().block_on(client("rollback", dir.path()).refresh()).unwrap_err().to_string();
-    assert!(err.contains("older") || err.contains("version"), "{err}");
+    let err = rt().block_on(client("rollback", dir.path()).refresh()).unwrap_err();
+    // The timestamp is checked first: version 1 offered after version 2 was verified.
+    match &err {
+        TufError::Verify { repo, message } => {
+            assert_eq!(repo, PRODUCTION);
+            assert!(message.contains(ROLLBACK), "{message}");
+        }
+        other => panic!("expected a verification error, got {other:?}"),
+    }
 }
 
 #[test]
@@ -175,4 +185,32 @@ fn a_refresh_that_does_not_verify_changes_nothing() {
     assert!(matches!(rt.block_on(trust.refresh(PRODUCTION)), Err(TufError::Verify { .. })));
     assert_eq!(trust.verified(PRODUCTION).unwrap(), before, "the last verified state stays");
     assert_eq!(trust.admit(true, &app.sha256, app.length, Some("release"), 1_800_000_000), Ok(()));
+}
+
+/// The fixture repositories are signed to expire on 2036-01-01 (`make_repos.py`'s `VALID`).
+/// When that is near, every TUF test would fail with "metadata expired": this one fails first
+/// and says how to re-sign them.
+#[test]
+fn the_fixture_repositories_are_not_about_to_expire() {
+    let soon = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 30);
+    let repos = fixtures().join("repos");
+    for entry in std::fs::read_dir(&repos).unwrap() {
+        let repo = entry.unwrap().path();
+        let variant = repo.file_name().unwrap().to_string_lossy().into_owned();
+        if variant.starts_with("expired-") {
+            continue; // expired on purpose
+        }
+        for file in std::fs::read_dir(repo.join("metadata")).unwrap() {
+            let file = file.unwrap().path();
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+            let expires: jiff::Timestamp = doc["signed"]["expires"].as_str().unwrap().parse().unwrap();
+            assert!(
+                expires > soon,
+                "{} expires {expires}: regenerate every fixture repository with \
+                 `pip install 'tuf==7.0.1' && python3 fixtures/tuf/make_repos.py` (new keys, new dates; \
+                 raise VALID in that script first) and commit fixtures/tuf/",
+                file.display()
+            );
+        }
+    }
 }

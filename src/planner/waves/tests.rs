@@ -371,3 +371,33 @@ fn waves_and_who_is_in_them_survive_a_restart_and_an_interrupted_complete_is_fin
     assert_eq!(state_of(&w, "p00", "y"), Some(OpState::Canceled));
     assert_eq!(w.waves.production_versions("other", false), ["2.0"]);
 }
+
+#[test]
+fn a_newer_waves_queued_operation_replaces_an_older_waves_undelivered_one() {
+    let w = world();
+    w.waves.init(init("w2", "2.0", "release"), 1).unwrap();
+    let just =
+        |ids: &str| RolloutRequest { uuids: Some(UuidsArg::Text(ids.into())), seed: Some(1), ..Default::default() };
+    w.waves.rollout("w2", just("p10 p11"), 2).unwrap();
+    // p11 starts its download of 2.0; p10's operation is still queued.
+    let p11 = w.planner.operation("p11", MAIN_COMPONENT).unwrap();
+    assert!(w.planner.record("p11", p11.seq, OpState::Pending, Some(OpState::Downloading), Some(0), 3).unwrap());
+    w.waves.complete("w2", 4).unwrap();
+    w.waves.init(init("w3", "3.0", "release"), 5).unwrap();
+    w.waves.rollout("w3", just("p10 p11"), 6).unwrap();
+
+    // p10 never received 2.0: the newer wave's operation takes the place of the older one...
+    let ops = w.planner.operations_of("p10");
+    let old = ops.iter().find(|o| o.origin == "wave:w2").unwrap();
+    let new = ops.iter().find(|o| o.origin == "wave:w3").unwrap();
+    assert_eq!(old.state, OpState::Canceled);
+    assert_eq!(old.detail.as_deref(), Some(format!("replaced by operation {} (wave:w3)", new.seq).as_str()));
+    assert_eq!((new.state, new.version.as_str()), (OpState::Pending, "3.0"));
+    assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().seq, new.seq, "3.0 is what p10 gets next");
+    // ...while p11's transfer in flight is left alone, with 3.0 queued behind it.
+    assert_eq!(state_of(&w, "p11", "w2"), Some(OpState::Downloading));
+    assert_eq!(state_of(&w, "p11", "w3"), Some(OpState::Pending));
+    // (Across a restart this does not hold yet: `Waves::open` re-stages complete wave w2 for
+    // p10, which replaces w3's operation — issue 17, "a restart moves devices off an active
+    // wave".)
+}

@@ -177,6 +177,38 @@ fn errors_are_typed_responses() {
 }
 
 #[test]
+fn an_accept_other_than_the_resources_format_is_4_06_and_serves_nothing() {
+    let res = Fixed::new(100);
+    let mut x = Exchange::new(CFG);
+    let with_accept = |method, path, mid, accept: u32| {
+        let mut p = request(MessageType::Confirmable, method, path, mid);
+        p.add_option(CoapOption::Accept, uint(accept));
+        p
+    };
+    // /dfu answers CBOR only; /fw answers octet-stream only.
+    for (i, (method, path, accept)) in [
+        (RequestType::Post, "/dfu/dev-1", 50u32), // JSON
+        (RequestType::Post, "/dfu/dev-1", 42),    // octet-stream
+        (RequestType::Get, "/fw/dev-1", 60),      // CBOR
+        (RequestType::Get, "/fw/dev-1", 0),       // text/plain
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (o, r) = run(&mut x, &res, peer(1), &with_accept(method, path, i as u16, accept));
+        assert_eq!(code(&r.expect("a reply")), ResponseType::NotAcceptable, "{path} Accept {accept}");
+        assert_eq!(o.label(), "not_acceptable");
+    }
+    assert_eq!(res.dfu_calls.get(), 0, "no Status was executed");
+    assert!(res.served.borrow().is_empty(), "no block was served");
+    // The formats each resource does serve are accepted.
+    let (_, r) = run(&mut x, &res, peer(1), &with_accept(RequestType::Post, "/dfu/dev-1", 10, 60));
+    assert_eq!(code(&r.unwrap()), ResponseType::Changed);
+    let (_, r) = run(&mut x, &res, peer(1), &with_accept(RequestType::Get, "/fw/dev-1", 11, 42));
+    assert_eq!(code(&r.unwrap()), ResponseType::Content);
+}
+
+#[test]
 fn retransmitted_requests_are_answered_from_the_cache_not_re_executed() {
     let res = Fixed::new(100);
     let mut x = Exchange::new(CFG);
