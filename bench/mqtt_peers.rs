@@ -210,13 +210,13 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
         args.devices, args.image_kib, args.mtu, args.rounds
     );
     println!("every round:");
-    println!("| round | scenario | blocks | wall time | blocks/s | round trip p50 / p99 | completion p99 / max |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| round | scenario | blocks | wall time | blocks/s | round trip p50 / p99 | completion p99 / max | retries |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in 0..args.rounds {
         for (i, rows) in results.iter().enumerate() {
             let row = &rows[r];
             println!(
-                "| {} | {} | {} | {:.2} s | {:.0} | {:.1} / {:.1} ms | {:.2} / {:.2} s |",
+                "| {} | {} | {} | {:.2} s | {:.0} | {:.1} / {:.1} ms | {:.2} / {:.2} s | {} |",
                 r + 1,
                 names[i],
                 row.blocks,
@@ -225,18 +225,19 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
                 row.rtt_p50_ms,
                 row.rtt_p99_ms,
                 row.done_p99_ms / 1000.0,
-                row.done_max_ms / 1000.0
+                row.done_max_ms / 1000.0,
+                row.retries
             );
         }
     }
     let median: Vec<&Row> = results.iter().map(|rows| median_round(rows)).collect();
     println!();
     println!("median round of each scenario (by blocks/s; every column from that round):");
-    println!("| scenario | round | blocks/s | wall time | round trip p50 / p99 | completion p99 | fwgate DFU / this |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| scenario | round | blocks/s | wall time | round trip p50 / p99 | completion p99 | retries | fwgate DFU / this |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (i, row) in median.iter().enumerate() {
         println!(
-            "| {} | {} | {:.0} | {:.2} s | {:.1} / {:.1} ms | {:.2} s | {:.2}x |",
+            "| {} | {} | {:.0} | {:.2} s | {:.1} / {:.1} ms | {:.2} s | {} | {:.2}x |",
             names[i],
             row.round,
             row.rate,
@@ -244,6 +245,7 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
             row.rtt_p50_ms,
             row.rtt_p99_ms,
             row.done_p99_ms / 1000.0,
+            row.retries,
             median[0].rate / row.rate
         );
     }
@@ -260,6 +262,9 @@ struct Row {
     rtt_p99_ms: f64,
     done_p99_ms: f64,
     done_max_ms: f64,
+    /// Connection attempts and Status messages a device had to repeat: a round with many
+    /// is a stall, not a slower broker.
+    retries: u64,
 }
 
 impl Row {
@@ -277,6 +282,7 @@ impl Row {
             rtt_p99_ms: num(&["block_rtt", "p99_ms"])?,
             done_p99_ms: num(&["completion", "p99_ms"])?,
             done_max_ms: num(&["completion", "max_ms"])?,
+            retries: num(&["retries"])? as u64,
         };
         // A report whose columns disagree is a broken harness, not a result to print.
         if row.done_max_ms / 1000.0 > row.seconds + 0.001 {
