@@ -61,7 +61,7 @@ struct Args {
 
 #[path = "peers_common.rs"]
 mod peers_common;
-use peers_common::{ensure, free_tcp, free_udp};
+use peers_common::{ensure, free_tcp, free_udp, median_round};
 
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 
@@ -245,13 +245,6 @@ async fn round(server: &Server, n: usize, clients: usize, block: u32, secs: f64)
     Ok(r)
 }
 
-/// The round whose blocks/s is the median (the lower middle one for an even count).
-fn median_round(rounds: &[Round]) -> &Round {
-    let mut by_rate: Vec<&Round> = rounds.iter().collect();
-    by_rate.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-    by_rate[(by_rate.len() - 1) / 2]
-}
-
 /// The kernel's default socket buffers, set for the length of the run and put back after.
 struct DefaultBuffers {
     old: Vec<(&'static str, String)>,
@@ -393,7 +386,7 @@ async fn run(args: Args) -> Result<()> {
             );
         }
     }
-    let median: Vec<&Round> = results.iter().map(|rs| median_round(rs)).collect();
+    let median: Vec<&Round> = results.iter().map(|rs| median_round(rs, Round::rate)).collect();
     println!();
     println!("median round of each server (by blocks/s; every column from that round):");
     println!("| server | round | blocks/s | MB/s | blocks per server CPU-second | retransmissions | timeouts |");

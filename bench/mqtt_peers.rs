@@ -61,7 +61,7 @@ struct Args {
 
 #[path = "peers_common.rs"]
 mod peers_common;
-use peers_common::{ensure, free_tcp as free_port};
+use peers_common::{ensure, free_tcp as free_port, median_round};
 
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 
@@ -210,7 +210,9 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
         args.devices, args.image_kib, args.mtu, args.rounds
     );
     println!("every round:");
-    println!("| round | scenario | blocks | wall time | blocks/s | round trip p50 / p99 | completion p99 / max | retries |");
+    println!(
+        "| round | scenario | blocks | wall time | blocks/s | round trip p50 / p99 | completion p99 / max | retries |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for r in 0..args.rounds {
         for (i, rows) in results.iter().enumerate() {
@@ -230,7 +232,7 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
             );
         }
     }
-    let median: Vec<&Row> = results.iter().map(|rows| median_round(rows)).collect();
+    let median: Vec<&Row> = results.iter().map(|rows| median_round(rows, |r| r.rate)).collect();
     println!();
     println!("median round of each scenario (by blocks/s; every column from that round):");
     println!("| scenario | round | blocks/s | wall time | round trip p50 / p99 | completion p99 | retries | fwgate DFU / this |");
@@ -290,13 +292,6 @@ impl Row {
         }
         Ok(row)
     }
-}
-
-/// The round whose blocks/s is the median (the lower middle one for an even count).
-fn median_round(rows: &[Row]) -> &Row {
-    let mut by_rate: Vec<&Row> = rows.iter().collect();
-    by_rate.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-    by_rate[(by_rate.len() - 1) / 2]
 }
 
 /// A minimal DFU server behind an external broker: fwgate's engine, every device assigned

@@ -1,7 +1,7 @@
 #![allow(dead_code)] // each benchmark uses a part
 
-//! Shared by the peer benchmarks: free loopback ports, and the external tools they compare
-//! against, installed when missing where that is possible.
+//! Shared by the peer benchmarks: free loopback ports, the external tools they compare
+//! against (installed when missing where that is possible), and how a round is picked.
 
 use std::net::{TcpListener, UdpSocket};
 use std::process::Command;
@@ -43,4 +43,12 @@ pub fn ensure(tool: &str, package: &str, install: bool) -> Option<String> {
         }
     }
     None
+}
+
+/// The round whose `rate` is the median (the lower middle one for an even count): a table row
+/// is one whole round, never columns taken from different rounds.
+pub fn median_round<T>(rounds: &[T], rate: impl Fn(&T) -> f64) -> &T {
+    let mut by_rate: Vec<&T> = rounds.iter().collect();
+    by_rate.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    by_rate[(by_rate.len() - 1) / 2]
 }
