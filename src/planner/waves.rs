@@ -345,6 +345,12 @@ impl Book {
         have
     }
 
+    /// Who the active wave of a tag and class has staged: devices no complete wave may take
+    /// back from it.
+    fn active_members(&self, tag: &str, production: bool) -> Option<&Members> {
+        self.active_on(tag, production).and_then(|w| self.members.get(&w.name))
+    }
+
     fn latest_complete(&self, tag: &str, production: bool) -> Option<&Wave> {
         self.complete_on(tag, production).pop()
     }
@@ -358,13 +364,15 @@ impl Book {
     }
 }
 
-/// A test for "a complete wave still has to reach device `i`": not staged in it, and running
-/// neither its version nor a newer one (e.g. from a later wave that was canceled after they
-/// updated) — a complete wave never stages a downgrade.
-fn not_reached<'a>(x: &'a FleetIndex, wave: &'a Wave, members: Option<&'a Members>) -> impl Fn(Idx) -> bool + 'a {
+/// A test for "a complete wave still has to reach device `i`": not staged in it, not staged by
+/// the tag's active wave (whose queued operation it would replace: the newer wave owns the
+/// device), and running neither its version nor a newer one (e.g. from a later wave that was
+/// canceled after they updated) — a complete wave never stages a downgrade.
+fn not_reached<'a>(x: &'a FleetIndex, wave: &'a Wave, book: &'a Book) -> impl Fn(Idx) -> bool + 'a {
     let order = version_order(&wave.version);
     let done = x.running_any(move |v| v == wave.version || version_order(v).is_some_and(|o| Some(o) > order));
-    move |i| !members.is_some_and(|m| m.contains(i)) && !done(i)
+    let (members, active) = (book.members.get(&wave.name), book.active_members(&wave.tag, wave.production));
+    move |i| !members.is_some_and(|m| m.contains(i)) && !active.is_some_and(|m| m.contains(i)) && !done(i)
 }
 
 /// The image a device gets from a wave: of the wave's version (and name), fitting its
@@ -689,7 +697,7 @@ impl Waves {
     /// nor running its version or a newer one.
     fn reconcile(&self, book: &mut Book, wave: &Wave, now: u64) -> Result<usize, WaveError> {
         let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
-            let pending = not_reached(x, wave, book.members.get(&wave.name));
+            let pending = not_reached(x, wave, book);
             x.on_tag(&wave.tag, wave.production).filter(|&i| pending(i)).map(|i| (i, x.id(i).to_owned())).collect()
         });
         Ok(self.stage(book, wave, &chosen, now)?.0)
@@ -890,7 +898,7 @@ impl Waves {
         for (name, ids) in by_wave {
             let w = book.waves[&name].clone();
             let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
-                let pending = not_reached(x, &w, book.members.get(&name));
+                let pending = not_reached(x, &w, &book);
                 ids.into_iter().filter_map(|id| x.lookup(id).filter(|&i| pending(i)).map(|i| (i, id.clone()))).collect()
             });
             staged += self.stage(&mut book, &w, &chosen, now)?.0;

@@ -397,7 +397,12 @@ fn a_newer_waves_queued_operation_replaces_an_older_waves_undelivered_one() {
     // ...while p11's transfer in flight is left alone, with 3.0 queued behind it.
     assert_eq!(state_of(&w, "p11", "w2"), Some(OpState::Downloading));
     assert_eq!(state_of(&w, "p11", "w3"), Some(OpState::Pending));
-    // (Across a restart this does not hold yet: `Waves::open` re-stages complete wave w2 for
-    // p10, which replaces w3's operation — issue 17, "a restart moves devices off an active
-    // wave".)
+    // Reconciling the complete wave (after a TUF refresh, or at start) leaves the active
+    // wave's devices alone: w2 does not take p10 back.
+    assert_eq!(w.waves.reconcile_complete(7).unwrap(), 0);
+    assert_eq!(state_of(&w, "p10", "w3"), Some(OpState::Pending));
+    let w = reopen(w);
+    assert_eq!(state_of(&w, "p10", "w2"), Some(OpState::Canceled), "replaced, and stays replaced");
+    assert_eq!(state_of(&w, "p10", "w3"), Some(OpState::Pending));
+    assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().version, "3.0");
 }
