@@ -700,7 +700,26 @@ impl Waves {
             let pending = not_reached(x, wave, book);
             x.on_tag(&wave.tag, wave.production).filter(|&i| pending(i)).map(|i| (i, x.id(i).to_owned())).collect()
         });
+        let chosen = self.not_staged_newer(chosen, &wave.version);
         Ok(self.stage(book, wave, &chosen, now)?.0)
+    }
+
+    /// Leaves out devices with a live operation of their main component for `version` or a
+    /// newer one (an assignment, say): a complete wave never stages what would go backwards
+    /// from what a device is already to get.
+    fn not_staged_newer(&self, chosen: Vec<(Idx, String)>, version: &str) -> Vec<(Idx, String)> {
+        let order = version_order(version);
+        let at_least = |v: &str| v == version || version_order(v).is_some_and(|o| Some(o) > order);
+        chosen
+            .into_iter()
+            .filter(|(_, id)| {
+                !self
+                    .planner
+                    .operations_of(id)
+                    .iter()
+                    .any(|o| o.component == MAIN_COMPONENT && !o.state.is_terminal() && at_least(&o.version))
+            })
+            .collect()
     }
 
     /// Completes a wave: its version becomes the tag's production version and every device
@@ -901,6 +920,7 @@ impl Waves {
                 let pending = not_reached(x, &w, &book);
                 ids.into_iter().filter_map(|id| x.lookup(id).filter(|&i| pending(i)).map(|i| (i, id.clone()))).collect()
             });
+            let chosen = self.not_staged_newer(chosen, &w.version);
             staged += self.stage(&mut book, &w, &chosen, now)?.0;
         }
         Ok(staged)

@@ -406,3 +406,19 @@ fn a_newer_waves_queued_operation_replaces_an_older_waves_undelivered_one() {
     assert_eq!(state_of(&w, "p10", "w3"), Some(OpState::Pending));
     assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().version, "3.0");
 }
+
+#[test]
+fn a_complete_wave_never_stages_a_version_older_than_one_a_device_is_already_to_get() {
+    let w = world();
+    // p20 is assigned 3.0 directly; p21 has nothing queued.
+    w.planner.assign("p20", MAIN_COMPONENT, "app@3.0", 1).unwrap();
+    w.waves.init(init("w2", "2.0", "release"), 2).unwrap();
+    w.waves.complete("w2", 3).unwrap();
+    assert_eq!(state_of(&w, "p20", "w2"), None, "2.0 would go backwards from the queued 3.0");
+    assert_eq!(state_of(&w, "p21", "w2"), Some(OpState::Pending));
+    // Nor later, when the complete wave is reconciled or the gateway restarts.
+    assert_eq!(w.waves.reconcile_complete(4).unwrap(), 0);
+    let w = reopen(w);
+    assert_eq!(state_of(&w, "p20", "w2"), None);
+    assert_eq!(w.planner.operation("p20", MAIN_COMPONENT).unwrap().version, "3.0");
+}
