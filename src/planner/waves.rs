@@ -755,8 +755,9 @@ impl Waves {
     }
 
     /// Cancels an active wave: its queued operations are withdrawn and transfers under way
-    /// stop at the device's next Status; devices already updated stay. Canceling a canceled
-    /// wave again changes nothing.
+    /// stop at the device's next Status; devices already updated stay, and the tag's devices
+    /// its latest complete wave has not reached are staged with that wave's version again.
+    /// Canceling a canceled wave again changes nothing.
     pub fn cancel(&self, name: &str, now: u64) -> Result<(Wave, usize), WaveError> {
         let mut book = self.lock();
         let w = book.waves.get(name).ok_or_else(|| WaveError::NotFound(name.into()))?.clone();
@@ -772,7 +773,20 @@ impl Waves {
         book.waves.insert(wave.name.clone(), wave.clone());
         book.members.remove(name);
         let n = self.planner.cancel_origin(&wave.origin(), now)?;
-        info!(wave = %wave.name, operations = n, "wave canceled");
+        // The devices the canceled wave took from the tag's complete wave get its version
+        // back now (a restart would stage them too: `open` reconciles every complete wave).
+        let restaged = match book.latest_complete(&wave.tag, wave.production).cloned() {
+            Some(complete) => {
+                // Its members as the operations say: the ones the canceled wave replaced are
+                // no longer staged in it.
+                let names = HashSet::from([complete.name.as_str()]);
+                let members = self.staged_of(&names).remove(&complete.name).unwrap_or_default();
+                book.members.insert(complete.name.clone(), members);
+                self.reconcile(&mut book, &complete, now)?
+            }
+            None => 0,
+        };
+        info!(wave = %wave.name, operations = n, restaged, "wave canceled");
         Ok((wave, n))
     }
 

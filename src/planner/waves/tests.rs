@@ -422,3 +422,25 @@ fn a_complete_wave_never_stages_a_version_older_than_one_a_device_is_already_to_
     assert_eq!(state_of(&w, "p20", "w2"), None);
     assert_eq!(w.planner.operation("p20", MAIN_COMPONENT).unwrap().version, "3.0");
 }
+
+#[test]
+fn canceling_a_wave_gives_its_devices_the_complete_waves_version_back_at_once() {
+    let w = world();
+    w.waves.init(init("a", "2.0", "release"), 1).unwrap();
+    w.waves.complete("a", 2).unwrap();
+    assert_eq!(state_of(&w, "p10", "a"), Some(OpState::Pending));
+    w.waves.init(init("w", "3.0", "release"), 3).unwrap();
+    let just = RolloutRequest { uuids: Some(UuidsArg::Text("p10".into())), seed: Some(1), ..Default::default() };
+    w.waves.rollout("w", just, 4).unwrap();
+    assert_eq!(state_of(&w, "p10", "a"), Some(OpState::Canceled), "w replaced a's queued operation");
+    w.waves.cancel("w", 5).unwrap();
+    // p10 is to get 2.0 again, without waiting for a restart...
+    assert_eq!(state_of(&w, "p10", "w"), Some(OpState::Canceled));
+    assert_eq!(state_of(&w, "p10", "a"), Some(OpState::Pending));
+    assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().version, "2.0");
+    // ...and keeps it across one, staged once.
+    let w = reopen(w);
+    let live = w.planner.operations_of("p10").iter().filter(|o| !o.state.is_terminal()).count();
+    assert_eq!(live, 1);
+    assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().version, "2.0");
+}
