@@ -267,9 +267,15 @@ impl FleetIndex {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Limit {
     Count(usize),
-    /// Percent of the devices the rollout could reach (tag, class, group, list), already in
-    /// the wave or not; rounded up.
-    Percent(f64),
+    /// A share of the devices the rollout could reach (tag, class, group, list), already in
+    /// the wave or not, in parts per million (10% = 100,000); rounded up, in integers, so
+    /// 1.1% of 1,000 is exactly 11.
+    PartsPerMillion(u32),
+}
+
+/// `ppm` parts per million of `population`, rounded up, in integers.
+pub fn share(population: usize, ppm: u32) -> usize {
+    (population as u128 * ppm as u128).div_ceil(1_000_000) as usize
 }
 
 /// What a rollout asks for.
@@ -379,7 +385,7 @@ impl FleetIndex {
         let want = match s.limit {
             None => candidates.len(),
             Some(Limit::Count(n)) => n,
-            Some(Limit::Percent(p)) => ((out.population as f64) * p / 100.0).ceil() as usize,
+            Some(Limit::PartsPerMillion(ppm)) => share(out.population, ppm),
         };
         let key = |i: &Idx| (recency(self.last_seen[*i as usize], s.now), mix(self.hashes[*i as usize] ^ s.seed));
         if want < candidates.len() {

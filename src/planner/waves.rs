@@ -205,8 +205,16 @@ pub fn parse_limit(arg: &LimitArg) -> Result<Limit, WaveError> {
     };
     let bad = || WaveError::BadLimit(text.clone());
     if let Some(p) = text.strip_suffix('%') {
-        let p: f64 = p.trim().parse().map_err(|_| bad())?;
-        return if p > 0.0 && p <= 100.0 { Ok(Limit::Percent(p)) } else { Err(bad()) };
+        // Decimal, to four places, read exactly: no float to round 1.1% of 1,000 up to 12.
+        let (int, frac) = p.trim().split_once('.').unwrap_or((p.trim(), ""));
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(int) || (!frac.is_empty() && !digits(frac)) || frac.len() > 4 || int.len() > 3 {
+            return Err(bad());
+        }
+        let int: u32 = int.parse().map_err(|_| bad())?;
+        let frac: u32 = format!("{frac:0<4}").parse().map_err(|_| bad())?;
+        let ppm = int * 10_000 + frac;
+        return if (1..=1_000_000).contains(&ppm) { Ok(Limit::PartsPerMillion(ppm)) } else { Err(bad()) };
     }
     match text.parse::<usize>() {
         Ok(n) if n >= 1 => Ok(Limit::Count(n)),

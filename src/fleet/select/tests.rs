@@ -62,8 +62,25 @@ fn a_limited_sample_prefers_recent_devices_and_repeats_for_a_seed() {
     let b = x.select(&sel(Some(Limit::Count(15)), None, None, 8), |_| false);
     assert_ne!(sorted(&x, &a), sorted(&x, &b), "another seed, another sample of the older devices");
     // 10% of the 90 devices the rollout could reach.
-    assert_eq!(x.select(&sel(Some(Limit::Percent(10.0)), None, None, 7), |_| false).devices.len(), 9);
-    assert_eq!(x.select(&sel(Some(Limit::Percent(1.0)), None, None, 7), |_| false).devices.len(), 1, "rounded up");
+    assert_eq!(x.select(&sel(Some(Limit::PartsPerMillion(100_000)), None, None, 7), |_| false).devices.len(), 9);
+    assert_eq!(
+        x.select(&sel(Some(Limit::PartsPerMillion(10_000)), None, None, 7), |_| false).devices.len(),
+        1,
+        "rounded up"
+    );
+}
+
+#[test]
+fn percentages_are_exact() {
+    // In floating point 8.8% of 375 comes out a hair above 33 and is rounded up to 34.
+    assert_eq!((375_f64 * 8.8 / 100.0).ceil(), 34.0);
+    assert_eq!(share(375, 88_000), 33);
+    assert_eq!(share(1000, 11_000), 11);
+    assert_eq!(share(1000, 11_001), 12, "any excess rounds up");
+    assert_eq!(share(3, 333_333), 1);
+    assert_eq!(share(1_000_000, 1), 1);
+    assert_eq!(share(usize::MAX, 1_000_000), usize::MAX, "no overflow");
+    assert_eq!(share(0, 1_000_000), 0);
 }
 
 #[test]

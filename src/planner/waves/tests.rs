@@ -167,9 +167,13 @@ fn a_complete_wave_cannot_be_canceled_but_its_version_can_be_pruned() {
 fn limits_are_counts_or_percentages() {
     assert_eq!(parse_limit(&LimitArg::Text("20".into())).unwrap(), Limit::Count(20));
     assert_eq!(parse_limit(&LimitArg::Count(3)).unwrap(), Limit::Count(3));
-    assert_eq!(parse_limit(&LimitArg::Text(" 10% ".into())).unwrap(), Limit::Percent(10.0));
-    for bad in ["0", "0%", "101%", "-5", "ten", "%", "1.5"] {
+    assert_eq!(parse_limit(&LimitArg::Text(" 10% ".into())).unwrap(), Limit::PartsPerMillion(100_000));
+    for bad in ["0", "0%", "101%", "-5", "ten", "%", "1.5", "1.12345%", "-1%", "1e1%", ".5%", "0.00001%", "100.0001%"] {
         assert!(matches!(parse_limit(&LimitArg::Text(bad.into())), Err(WaveError::BadLimit(_))), "{bad}");
+    }
+    // Decimal percentages are read exactly.
+    for (text, ppm) in [("1.1%", 11_000), ("0.0001%", 1), ("100%", 1_000_000), ("33.3333%", 333_333), ("5.%", 50_000)] {
+        assert_eq!(parse_limit(&LimitArg::Text(text.into())).unwrap(), Limit::PartsPerMillion(ppm), "{text}");
     }
 }
 
