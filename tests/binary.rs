@@ -41,9 +41,9 @@ impl Serve {
         let config = dir.join("fwgate.toml");
         std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
         for attempt in 1..=3 {
-            let ports_file = dir.join(format!("ports-{attempt}-{}.json", std::process::id()));
+            let run = format!("{attempt}-{}", std::process::id());
+            let (ports_file, log) = (dir.join(format!("ports-{run}.json")), dir.join(format!("serve-{run}.log")));
             let _ = std::fs::remove_file(&ports_file);
-            let log = dir.join(format!("serve-{}.log", ports_file.file_stem().unwrap().to_string_lossy()));
             let mut child = Command::new(BIN)
                 .args(["serve", "--config"])
                 .arg(&config)
@@ -75,8 +75,8 @@ impl Serve {
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             };
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
             let Some(ports) = ports else {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
                 assert!(
                     attempt < 3 && (text.contains("bind") || text.contains("not listening")),
                     "fwgate serve exited (attempt {attempt}); log:\n{text}"

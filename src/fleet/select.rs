@@ -269,7 +269,7 @@ pub enum Limit {
     Count(usize),
     /// A share of the devices the rollout could reach (tag, class, group, list), already in
     /// the wave or not, in parts per million (10% = 100,000); rounded up, in integers, so
-    /// 1.1% of 1,000 is exactly 11.
+    /// 8.8% of 375 is exactly 33.
     PartsPerMillion(u32),
 }
 

@@ -173,9 +173,7 @@ impl Shared {
         let mut go = self.go.subscribe();
         let _ = go.wait_for(|&go| go).await;
     }
-}
 
-impl Shared {
     fn error(&self, device: &str, e: impl std::fmt::Display) {
         let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
         if errors.len() < MAX_ERRORS {

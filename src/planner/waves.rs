@@ -205,7 +205,7 @@ pub fn parse_limit(arg: &LimitArg) -> Result<Limit, WaveError> {
     };
     let bad = || WaveError::BadLimit(text.clone());
     if let Some(p) = text.strip_suffix('%') {
-        // Decimal, to four places, read exactly: no float to round 1.1% of 1,000 up to 12.
+        // Decimal, to four places, read exactly: no float to round 8.8% of 375 up to 34.
         let (int, frac) = p.trim().split_once('.').unwrap_or((p.trim(), ""));
         let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         if !digits(int) || (!frac.is_empty() && !digits(frac)) || frac.len() > 4 || int.len() > 3 {
@@ -377,10 +377,15 @@ impl Book {
 /// device), and running neither its version nor a newer one (e.g. from a later wave that was
 /// canceled after they updated) — a complete wave never stages a downgrade.
 fn not_reached<'a>(x: &'a FleetIndex, wave: &'a Wave, book: &'a Book) -> impl Fn(Idx) -> bool + 'a {
-    let order = version_order(&wave.version);
-    let done = x.running_any(move |v| v == wave.version || version_order(v).is_some_and(|o| Some(o) > order));
+    let done = x.running_any(at_least(&wave.version));
     let (members, active) = (book.members.get(&wave.name), book.active_members(&wave.tag, wave.production));
     move |i| !members.is_some_and(|m| m.contains(i)) && !active.is_some_and(|m| m.contains(i)) && !done(i)
+}
+
+/// A test for "`v` is `version` or newer" (semver order where both parse).
+fn at_least(version: &str) -> impl Fn(&str) -> bool + '_ {
+    let order = version_order(version);
+    move |v| v == version || version_order(v).is_some_and(|o| Some(o) > order)
 }
 
 /// The image a device gets from a wave: of the wave's version (and name), fitting its
@@ -716,8 +721,7 @@ impl Waves {
     /// newer one (an assignment, say): a complete wave never stages what would go backwards
     /// from what a device is already to get.
     fn not_staged_newer(&self, chosen: Vec<(Idx, String)>, version: &str) -> Vec<(Idx, String)> {
-        let order = version_order(version);
-        let at_least = |v: &str| v == version || version_order(v).is_some_and(|o| Some(o) > order);
+        let at_least = at_least(version);
         chosen
             .into_iter()
             .filter(|(_, id)| {
