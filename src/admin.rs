@@ -99,6 +99,7 @@ impl From<PlannerError> for AppError {
                 AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e)
             }
             PlannerError::InFlight { .. } => AppError::new(StatusCode::CONFLICT, "in_flight", e),
+            PlannerError::NotAdmissible(_) => AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_admissible", e),
             PlannerError::Store(_) => AppError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
         }
     }
@@ -115,6 +116,7 @@ impl From<WaveError> for AppError {
             | WaveError::NotProduction { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             WaveError::NotFound(_) | WaveError::NoImage(_) => (StatusCode::NOT_FOUND, "not_found"),
             WaveError::NotAdmissible { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_admissible"),
+            WaveError::LabelMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "label_mismatch"),
             WaveError::Exists(_)
             | WaveError::ActiveWave { .. }
             | WaveError::NotNewer { .. }
@@ -199,6 +201,8 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         s.telemetry.set_operations(state.as_str(), n as i64);
     }
     s.telemetry.set_hot_bytes(s.firmware.hot_bytes() as i64);
+    let (waiting, holds) = s.planner.trust_holds();
+    s.telemetry.set_trust(waiting, holds, s.waves.staging_retries());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.telemetry.render())
 }
 
@@ -257,6 +261,13 @@ async fn add_image(
                 .trust()
                 .named_target(repo, target)
                 .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_a_target", e))?;
+            if let Some(signed) = t.version.as_deref().filter(|v| *v != q.version) {
+                let why = format!(
+                    "version label {} differs from {signed}, the signed custom.version of {repo} target {target}",
+                    q.version
+                );
+                return Err(AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "label_mismatch", why));
+            }
             Some(Expected { what: format!("{repo} target {target}"), length: t.length, sha256: t.sha256 })
         }
     };
@@ -332,17 +343,26 @@ pub struct OperationView {
     #[serde(flatten)]
     pub op: Operation,
     pub progress_percent: f64,
+    /// Why the operation waits instead of proceeding: "waiting for trust: …".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl From<Operation> for OperationView {
     fn from(op: Operation) -> Self {
-        OperationView { progress_percent: op.progress_percent(), op }
+        OperationView { progress_percent: op.progress_percent(), op, waiting: None }
     }
 }
 
 async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, AppError> {
     let device = s.fleet.get(&id).ok_or_else(|| FleetError::NotFound(id.clone()))?;
-    let operations = s.planner.operations_of(&id).into_iter().map(OperationView::from).collect();
+    let now = now_secs();
+    let operations = s
+        .planner
+        .operations_of(&id)
+        .into_iter()
+        .map(|op| OperationView { waiting: s.planner.waits_for_trust(&op, now), ..OperationView::from(op) })
+        .collect();
     Ok(Json(DeviceView { device, operations }))
 }
 
@@ -480,6 +500,12 @@ async fn show_tag(State(s): State<AppState>, Path(tag): Path<String>) -> Json<se
         "tag": tag,
         "production_versions": s.waves.production_versions(&tag, true),
         "ci_versions": s.waves.production_versions(&tag, false),
+        "production": s.waves.version_sources(&tag, true),
+        "ci": s.waves.version_sources(&tag, false),
+        "active_waves": s.waves.list(Some(crate::planner::waves::WaveState::Active), Some(&tag))
+            .iter()
+            .map(|w| serde_json::json!({"wave": w.name, "version": w.version, "production": w.production}))
+            .collect::<Vec<_>>(),
     }))
 }
 
@@ -499,7 +525,15 @@ async fn tuf_refresh(
     Path(repo): Path<String>,
 ) -> Result<Json<crate::tuf::Verified>, AppError> {
     match s.planner.trust().refresh(&repo).await {
-        Ok(v) => Ok(Json((*v).clone())),
+        Ok(v) => {
+            // As after the periodic refresh: what waited for trust is staged now.
+            let waves = s.waves.clone();
+            let staged = blocking(move || waves.after_refresh(now_secs())).await?;
+            if staged > 0 {
+                tracing::info!(devices = staged, "staged after the TUF refresh");
+            }
+            Ok(Json((*v).clone()))
+        }
         Err(e @ crate::tuf::TufError::NotConfigured(_)) => Err(AppError::new(StatusCode::NOT_FOUND, "not_found", e)),
         Err(e) => Err(AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "does_not_verify", e)),
     }

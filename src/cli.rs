@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::fleet::DeviceSpec;
 
 mod load;
+mod tags;
 mod tuf;
 
 const DEFAULT_CONFIG: &str = "config/fwgate.toml";
@@ -74,6 +75,13 @@ pub enum Command {
     Waves {
         #[command(subcommand)]
         command: WavesCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Tags: which version a tag's devices get by default, and from which wave.
+    Tags {
+        #[command(subcommand)]
+        command: tags::TagsCommand,
         #[command(flatten)]
         remote: Remote,
     },
@@ -370,6 +378,9 @@ fn print_device(v: &Value) {
         if let Some(d) = op["detail"].as_str() {
             println!("  detail    {d}");
         }
+        if let Some(w) = op["waiting"].as_str() {
+            println!("  waiting   {w}");
+        }
     }
 }
 
@@ -523,6 +534,15 @@ fn print_wave_status(v: &Value) {
         n(v, "canceled"),
         n(v, "online")
     );
+    if let Some(w) = v["waiting"].as_str() {
+        println!("{w}");
+    }
+    if n(v, "deferred") > 0 {
+        println!(
+            "{} devices chosen while trust was missing: staged after the next successful TUF refresh",
+            n(v, "deferred")
+        );
+    }
     let groups = v["groups"].as_array().cloned().unwrap_or_default();
     if groups.is_empty() {
         return;
@@ -865,6 +885,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Images { command, remote } => images(command, &remote).await,
         Command::Devices { command, remote } => devices(command, &remote).await,
         Command::Waves { command, remote } => waves(command, &remote).await,
+        Command::Tags { command, remote } => tags::tags(command, &remote).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,
     }

@@ -256,6 +256,11 @@ impl Fleet {
         self.devices.get(id).map(|e| e.device.spec.production)
     }
 
+    /// Runs `f` on a device's class and tag (what TUF admission checks), without copying them.
+    pub fn with_class<R>(&self, id: &str, f: impl FnOnce(bool, Option<&str>) -> R) -> Option<R> {
+        self.devices.get(id).map(|e| f(e.device.spec.production, e.device.spec.tag.as_deref()))
+    }
+
     /// The version a device last reported running on a component.
     pub fn running(&self, id: &str, component: &str) -> Option<String> {
         self.devices.get(id)?.device.running.get(component).cloned()

@@ -243,7 +243,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
                 refresh_tuf(&trust).await;
                 // Complete waves reach devices that joined while their image was not admissible.
                 let w = waves.clone();
-                match tokio::task::spawn_blocking(move || w.reconcile_complete(now_secs())).await {
+                match tokio::task::spawn_blocking(move || w.after_refresh(now_secs())).await {
                     Ok(Ok(0)) => {}
                     Ok(Ok(n)) => info!(devices = n, "complete waves staged devices they had not reached"),
                     Ok(Err(e)) => error!(error = %e, "staging for complete waves failed"),

@@ -28,6 +28,8 @@ pub enum PlannerError {
     BadImageRef(String),
     #[error("image {image} is for hardware {wanted:?}, device {device} is {actual:?}")]
     Hardware { image: String, device: String, wanted: Vec<String>, actual: Option<String> },
+    #[error("{0}")]
+    NotAdmissible(String),
     #[error("device {device} has an operation in flight ({state}); wait for it to finish or time out")]
     InFlight { device: String, state: &'static str },
     #[error(transparent)]
@@ -82,6 +84,10 @@ pub struct Operation {
     /// Why it ended, for failed and timed-out operations.
     #[serde(default)]
     pub detail: Option<String>,
+    /// The sha256 (hex) of the image whose bytes this operation has served: a device resumes
+    /// at its offset only into the same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl Operation {
@@ -106,6 +112,32 @@ fn refusal_text(meta: &ImageMeta, r: &Refusal) -> String {
     match r {
         Refusal::NotATarget { .. } | Refusal::OtherTag { .. } => format!("image {} ({r}) may not be served", meta.id()),
         _ => format!("image {} may not be served: {r}", meta.id()),
+    }
+}
+
+/// Why an image may not reach a device now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: String,
+    /// The reason may pass by itself (TUF metadata expired, or not verified yet): the
+    /// operation waits for trust instead of failing, and staging is retried after the next
+    /// successful refresh. Otherwise the refusal is definitive.
+    pub transient: bool,
+}
+
+impl Denial {
+    fn of(meta: &ImageMeta, r: &Refusal) -> Denial {
+        Denial { reason: refusal_text(meta, r), transient: r.is_transient() }
+    }
+}
+
+impl std::fmt::Display for Denial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.transient {
+            write!(f, "waiting for trust: {}", self.reason)
+        } else {
+            f.write_str(&self.reason)
+        }
     }
 }
 
@@ -150,6 +182,9 @@ pub struct ActiveOp {
     pub state: OpState,
     pub meta: Arc<ImageMeta>,
     pub image: Bytes,
+    /// Whether a device may resume at the offset it reports: the bytes it holds are this
+    /// image's (the last bytes served to this component were of the same sha256).
+    pub resume: bool,
 }
 
 /// The answer to "what should this device's component get now".
@@ -162,6 +197,9 @@ pub enum Lookup {
     /// Queued, but another component of the device is being transferred: at most one
     /// operation per device is in flight.
     Wait,
+    /// The head operation's image is not admissible for a passing reason (TUF metadata
+    /// expired or not verified yet): the operation stays as it is and the device waits.
+    Held(String),
     Active(ActiveOp),
 }
 
@@ -177,6 +215,10 @@ pub struct Planner {
     /// Which images may reach which class of device.
     trust: Arc<Trust>,
     allow_downgrade: bool,
+    /// Devices whose head operation waits for trust: the operation's seq and why.
+    held: DashMap<String, (u64, String)>,
+    /// Operations that started waiting for trust, since start.
+    holds: std::sync::atomic::AtomicU64,
 }
 
 impl Planner {
@@ -222,6 +264,8 @@ impl Planner {
             next_seq: next_seq.into(),
             trust: Arc::new(Trust::none()),
             allow_downgrade: false,
+            held: DashMap::new(),
+            holds: 0.into(),
         })
     }
 
@@ -239,39 +283,104 @@ impl Planner {
 
     /// Whether `meta` may reach a device of a class (and, with `tag`, is released for it);
     /// the refusal names the image.
-    pub fn admit(&self, production: bool, meta: &ImageMeta, tag: Option<&str>, now: u64) -> Result<(), String> {
-        self.trust.admit(production, &meta.sha256, meta.length, tag, now).map_err(|r| refusal_text(meta, &r))
+    pub fn admit(&self, production: bool, meta: &ImageMeta, tag: Option<&str>, now: u64) -> Result<(), Denial> {
+        self.trust.admit(production, &meta.sha256, meta.length, tag, now).map_err(|r| Denial::of(meta, &r))
     }
 
-    /// Why the image of a device's head operation may not reach it, if so: not admissible for
-    /// its class (checked whatever the operation's state, so a finished operation's image is
-    /// not handed out either), or, before the transfer starts, a downgrade.
-    fn refusal(&self, device: &str, component: &str, state: OpState, meta: &ImageMeta, now: u64) -> Option<String> {
-        let production = self.fleet.is_production(device)?;
-        if let Err(why) = self.admit(production, meta, None, now) {
-            return Some(why);
-        }
+    /// The version `meta` installs as its signed metadata states it (`custom.version` of the
+    /// verified target for a class), else its label.
+    pub fn signed_version(&self, production: bool, meta: &ImageMeta) -> String {
+        self.trust.signed_version(production, &meta.sha256, meta.length).unwrap_or_else(|| meta.version.clone())
+    }
+
+    /// Why the image of a device's head operation may not reach it, if so: not a verified
+    /// target for its class, or not released for its tag (checked whatever the operation's
+    /// state, so a finished operation's image is not handed out either), or, before the
+    /// transfer starts, a downgrade by the target's signed version.
+    pub fn refusal(&self, device: &str, component: &str, state: OpState, meta: &ImageMeta, now: u64) -> Option<Denial> {
+        let admitted = self
+            .fleet
+            .with_class(device, |production, tag| self.admit(production, meta, tag, now).map(|()| production))?;
+        let production = match admitted {
+            Ok(p) => p,
+            Err(d) => return Some(d),
+        };
         if state == OpState::Pending && !self.allow_downgrade {
             let running = self.fleet.running(device, component)?;
-            if let (Some(from), Some(to)) = (version_order(&running), version_order(&meta.version)) {
-                if to < from {
-                    return Some(format!(
-                        "downgrade from {running} to {} refused (tuf.allow_downgrade is off)",
-                        meta.version
-                    ));
+            let to = self.signed_version(production, meta);
+            if let (Some(from), Some(order)) = (version_order(&running), version_order(&to)) {
+                if order < from {
+                    let label = if to == meta.version { String::new() } else { format!(" (image {})", meta.id()) };
+                    return Some(Denial {
+                        reason: format!("downgrade from {running} to {to}{label} refused (tuf.allow_downgrade is off)"),
+                        transient: false,
+                    });
                 }
             }
         }
         None
     }
 
+    /// Why operation `seq` of a device would wait for trust if its device asked now (its
+    /// image's TUF metadata expired, or not verified yet), for operators' views.
+    pub fn waits_for_trust(&self, op: &Operation, now: u64) -> Option<String> {
+        if op.state.is_terminal() {
+            return None;
+        }
+        let (name, version) = op.image.split_once('@')?;
+        let meta = self.firmware.get(name, version)?;
+        self.refusal(&op.device, &op.component, op.state, &meta, now).filter(|d| d.transient).map(|d| d.to_string())
+    }
+
+    /// Why a device's head operation waits for trust, if it does.
+    pub fn waiting_for_trust(&self, device: &str) -> Option<String> {
+        let (seq, why) = self.held.get(device).map(|e| e.clone())?;
+        let live = self.ops.get(device).is_some_and(|ops| ops.iter().any(|o| o.seq == seq && !o.state.is_terminal()));
+        live.then_some(why)
+    }
+
+    /// How many operations wait for trust now, and how many started to since the start.
+    pub fn trust_holds(&self) -> (usize, u64) {
+        let ids: Vec<String> = self.held.iter().map(|e| e.key().clone()).collect();
+        let now = ids.iter().filter(|id| self.waiting_for_trust(id).is_some()).count();
+        (now, self.holds.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Notes that operation `seq` of a device waits for trust; an operation in flight gets a
+    /// fresh time limit (its device is there, asking): an outage of the TUF repository does
+    /// not time transfers out.
+    fn hold(&self, device: &str, seq: u64, why: &str, now: u64) {
+        if let Some(mut ops) = self.ops.get_mut(device) {
+            if let Some(o) = ops.iter_mut().find(|o| o.seq == seq && o.state.in_flight()) {
+                o.last_activity = o.last_activity.max(now);
+            }
+        }
+        let fresh = self.held.get(device).is_none_or(|e| e.0 != seq);
+        if fresh {
+            self.holds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.held.insert(device.to_owned(), (seq, why.to_owned()));
+        }
+    }
+
     /// Assigns `image` (NAME@VERSION) to a device's component: an operation at the head of its
     /// queue (weight [`ASSIGN_WEIGHT`]) that replaces an earlier queued assignment. Refused
     /// while an operation of the device is in flight: at most one at a time.
+    /// An image that may not reach the device for a definitive reason (not a verified
+    /// target of its class, not released for its tag) is refused here; one waiting for trust
+    /// (metadata expired) is queued and waits.
     pub fn assign(&self, device: &str, component: &str, image: &str, now: u64) -> Result<Operation, PlannerError> {
         if let Some(ops) = self.ops.get(device) {
             if let Some(busy) = ops.iter().find(|o| o.state.in_flight()) {
                 return Err(PlannerError::InFlight { device: device.into(), state: busy.state.as_str() });
+            }
+        }
+        if let Some((name, version)) = image.split_once('@') {
+            if let Some(meta) = self.firmware.get(name, version) {
+                let denied =
+                    self.fleet.with_class(device, |production, tag| self.admit(production, &meta, tag, now).err());
+                if let Some(Some(d)) = denied.filter(|d| d.as_ref().is_some_and(|d| !d.transient)) {
+                    return Err(PlannerError::NotAdmissible(d.reason));
+                }
             }
         }
         self.enqueue(device, component, image, ASSIGN_WEIGHT, ASSIGN_ORIGIN, now)
@@ -331,6 +440,7 @@ impl Planner {
             updated_at: now,
             last_activity: now,
             detail: None,
+            digest: None,
         };
         let kind = origin_kind(origin);
         let mut next = ops.clone();
@@ -452,24 +562,44 @@ impl Planner {
     /// with the reason): production devices get only verified production targets, whatever
     /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
-        let (seq, state, image) = {
+        let (seq, state, image, served) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             match head(&ops, component) {
                 Err(()) => return Ok(Lookup::Wait),
                 Ok(None) => return Ok(Lookup::Nothing),
-                Ok(Some(i)) => (ops[i].seq, ops[i].state, ops[i].image.clone()),
+                Ok(Some(i)) => {
+                    let o = &ops[i];
+                    // The bytes the device holds: this operation's, else the ones the last
+                    // operation of the component that served any sent.
+                    let served = o.digest.clone().or_else(|| {
+                        ops.iter()
+                            .filter(|p| p.component == component && p.digest.is_some())
+                            .max_by_key(|p| p.seq)
+                            .and_then(|p| p.digest.clone())
+                    });
+                    (o.seq, o.state, o.image.clone(), served)
+                }
             }
         };
         let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
         let meta = self.firmware.get(name, version).ok_or(PlannerError::UnknownImage(image.clone()))?;
-        if let Some(why) = self.refusal(device, component, state, &meta, now) {
-            if !state.is_terminal() {
-                self.fail(device, seq, state, &why, now)?;
+        if let Some(d) = self.refusal(device, component, state, &meta, now) {
+            if d.transient && !state.is_terminal() {
+                self.hold(device, seq, &d.reason, now);
+                return Ok(Lookup::Held(d.to_string()));
             }
-            return Ok(Lookup::Refused(why));
+            if !state.is_terminal() {
+                self.fail(device, seq, state, &d.reason, now)?;
+            }
+            self.held.remove(device);
+            return Ok(Lookup::Refused(d.reason));
+        }
+        if self.held.contains_key(device) {
+            self.held.remove(device);
         }
         let image = self.firmware.bytes(&meta)?;
-        Ok(Lookup::Active(ActiveOp { seq, state, meta, image }))
+        let resume = served.is_some_and(|d| d == meta.sha256);
+        Ok(Lookup::Active(ActiveOp { seq, state, meta, image, resume }))
     }
 
     /// Fails operation `seq` of a device (if it is still in `from`), saying why.
@@ -492,6 +622,9 @@ impl Planner {
     /// written to the store before this returns (and so before the reply goes out); progress
     /// alone stays in memory. A step computed from a state that has changed meanwhile is
     /// dropped (`Ok(false)`).
+    /// `served` is the sha256 of the image whose bytes the step sent, recorded on the
+    /// operation with the transition that starts the transfer.
+    #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
         device: &str,
@@ -499,6 +632,7 @@ impl Planner {
         from: OpState,
         to: Option<OpState>,
         progress: Option<u32>,
+        served: Option<&str>,
         now: u64,
     ) -> Result<bool, PlannerError> {
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
@@ -506,16 +640,20 @@ impl Planner {
         if ops[at].state != from {
             return Ok(false);
         }
-        if let Some(to) = to {
+        let new_digest = served.filter(|d| ops[at].digest.as_deref() != Some(*d));
+        if to.is_some() || new_digest.is_some() {
             let mut next = ops.clone();
             let op = &mut next[at];
-            op.state = to;
-            op.updated_at = now;
+            op.state = to.unwrap_or(from);
+            op.updated_at = if to.is_some() { now } else { op.updated_at };
             op.last_activity = now;
             if let Some(p) = progress {
                 op.offset = p;
             }
-            if to == OpState::Failed {
+            if let Some(d) = new_digest {
+                op.digest = Some(d.to_owned());
+            }
+            if to == Some(OpState::Failed) {
                 op.detail = Some(format!("device came back on another version than {} after SWAP", op.version));
             }
             self.commit(&mut ops, next)?;
@@ -585,6 +723,7 @@ mod tests {
             Lookup::Active(a) => a,
             Lookup::Refused(why) => panic!("{device}/{component}: refused: {why}"),
             Lookup::Wait => panic!("{device}/{component}: wait"),
+            Lookup::Held(why) => panic!("{device}/{component}: held: {why}"),
             Lookup::Nothing => panic!("{device}/{component}: nothing"),
         }
     }
@@ -607,11 +746,11 @@ mod tests {
         let w = world();
         let p = &w.planner;
         let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap().seq;
-        assert!(p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 2).unwrap());
+        assert!(p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 2).unwrap());
         assert!(matches!(p.assign("d1", "bios", "app@2.0", 3), Err(PlannerError::InFlight { .. })));
         // A step computed from Pending, arriving after the move to Downloading, changes nothing.
-        assert!(!p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(5), 3).unwrap());
-        assert!(p.record("d1", seq, OpState::Downloading, None, Some(4), 4).unwrap());
+        assert!(!p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(5), None, 3).unwrap());
+        assert!(p.record("d1", seq, OpState::Downloading, None, Some(4), None, 4).unwrap());
         assert_eq!(p.operation("d1", MAIN_COMPONENT).unwrap().offset, 4);
     }
 
@@ -620,7 +759,7 @@ mod tests {
         let w = world();
         let p = &w.planner;
         let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", 0).unwrap().seq;
-        p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 10).unwrap();
+        p.record("d1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 10).unwrap();
         assert_eq!(p.sweep_timeouts(109).unwrap(), 0);
         assert_eq!(p.sweep_timeouts(110).unwrap(), 1);
         let op = p.operation("d1", MAIN_COMPONENT).unwrap();
@@ -637,9 +776,9 @@ mod tests {
         let c = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 500, "wave-c", 3).unwrap().seq;
         let bios = p.enqueue("d1", "bios", "app@2.0", 10, "wave-a", 3).unwrap().seq;
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, b, "weight first, then FIFO");
-        p.record("d1", b, OpState::Pending, Some(OpState::Downloading), Some(0), 4).unwrap();
+        p.record("d1", b, OpState::Pending, Some(OpState::Downloading), Some(0), None, 4).unwrap();
         assert!(matches!(p.lookup("d1", "bios", 4).unwrap(), Lookup::Wait), "one transfer per device at a time");
-        p.record("d1", b, OpState::Downloading, Some(OpState::Succeeded), None, 5).unwrap();
+        p.record("d1", b, OpState::Downloading, Some(OpState::Succeeded), None, None, 5).unwrap();
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, c);
         assert_eq!(active(p, "d1", "bios").seq, bios);
         // An assignment goes ahead of every plan and replaces an earlier queued assignment.
@@ -706,7 +845,7 @@ mod tests {
         firmware.add("app", "2.0", vec![], Bytes::from_static(b"0123456789"), 0).unwrap();
         for t in 0..(MAX_HISTORY as u64 + 5) {
             let seq = p.assign("d1", MAIN_COMPONENT, "app@2.0", t).unwrap().seq;
-            p.record("d1", seq, OpState::Pending, Some(OpState::Succeeded), None, t).unwrap();
+            p.record("d1", seq, OpState::Pending, Some(OpState::Succeeded), None, None, t).unwrap();
         }
         let queued = p.enqueue("d1", MAIN_COMPONENT, "app@2.0", 3, "wave-x", 99).unwrap();
         assert_eq!(p.operations_of("d1").len(), MAX_HISTORY + 1, "history is bounded");

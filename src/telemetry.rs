@@ -23,6 +23,10 @@ pub struct Telemetry {
     hot_bytes: Gauge<i64, std::sync::atomic::AtomicI64>,
     store_errors: Counter<u64, AtomicU64>,
     coap: Family<Label, Counter>,
+    restarts: Family<Label, Counter>,
+    waiting_for_trust: Gauge<i64, std::sync::atomic::AtomicI64>,
+    trust_holds: Counter<u64, AtomicU64>,
+    staging_retries: Counter<u64, AtomicU64>,
 }
 
 impl Default for Telemetry {
@@ -44,6 +48,10 @@ impl Telemetry {
             hot_bytes: Gauge::default(),
             store_errors: Counter::default(),
             coap: Family::default(),
+            restarts: Family::default(),
+            waiting_for_trust: Gauge::default(),
+            trust_holds: Counter::default(),
+            staging_retries: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
@@ -62,6 +70,22 @@ impl Telemetry {
             "coap_datagrams",
             "CoAP datagrams by result (block, dfu, duplicate, malformed, bad_option, not_found, ...)",
             t.coap.clone(),
+        );
+        registry.register(
+            "transfer_restarts",
+            "Transfers started again at offset 0, by reason (image_changed: the device held another image's bytes)",
+            t.restarts.clone(),
+        );
+        registry.register(
+            "operations_waiting_for_trust",
+            "Operations held because TUF trust is missing for a passing reason (metadata expired, not verified yet)",
+            t.waiting_for_trust.clone(),
+        );
+        registry.register("trust_holds", "Operations that started waiting for trust", t.trust_holds.clone());
+        registry.register(
+            "wave_staging_retries",
+            "Devices whose wave staging, refused while trust was missing, was retried after a TUF refresh",
+            t.staging_retries.clone(),
         );
         Telemetry { registry, ..t }
     }
@@ -99,6 +123,22 @@ impl Telemetry {
 
     pub fn set_operations(&self, state: &'static str, n: i64) {
         self.operations.get_or_create(&[("state", state)]).set(n);
+    }
+
+    pub fn transfer_restart(&self, reason: &'static str) {
+        self.restarts.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn transfer_restarts(&self, reason: &'static str) -> u64 {
+        self.restarts.get_or_create(&[("reason", reason)]).get()
+    }
+
+    /// Operations waiting for trust now; holds and staging retries since the start (the
+    /// planner counts them; the counters catch up at each scrape).
+    pub fn set_trust(&self, waiting: usize, holds: u64, staging_retries: u64) {
+        self.waiting_for_trust.set(waiting as i64);
+        self.trust_holds.inc_by(holds.saturating_sub(self.trust_holds.get()));
+        self.staging_retries.inc_by(staging_retries.saturating_sub(self.staging_retries.get()));
     }
 
     pub fn set_hot_bytes(&self, n: i64) {

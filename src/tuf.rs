@@ -284,6 +284,15 @@ pub enum Refusal {
     OtherTag { repo: &'static str, tag: String },
 }
 
+impl Refusal {
+    /// Whether the refusal may pass by itself: the metadata has expired or was never verified
+    /// (a repository unreachable so far), so the next successful refresh can admit the image.
+    /// Every other refusal is a fact of verified metadata or of the configuration.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Refusal::NotVerified(_) | Refusal::Expired(_))
+    }
+}
+
 pub const PRODUCTION: &str = "production";
 pub const CI: &str = "ci";
 
@@ -376,6 +385,14 @@ impl Trust {
             Some(tag) if !t.tags.iter().any(|x| x == tag) => Err(Refusal::OtherTag { repo, tag: tag.into() }),
             _ => Ok(()),
         }
+    }
+
+    /// The signed `custom.version` of the verified target with these bytes, in the repository
+    /// that decides for a class (`None`: not a target there, or it states no version).
+    pub fn signed_version(&self, production: bool, sha256: &str, length: u64) -> Option<String> {
+        let repo = if production { PRODUCTION } else { CI };
+        let verified = self.verified.read().unwrap_or_else(|e| e.into_inner());
+        verified.get(repo)?.targets.iter().find(|t| t.length == length && t.sha256 == sha256)?.version.clone()
     }
 
     /// The verified target of `repo` named `name`, for checking an upload against it.

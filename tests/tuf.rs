@@ -38,8 +38,23 @@ async fn a_production_device_is_never_served_a_ci_image_even_when_assigned_one_d
     let base = gw.admin.clone();
     add_image(&base, "app", "2.2-ci", target_bytes("ci", "app-2.2-ci.bin")).await;
     register(&base, "prod-1", true).await;
-    // An operator (or a defect) assigns the CI build to a production device…
+    // An operator assigning the CI build to a production device is refused with the reason…
+    let (code, v) = admin(
+        &base,
+        Method::PUT,
+        "/api/v1/devices/prod-1/assignment",
+        None,
+        Some(json!({"image": "app@2.2-ci"})),
+    )
+    .await;
+    assert_eq!((code, v["kind"].as_str()), (422, Some("not_admissible")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not a verified production target"), "{v}");
+    assert!(device_state(&base, "prod-1").await["operations"].as_array().unwrap().is_empty());
+    // …and one assigned while the device was a CI device is refused where blocks are served,
+    // once the device is registered as a production device.
+    register(&base, "prod-1", false).await;
     assign(&base, "prod-1", "app@2.2-ci").await;
+    register(&base, "prod-1", true).await;
     let mut dev = SimDevice::connect(gw.mqtt, "prod-1", Form::Named, "2.0", None).await;
     // …and the device gets no block of it: SYNC on what it runs, and the operation fails.
     assert_eq!(dev.run(None).await, Ended::Synced);
@@ -141,8 +156,15 @@ async fn a_ci_device_updates_from_ci_targets_and_only_from_them() {
     assert_eq!(dev.run(None).await, Ended::Updated);
     assert_eq!(dev.last_image, target_bytes("ci", "app-2.2-ci.bin"));
     dev.disconnect().await;
-    // With a CI repository configured, a production build is not a CI target.
+    // With a CI repository configured, a production build is not a CI target: refused at
+    // assignment, and at serving for a device that was a production device when assigned.
+    let (code, v) =
+        admin(&base, Method::PUT, "/api/v1/devices/ci-2/assignment", None, Some(json!({"image": "app@2.1"}))).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not a verified ci target"), "{v}");
+    register(&base, "ci-2", true).await;
     assign(&base, "ci-2", "app@2.1").await;
+    register(&base, "ci-2", false).await;
     let mut dev = SimDevice::connect(gw.mqtt, "ci-2", Form::Named, "2.0", None).await;
     assert_eq!(dev.run(None).await, Ended::Synced);
     assert!(op_of(&base, "ci-2").await["detail"].as_str().unwrap().contains("not a verified ci target"));

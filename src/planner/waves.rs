@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use super::{Planner, PlannerError};
+use super::{Denial, Planner, PlannerError};
 use crate::engine::OpState;
 use crate::firmware::{version_order, Firmware, ImageMeta};
 use crate::fleet::select::{FleetIndex, Idx, Limit, Rejection, Selection};
@@ -50,6 +50,10 @@ pub enum WaveError {
     NotAdmissible { version: String, tag: String, class: &'static str, reason: String },
     #[error("--prune {version}: not a production version of tag {tag} ({class}); it has {have:?}")]
     NotProduction { version: String, tag: String, class: &'static str, have: Vec<String> },
+    #[error(
+        "image {image} is labeled version {label}, but its signed custom.version is {signed}; upload it under {signed}"
+    )]
+    LabelMismatch { image: String, label: String, signed: String },
     #[error("wave {name} is {state}, not active")]
     NotActive { name: String, state: &'static str },
     #[error("wave {0} is complete and cannot be canceled; init and complete a new wave with --prune {1} to withdraw its version")]
@@ -132,6 +136,11 @@ pub struct Wave {
     pub ended_at: Option<u64>,
     #[serde(default)]
     pub rollouts: Vec<RolloutRecord>,
+    /// Devices a rollout chose while no image of the wave could be admitted for a passing
+    /// reason (TUF metadata expired, not verified yet): staged after the next successful
+    /// refresh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deferred: Vec<String>,
 }
 
 impl Wave {
@@ -264,6 +273,14 @@ pub struct RolloutReport {
     pub devices: Option<Vec<String>>,
 }
 
+/// A production version of a tag and the complete wave that made it one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSource {
+    pub version: String,
+    pub wave: String,
+    pub completed_at: u64,
+}
+
 /// Counts for one group, as `waves status` prints them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
@@ -296,6 +313,13 @@ pub struct WaveStatus {
     /// Sent a Status in the last `fleet.online_secs`.
     pub online: usize,
     pub groups: Vec<GroupStatus>,
+    /// Why the wave's operations wait instead of proceeding ("waiting for trust: …"), when no
+    /// image of it is admissible now for a passing reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Devices chosen by a rollout while trust was missing, staged after the next refresh.
+    #[serde(default)]
+    pub deferred: usize,
 }
 
 /// A set of device positions (of the fleet index).
@@ -309,6 +333,12 @@ impl Members {
             self.0.resize(w + 1, 0);
         }
         self.0[w] |= 1 << b;
+    }
+
+    fn remove(&mut self, i: Idx) {
+        if let Some(w) = self.0.get_mut(i as usize / 64) {
+            *w &= !(1 << (i % 64));
+        }
     }
 
     fn contains(&self, i: Idx) -> bool {
@@ -418,6 +448,7 @@ pub struct Waves {
     online_secs: u64,
     /// Wave commands run one at a time.
     book: Mutex<Book>,
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl Waves {
@@ -440,13 +471,13 @@ impl Waves {
         if !canceled.is_empty() {
             planner.cancel_origins(|o| canceled.contains(o), now)?;
         }
-        let waves = Waves { store, fleet, firmware, planner, online_secs, book: Mutex::new(book) };
+        let waves = Waves { store, fleet, firmware, planner, online_secs, book: Mutex::new(book), retries: 0.into() };
         let mut book = waves.lock();
         let mut live: Vec<(String, bool)> =
             book.waves.values().filter(|w| w.state == WaveState::Active).map(|w| (w.name.clone(), true)).collect();
         live.extend(book.latest_complete_each().into_iter().map(|w| (w.name, false)));
         let names: HashSet<&str> = live.iter().map(|(n, _)| n.as_str()).collect();
-        let staged = waves.staged_of(&names);
+        let staged = waves.staged_of(&book, &names);
         for (name, active) in &live {
             book.members.insert(name.clone(), staged.get(name.as_str()).cloned().unwrap_or_default());
             let w = book.waves[name].clone();
@@ -467,8 +498,9 @@ impl Waves {
     }
 
     /// Who each of the named waves has staged (any operation of the wave that was not
-    /// canceled), by fleet index position.
-    fn staged_of(&self, names: &HashSet<&str>) -> HashMap<String, Members> {
+    /// canceled) among the devices that still follow its tag and class, by fleet index
+    /// position.
+    fn staged_of(&self, book: &Book, names: &HashSet<&str>) -> HashMap<String, Members> {
         let mut ids: Vec<(String, String)> = Vec::new();
         self.planner.scan(|o| {
             if let Some(name) = o.origin.strip_prefix(ORIGIN_PREFIX) {
@@ -480,7 +512,8 @@ impl Waves {
         let mut out: HashMap<String, Members> = HashMap::new();
         self.fleet.with_index(|x| {
             for (name, id) in ids {
-                if let Some(i) = x.lookup(&id) {
+                let Some(w) = book.waves.get(&name) else { continue };
+                if let Some(i) = x.lookup(&id).filter(|&i| x.following(&w.tag, w.production)(i)) {
                     out.entry(name).or_default().insert(i);
                 }
             }
@@ -498,7 +531,7 @@ impl Waves {
     /// The wave's images that may reach its devices: for production devices, verified
     /// production TUF targets released for the tag (CI devices likewise when a CI repository
     /// is configured). The first refusal says why when none may.
-    fn images(&self, w: &Wave, now: u64) -> (Vec<Arc<ImageMeta>>, Option<String>) {
+    fn images(&self, w: &Wave, now: u64) -> (Vec<Arc<ImageMeta>>, Option<Denial>) {
         let mut why = None;
         let ok = self
             .firmware
@@ -513,6 +546,18 @@ impl Waves {
             })
             .collect();
         (ok, why)
+    }
+
+    /// Refuses an image of the wave whose label is not its signed `custom.version`: the wave
+    /// would promote a version the signed metadata does not say it installs.
+    fn check_labels(&self, w: &Wave) -> Result<(), WaveError> {
+        for m in self.firmware.of_version(w.image_name.as_deref(), &w.version) {
+            let signed = self.planner.signed_version(w.production, &m);
+            if signed != m.version {
+                return Err(WaveError::LabelMismatch { image: m.id(), label: m.version.clone(), signed });
+            }
+        }
+        Ok(())
     }
 
     pub fn init(&self, req: InitRequest, now: u64) -> Result<Wave, WaveError> {
@@ -564,14 +609,16 @@ impl Waves {
             created_at: now,
             ended_at: None,
             rollouts: Vec::new(),
+            deferred: Vec::new(),
         };
+        self.check_labels(&wave)?;
         let (admissible, why) = self.images(&wave, now);
         if admissible.is_empty() {
             return Err(WaveError::NotAdmissible {
                 version: req.version,
                 tag: wave.tag,
                 class: cls,
-                reason: why.unwrap_or_default(),
+                reason: why.map(|d| d.to_string()).unwrap_or_default(),
             });
         }
         if req.dry_run {
@@ -643,10 +690,13 @@ impl Waves {
         if req.dry_run {
             return Ok(report);
         }
-        let (staged, refused) = self.stage(&mut book, &wave, &chosen, now)?;
+        let (staged, refused, deferred) = self.stage(&mut book, &wave, &chosen, now)?;
         report.staged = staged;
         report.rejected.extend(refused);
         let w = book.waves.get_mut(name).expect("checked active above");
+        w.deferred.extend(deferred);
+        w.deferred.sort();
+        w.deferred.dedup();
         w.rollouts.push(RolloutRecord {
             at: now,
             complete: false,
@@ -673,11 +723,12 @@ impl Waves {
         wave: &Wave,
         chosen: &[(Idx, String)],
         now: u64,
-    ) -> Result<(usize, Vec<Refused>), WaveError> {
+    ) -> Result<(usize, Vec<Refused>, Vec<String>), WaveError> {
         let (images, why) = self.images(wave, now);
         let origin = wave.origin();
         let members = book.members.entry(wave.name.clone()).or_default();
         let mut refused = Vec::new();
+        let mut deferred = Vec::new();
         let mut staged = 0;
         for (i, id) in chosen {
             let Some(hardware) = self.fleet.hardware(id) else {
@@ -687,7 +738,14 @@ impl Waves {
             let meta = match pick(&images, hardware.as_deref()) {
                 Ok(m) => m,
                 Err(_) if images.is_empty() => {
-                    let reason = why.clone().unwrap_or_else(|| "no image of the wave's version".into());
+                    let reason = match &why {
+                        Some(d) if d.transient => {
+                            deferred.push(id.clone());
+                            format!("{d}; staged after the next successful TUF refresh")
+                        }
+                        Some(d) => d.reason.clone(),
+                        None => "no image of the wave's version".into(),
+                    };
                     refused.push(Refused { device: id.clone(), reason });
                     continue;
                 }
@@ -703,7 +761,7 @@ impl Waves {
                 info!(wave = %wave.name, staged, of = chosen.len(), "staging");
             }
         }
-        Ok((staged, refused))
+        Ok((staged, refused, deferred))
     }
 
     /// Stages every device of a complete wave's tag and class that is neither in the wave
@@ -792,7 +850,7 @@ impl Waves {
                 // Its members as the operations say: the ones the canceled wave replaced are
                 // no longer staged in it.
                 let names = HashSet::from([complete.name.as_str()]);
-                let members = self.staged_of(&names).remove(&complete.name).unwrap_or_default();
+                let members = self.staged_of(&book, &names).remove(&complete.name).unwrap_or_default();
                 book.members.insert(complete.name.clone(), members);
                 self.reconcile(&mut book, &complete, now)?
             }
@@ -822,6 +880,25 @@ impl Waves {
     /// The production versions of a tag and class, oldest first.
     pub fn production_versions(&self, tag: &str, production: bool) -> Vec<String> {
         self.lock().production_versions(tag, production)
+    }
+
+    /// The production versions of a tag and class with the complete wave each comes from,
+    /// oldest first; the last one stages devices that join the tag.
+    pub fn version_sources(&self, tag: &str, production: bool) -> Vec<VersionSource> {
+        let book = self.lock();
+        let have = book.production_versions(tag, production);
+        let mut out: Vec<VersionSource> = Vec::new();
+        for w in book.complete_on(tag, production) {
+            if have.contains(&w.version) {
+                out.retain(|s| s.version != w.version);
+                out.push(VersionSource {
+                    version: w.version.clone(),
+                    wave: w.name.clone(),
+                    completed_at: w.ended_at.unwrap_or(0),
+                });
+            }
+        }
+        out
     }
 
     /// Counts of the wave's devices, from the operations and the devices' own reports.
@@ -857,6 +934,8 @@ impl Waves {
                 canceled: 0,
                 online: 0,
                 groups: Vec::new(),
+                waiting: None,
+                deferred: wave.deferred.len(),
             };
             let runs = x.running(&wave.version);
             let count = |g: &mut GroupStatus, i: Idx| {
@@ -900,19 +979,55 @@ impl Waves {
             totals.online = all.online;
             totals
         });
+        let mut status = status;
+        if wave.state != WaveState::Canceled {
+            let (images, why) = self.images(&wave, now);
+            status.waiting = why.filter(|d| images.is_empty() && d.transient).map(|d| d.to_string());
+        }
         Ok(status)
     }
 
-    /// Stages, for the latest complete wave of every tag and class, the devices it has not
-    /// reached — e.g. devices that joined while its image was not admissible (a TUF refresh
-    /// had failed). Runs after every successful TUF refresh. Returns how many were staged.
-    pub fn reconcile_complete(&self, now: u64) -> Result<usize, WaveError> {
+    /// After a successful TUF refresh: stages, for the latest complete wave of every tag and
+    /// class, the devices it has not reached (e.g. devices that joined while its image was not
+    /// admissible), and for every active wave the devices its rollouts chose while trust was
+    /// missing. Runs after the periodic refresh and `POST /api/v1/tuf/{repo}/refresh`.
+    /// Returns how many were staged (also counted in `staging_retries`).
+    pub fn after_refresh(&self, now: u64) -> Result<usize, WaveError> {
         let mut book = self.lock();
         let mut staged = 0;
         for w in book.latest_complete_each() {
             staged += self.reconcile(&mut book, &w, now)?;
         }
+        let waiting: Vec<Wave> =
+            book.waves.values().filter(|w| w.state == WaveState::Active && !w.deferred.is_empty()).cloned().collect();
+        for w in waiting {
+            let members = book.members.get(&w.name).cloned().unwrap_or_default();
+            let chosen: Vec<(Idx, String)> = self.fleet.with_index(|x| {
+                let (follows, updated) = (x.following(&w.tag, w.production), x.running(&w.version));
+                w.deferred
+                    .iter()
+                    .filter_map(|id| x.lookup(id).map(|i| (i, id)))
+                    .filter(|&(i, _)| follows(i) && !members.contains(i) && !updated(i))
+                    .map(|(i, id)| (i, id.clone()))
+                    .collect()
+            });
+            let (n, _, still) = self.stage(&mut book, &w, &chosen, now)?;
+            staged += n;
+            let rec = book.waves.get_mut(&w.name).expect("listed above");
+            rec.deferred = still;
+            let rec = rec.clone();
+            self.put(&rec)?;
+            if n > 0 {
+                info!(wave = %w.name, devices = n, "staged devices chosen while trust was missing");
+            }
+        }
+        self.retries.fetch_add(staged as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(staged)
+    }
+
+    /// Devices staged by [`Waves::after_refresh`] since the start.
+    pub fn staging_retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// After devices were registered or changed: a device now following a tag with a
@@ -935,6 +1050,23 @@ impl Waves {
                     .is_some_and(|w| Some(w.tag.as_str()) != tag || w.production != production)
             };
             self.planner.withdraw(id, foreign, "the device no longer follows the wave's tag and class", now)?;
+            // It leaves the members of waves of another tag or class: their counts stay exact,
+            // and if it comes back it is staged again.
+            if let Some(i) = self.fleet.with_index(|x| x.lookup(id)) {
+                let left: Vec<String> = book
+                    .members
+                    .keys()
+                    .filter(|n| {
+                        book.waves.get(*n).is_some_and(|w| Some(w.tag.as_str()) != tag || w.production != production)
+                    })
+                    .cloned()
+                    .collect();
+                for n in left {
+                    if let Some(m) = book.members.get_mut(&n) {
+                        m.remove(i);
+                    }
+                }
+            }
             if let Some(w) = tag.and_then(|t| book.latest_complete(t, production)) {
                 by_wave.entry(w.name.clone()).or_default().push(id);
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 
-use crate::engine::{self, EngineConfig, Target};
+use crate::engine::{self, EngineConfig, OpState, Target};
 use crate::fleet::{Fleet, MAIN_COMPONENT};
 use crate::planner::{Lookup, Planner};
 use crate::protocol::{Command, Status};
@@ -88,15 +88,35 @@ impl Dfu {
                 push(out, &engine::wait(&self.engine, &status), form);
                 return Handled::Replied;
             }
+            Ok(Lookup::Held(why)) => {
+                // Trust is missing for a passing reason: the operation stays, the device asks
+                // again after its poll interval.
+                debug!(device, transport, reason = %why, "operation waits for trust");
+                self.telemetry.status("waiting_for_trust");
+                push(out, &engine::wait(&self.engine, &status), form);
+                return Handled::Replied;
+            }
             Err(e) => return self.failed(device, &e),
         };
+        if let Some(a) =
+            active.as_ref().filter(|a| !a.resume && matches!(a.state, OpState::Pending | OpState::Downloading))
+        {
+            // The bytes the device holds are not this image's (the operation's image changed
+            // since they were served): its offset means nothing here, start again at 0.
+            if status.update.as_ref().is_some_and(|u| u.version == a.meta.version && u.offset > 0) {
+                status.update = None;
+                self.telemetry.transfer_restart("image_changed");
+                debug!(device, transport, image = %a.meta.id(), "transfer restarted at 0: other bytes served before");
+            }
+        }
         let op = active
             .as_ref()
             .map(|a| (a.state, Target { version: &a.meta.version, image: &a.image, sha256: a.meta.digest() }));
         let step = engine::handle_status(&self.engine, &status, op);
         if let Some(a) = &active {
             if step.transition.is_some() || step.progress.is_some() {
-                match self.planner.record(device, a.seq, a.state, step.transition, step.progress, now) {
+                let served = Some(a.meta.sha256.as_str());
+                match self.planner.record(device, a.seq, a.state, step.transition, step.progress, served, now) {
                     Ok(true) => {}
                     // The operation moved on under us (a concurrent message or the sweeper):
                     // answering from the stale state could contradict it, so stay silent and

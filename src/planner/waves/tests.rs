@@ -283,15 +283,15 @@ fn complete_reaches_every_device_of_the_tag_and_the_ones_that_join_later() {
     // A device the join hook missed (its image was not admissible then) is reached by the
     // reconciliation that follows each TUF refresh, once.
     w.fleet.upsert(vec![device("missed", "release", &[], false)], 7).unwrap();
-    assert_eq!(w.waves.reconcile_complete(7).unwrap(), 1);
+    assert_eq!(w.waves.after_refresh(7).unwrap(), 1);
     assert_eq!(state_of(&w, "missed", "w"), Some(OpState::Pending));
-    assert_eq!(w.waves.reconcile_complete(8).unwrap(), 0);
+    assert_eq!(w.waves.after_refresh(8).unwrap(), 0);
     // A device that already runs a newer version (a later wave it updated to was canceled)
     // is not handed a downgrade.
     w.fleet.upsert(vec![device("ahead", "release", &[], false)], 9).unwrap();
     w.fleet.observe("ahead", MAIN_COMPONENT, "2.1", 9).unwrap();
     assert_eq!(w.waves.devices_changed(&["ahead".into()], 9).unwrap(), 0);
-    assert_eq!(w.waves.reconcile_complete(9).unwrap(), 0);
+    assert_eq!(w.waves.after_refresh(9).unwrap(), 0);
     assert_eq!(state_of(&w, "ahead", "w"), None);
 }
 
@@ -302,11 +302,11 @@ fn cancel_withdraws_queued_and_in_flight_operations_and_keeps_updated_devices() 
     w.waves.rollout("w", RolloutRequest { group: Some("canary".into()), ..Default::default() }, 2).unwrap();
     // p00 updates, p01 is downloading, p02 failed (rolled back); p03, p04 have not started.
     let seq = |d: &str| w.planner.operation(d, MAIN_COMPONENT).unwrap().seq;
-    w.planner.record("p00", seq("p00"), OpState::Pending, Some(OpState::Succeeded), None, 3).unwrap();
+    w.planner.record("p00", seq("p00"), OpState::Pending, Some(OpState::Succeeded), None, None, 3).unwrap();
     w.fleet.observe("p00", MAIN_COMPONENT, "2.0", 3).unwrap();
-    w.planner.record("p01", seq("p01"), OpState::Pending, Some(OpState::Downloading), Some(0), 3).unwrap();
+    w.planner.record("p01", seq("p01"), OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap();
     w.fleet.observe("p01", MAIN_COMPONENT, "1.0", 3).unwrap();
-    w.planner.record("p02", seq("p02"), OpState::Pending, Some(OpState::Failed), None, 3).unwrap();
+    w.planner.record("p02", seq("p02"), OpState::Pending, Some(OpState::Failed), None, None, 3).unwrap();
     w.fleet.flush_last_seen().unwrap();
     let s = w.waves.status("w", 4).unwrap();
     assert_eq!((s.total, s.updated, s.need_update, s.scheduled, s.in_progress, s.failed), (30, 1, 29, 3, 1, 1));
@@ -385,7 +385,7 @@ fn a_newer_waves_queued_operation_replaces_an_older_waves_undelivered_one() {
     w.waves.rollout("w2", just("p10 p11"), 2).unwrap();
     // p11 starts its download of 2.0; p10's operation is still queued.
     let p11 = w.planner.operation("p11", MAIN_COMPONENT).unwrap();
-    assert!(w.planner.record("p11", p11.seq, OpState::Pending, Some(OpState::Downloading), Some(0), 3).unwrap());
+    assert!(w.planner.record("p11", p11.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap());
     w.waves.complete("w2", 4).unwrap();
     w.waves.init(init("w3", "3.0", "release"), 5).unwrap();
     w.waves.rollout("w3", just("p10 p11"), 6).unwrap();
@@ -403,7 +403,7 @@ fn a_newer_waves_queued_operation_replaces_an_older_waves_undelivered_one() {
     assert_eq!(state_of(&w, "p11", "w3"), Some(OpState::Pending));
     // Reconciling the complete wave (after a TUF refresh, or at start) leaves the active
     // wave's devices alone: w2 does not take p10 back.
-    assert_eq!(w.waves.reconcile_complete(7).unwrap(), 0);
+    assert_eq!(w.waves.after_refresh(7).unwrap(), 0);
     assert_eq!(state_of(&w, "p10", "w3"), Some(OpState::Pending));
     let w = reopen(w);
     assert_eq!(state_of(&w, "p10", "w2"), Some(OpState::Canceled), "replaced, and stays replaced");
@@ -421,7 +421,7 @@ fn a_complete_wave_never_stages_a_version_older_than_one_a_device_is_already_to_
     assert_eq!(state_of(&w, "p20", "w2"), None, "2.0 would go backwards from the queued 3.0");
     assert_eq!(state_of(&w, "p21", "w2"), Some(OpState::Pending));
     // Nor later, when the complete wave is reconciled or the gateway restarts.
-    assert_eq!(w.waves.reconcile_complete(4).unwrap(), 0);
+    assert_eq!(w.waves.after_refresh(4).unwrap(), 0);
     let w = reopen(w);
     assert_eq!(state_of(&w, "p20", "w2"), None);
     assert_eq!(w.planner.operation("p20", MAIN_COMPONENT).unwrap().version, "3.0");

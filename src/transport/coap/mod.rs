@@ -51,8 +51,9 @@ impl Resources for Gateway {
                 warn!(device, reason = %why, "refused to serve an image");
                 FirmwareAnswer::NotAssigned
             }
-            // Another component of the device is being transferred: ask again later.
-            Ok(Lookup::Wait) => FirmwareAnswer::Unavailable,
+            // Another component of the device is being transferred, or the image waits for
+            // trust (TUF metadata expired): ask again later.
+            Ok(Lookup::Wait | Lookup::Held(_)) => FirmwareAnswer::Unavailable,
             Err(e) => {
                 warn!(device, error = %e, "cannot serve firmware");
                 self.telemetry.store_error();
@@ -69,7 +70,7 @@ impl Resources for Gateway {
                 let to = (state == OpState::Pending).then_some(OpState::Downloading);
                 let at = Some((offset + len).min(u32::MAX as u64) as u32);
                 // Ok(false): the operation moved on meanwhile; the block is still the image's.
-                if let Err(e) = self.planner.record(device, seq, state, to, at, now_secs) {
+                if let Err(e) = self.planner.record(device, seq, state, to, at, None, now_secs) {
                     warn!(device, error = %e, "cannot record progress");
                     self.telemetry.store_error();
                     return false;
