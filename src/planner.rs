@@ -690,6 +690,9 @@ impl Planner {
 }
 
 #[cfg(test)]
+mod trust_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::FirmwareConfig;

@@ -39,14 +39,9 @@ async fn a_production_device_is_never_served_a_ci_image_even_when_assigned_one_d
     add_image(&base, "app", "2.2-ci", target_bytes("ci", "app-2.2-ci.bin")).await;
     register(&base, "prod-1", true).await;
     // An operator assigning the CI build to a production device is refused with the reason…
-    let (code, v) = admin(
-        &base,
-        Method::PUT,
-        "/api/v1/devices/prod-1/assignment",
-        None,
-        Some(json!({"image": "app@2.2-ci"})),
-    )
-    .await;
+    let (code, v) =
+        admin(&base, Method::PUT, "/api/v1/devices/prod-1/assignment", None, Some(json!({"image": "app@2.2-ci"})))
+            .await;
     assert_eq!((code, v["kind"].as_str()), (422, Some("not_admissible")), "{v}");
     assert!(v["error"].as_str().unwrap().contains("not a verified production target"), "{v}");
     assert!(device_state(&base, "prod-1").await["operations"].as_array().unwrap().is_empty());

@@ -489,6 +489,10 @@ impl Waves {
                 }
             }
         }
+        // The gateway refreshes TUF before it opens the waves: what waited for trust when it
+        // stopped is staged now if it may be.
+        let retried = waves.retry_deferred(&mut book, now)?;
+        waves.retries.fetch_add(retried as u64, std::sync::atomic::Ordering::Relaxed);
         drop(book);
         Ok(waves)
     }
@@ -998,6 +1002,15 @@ impl Waves {
         for w in book.latest_complete_each() {
             staged += self.reconcile(&mut book, &w, now)?;
         }
+        staged += self.retry_deferred(&mut book, now)?;
+        self.retries.fetch_add(staged as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(staged)
+    }
+
+    /// Stages, for every active wave, the devices its rollouts chose while trust was missing
+    /// and that still follow its tag and class; the ones still refused stay deferred.
+    fn retry_deferred(&self, book: &mut Book, now: u64) -> Result<usize, WaveError> {
+        let mut staged = 0;
         let waiting: Vec<Wave> =
             book.waves.values().filter(|w| w.state == WaveState::Active && !w.deferred.is_empty()).cloned().collect();
         for w in waiting {
@@ -1011,7 +1024,7 @@ impl Waves {
                     .map(|(i, id)| (i, id.clone()))
                     .collect()
             });
-            let (n, _, still) = self.stage(&mut book, &w, &chosen, now)?;
+            let (n, _, still) = self.stage(book, &w, &chosen, now)?;
             staged += n;
             let rec = book.waves.get_mut(&w.name).expect("listed above");
             rec.deferred = still;
@@ -1021,7 +1034,6 @@ impl Waves {
                 info!(wave = %w.name, devices = n, "staged devices chosen while trust was missing");
             }
         }
-        self.retries.fetch_add(staged as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(staged)
     }
 
