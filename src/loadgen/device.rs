@@ -119,7 +119,9 @@ impl DfuDevice {
         }
         match cmd {
             Command::Write { version, offset, data, .. } => {
-                if self.download.as_ref().is_none_or(|d| d.version != version) {
+                // Another version, or the gateway starting the transfer over at 0: a new
+                // download (as embedded-update starts one on a WRITE at offset 0).
+                if self.download.as_ref().is_none_or(|d| d.version != version || (offset == 0 && d.len > 0)) {
                     self.download = Some(Download::new(version));
                 }
                 let Some(d) = self.download.as_mut() else { unreachable!("set just above") };

@@ -2,6 +2,8 @@
 //! an admin client, and a simulated device that speaks DFU over real MQTT (rumqttc).
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;

@@ -448,3 +448,42 @@ fn canceling_a_wave_gives_its_devices_the_complete_waves_version_back_at_once() 
     assert_eq!(live, 1);
     assert_eq!(w.planner.operation("p10", MAIN_COMPONENT).unwrap().version, "2.0");
 }
+
+#[test]
+fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_returns() {
+    let w = world();
+    w.waves.init(init("c", "2.0", "release"), 1).unwrap();
+    w.waves.complete("c", 2).unwrap();
+    w.waves.init(init("a", "2.1", "release"), 3).unwrap();
+    w.waves
+        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00,p01".into())), ..Default::default() }, 4)
+        .unwrap();
+    let moved = |w: &World, id: &str, tag: &str, now: u64| {
+        w.fleet.upsert(vec![device(id, tag, &[], false)], now).unwrap();
+        w.waves.devices_changed(&[id.to_owned()], now).unwrap()
+    };
+    // p00 leaves the tag: its queued operations of both waves are withdrawn...
+    assert_eq!(moved(&w, "p00", "other", 5), 0);
+    assert_eq!(state_of(&w, "p00", "a"), Some(OpState::Canceled));
+    // ...and when it comes back, the active wave can roll out to it again and the complete
+    // one stages it at once.
+    assert_eq!(moved(&w, "p00", "release", 6), 1);
+    assert_eq!(state_of(&w, "p00", "c"), Some(OpState::Pending));
+    let r = w
+        .waves
+        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00".into())), ..Default::default() }, 7)
+        .unwrap();
+    assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
+    // The same across a crash between the leaving and the return: the members rebuilt at
+    // start are the devices that still follow the tag.
+    assert_eq!(moved(&w, "p01", "other", 8), 0);
+    let w = reopen(w);
+    assert_eq!(moved(&w, "p01", "release", 9), 1);
+    let r = w
+        .waves
+        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p01".into())), ..Default::default() }, 10)
+        .unwrap();
+    assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
+    let status = w.waves.status("a", 10).unwrap();
+    assert_eq!((status.total, status.scheduled), (30, 2));
+}
