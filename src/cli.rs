@@ -818,7 +818,7 @@ fn init_logging(level: &str) {
 /// Raises the open-file limit to its hard maximum: every device connection is a socket, and
 /// the default soft limit (often 1024) would cap a gateway or a load run far below its
 /// configured size.
-fn raise_fd_limit() {
+pub fn raise_fd_limit() {
     #[cfg(target_os = "linux")]
     {
         use nix::sys::resource::{getrlimit, setrlimit, Resource};
