@@ -172,7 +172,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/images", get(list_images).post(add_image).layer(DefaultBodyLimit::max(image_limit)))
         .route("/api/v1/images/{name}/{version}", get(show_image))
         .route("/api/v1/devices", get(list_devices).post(add_devices))
-        .route("/api/v1/devices/{id}", get(show_device))
+        .route("/api/v1/devices/{id}", get(show_device).delete(delete_device))
         .route("/api/v1/devices/{id}/assignment", put(assign))
         .route("/api/v1/devices/{id}/token", post(device_token))
         .route("/api/v1/waves", get(list_waves).post(init_wave))
@@ -328,6 +328,19 @@ async fn add_devices(
     })
     .await?;
     Ok(Json(out))
+}
+
+async fn delete_device(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let waves = s.waves.clone();
+    let gone = id.clone();
+    match blocking(move || waves.delete_device(&gone)).await? {
+        Some(n) => Ok(Json(serde_json::json!({"deleted": id, "unfinished_operations": n}))),
+        None => Err(FleetError::NotFound(id).into()),
+    }
 }
 
 /// A device with its operations, as `devices show` prints it.

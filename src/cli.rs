@@ -164,6 +164,9 @@ pub enum DevicesCommand {
     },
     /// A device's running and assigned versions, progress, last seen and outcome.
     Show { id: String },
+    /// Delete a device: its queued operations are withdrawn, it leaves every wave, and its
+    /// record and history are removed. Registered again, it starts afresh.
+    Delete { id: String },
     /// Print a device's MQTT password (when mqtt.auth is on).
     Token { id: String },
 }
@@ -492,6 +495,14 @@ async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
             let body = serde_json::json!({"image": image, "component": component});
             let v = c.send(c.http.put(c.url(&format!("/api/v1/devices/{id}/assignment"))).json(&body)).await?;
             out(&v, format!("{id}: {} assigned ({}), state {}", s(&v, "image"), s(&v, "component"), s(&v, "state")));
+        }
+        DevicesCommand::Delete { id } => {
+            let v = c.send(c.http.delete(c.url(&format!("/api/v1/devices/{id}")))).await?;
+            if remote.json {
+                println!("{v:#}");
+            } else {
+                println!("deleted {id} ({} unfinished operations withdrawn)", n(&v, "unfinished_operations"));
+            }
         }
         DevicesCommand::Show { id } => {
             let v = c.send(c.http.get(c.url(&format!("/api/v1/devices/{id}")))).await?;

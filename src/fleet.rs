@@ -24,7 +24,7 @@ pub enum FleetError {
     Invalid { field: &'static str, value: String, message: &'static str },
     #[error("no device {0}")]
     NotFound(String),
-    #[error("the registry is full: fleet.max_devices is {0}")]
+    #[error("the registry is full: fleet.max_devices is {0} (devices deleted since the last start still count)")]
     Full(usize),
     #[error("device {0} appears twice in one request")]
     Duplicate(String),
@@ -201,7 +201,8 @@ impl Fleet {
             }
         }
         let new = specs.iter().filter(|s| !self.devices.contains_key(&s.id)).count();
-        if self.devices.len() + new > self.max_devices {
+        // Positions of devices deleted since the start count until the index is rebuilt.
+        if self.devices.len() + self.index().retired() + new > self.max_devices {
             return Err(FleetError::Full(self.max_devices));
         }
         {
@@ -241,6 +242,20 @@ impl Fleet {
             self.devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
         }
         Ok(out)
+    }
+
+    /// Deletes a device's record. Its wave memberships and operations go first (see
+    /// `Waves::device_deleted`, `Planner::forget`). Returns whether it existed.
+    pub fn delete(&self, id: &str) -> Result<bool, FleetError> {
+        if !self.devices.contains_key(id) {
+            return Ok(false);
+        }
+        let mut b = self.store.batch();
+        b.delete(Cf::Devices, id.as_bytes());
+        b.commit()?;
+        self.devices.remove(id);
+        self.index_mut().remove(id);
+        Ok(true)
     }
 
     pub fn get(&self, id: &str) -> Option<Device> {

@@ -528,6 +528,20 @@ impl Planner {
         Ok(n)
     }
 
+    /// Deletes every operation of a deleted device (queued ones included: there is no one
+    /// left to serve); returns how many unfinished ones there were.
+    pub fn forget(&self, device: &str) -> Result<usize, PlannerError> {
+        let Some(ops) = self.ops.get(device).map(|o| o.clone()) else { return Ok(0) };
+        let mut b = self.store.batch();
+        for o in &ops {
+            b.delete(Cf::Ops, op_key(o).as_bytes());
+        }
+        b.commit()?;
+        self.ops.remove(device);
+        self.held.remove(device);
+        Ok(ops.iter().filter(|o| !o.state.is_terminal()).count())
+    }
+
     /// Visits every operation (queued, in flight, recent history), device by device.
     pub fn scan(&self, mut f: impl FnMut(&Operation)) {
         for e in self.ops.iter() {

@@ -174,6 +174,19 @@ async fn canceling_a_wave_restores_the_complete_waves_version_at_once_and_after_
     assert_eq!(dev.run(None).await, Ended::Updated);
     assert_eq!(dev.running, "1.0.0");
     dev.disconnect().await;
+    // Deleted, it leaves the waves' counts, also after a SIGKILL; registered again, the
+    // complete wave stages it like any joiner.
+    ok(serve.cli(&["devices", "delete", "tw-late"]), "deleted tw-late");
+    serve.kill();
+    let serve = Serve::start(dir.path()).await;
+    let (found, out) = serve.cli(&["devices", "show", "tw-late"]);
+    assert!(!found && out.contains("no device tw-late"), "{out}");
+    let status = ok(serve.cli(&["waves", "status", "a", "--json"]), "\"total\"");
+    let v: Value = serde_json::from_str::<Value>(&status).unwrap()[0].clone();
+    assert_eq!((v["total"].as_u64(), v["updated"].as_u64()), (Some(0), Some(0)), "{v}");
+    ok(serve.cli(&["devices", "add", "tw-late", "--tag", "tt"]), "tw-late");
+    let op = head_op(&serve.admin, "tw-late").await;
+    assert_eq!((op["origin"].as_str(), op["state"].as_str()), (Some("wave:a"), Some("pending")), "{op}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -66,6 +66,10 @@ pub struct FleetIndex {
     version_names: Vec<Box<str>>,
     /// Members of each group, sorted.
     groups: HashMap<Box<str>, Vec<Idx>>,
+    /// Deleted devices: their position stays taken (waves hold positions) but follows no tag
+    /// and no lookup finds it; the same id registered again takes it back. The index is
+    /// rebuilt without them at the next start.
+    retired: HashMap<Box<str>, Idx>,
 }
 
 /// What a device is, as selection needs it.
@@ -126,9 +130,52 @@ impl FleetIndex {
         Ok(n)
     }
 
+    /// Positions held by deleted devices until the next start.
+    pub fn retired(&self) -> usize {
+        self.retired.len()
+    }
+
+    /// Maps an id's hash to its position (a second id with the same hash goes to `collided`).
+    fn map_id(&mut self, id: &str, h: u64, i: Idx) {
+        match self.by_hash.entry(h) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(id.into(), i);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+            }
+        }
+    }
+
+    /// Takes a deleted device out of every tag, group and lookup; returns its position.
+    pub fn remove(&mut self, id: &str) -> Option<Idx> {
+        let i = self.lookup(id)?;
+        let h = self.hashes[i as usize];
+        if self.by_hash.get(&h) == Some(&i) {
+            self.by_hash.remove(&h);
+        } else {
+            self.collided.remove(id);
+        }
+        for members in self.groups.values_mut() {
+            if let Ok(at) = members.binary_search(&i) {
+                members.remove(at);
+            }
+        }
+        let u = i as usize;
+        self.tag[u] = NO_TAG;
+        self.production[u] = false;
+        self.last_seen[u] = 0;
+        self.version[u] = NO_VERSION;
+        self.retired.insert(id.into(), i);
+        Some(i)
+    }
+
     /// Adds a device or replaces what the index knows of it.
     pub fn upsert(&mut self, d: DeviceFacts<'_>) -> Result<Idx, IndexError> {
         let tag = self.tag_id(d.tag)?;
+        if let Some(i) = self.retired.remove(d.id) {
+            self.map_id(d.id, self.hashes[i as usize], i);
+        }
         let i = match self.lookup(d.id) {
             Some(i) => {
                 for members in self.groups.values_mut() {
@@ -144,14 +191,7 @@ impl FleetIndex {
                 self.ends.push(self.ids.len() as u32);
                 let h = id_hash(d.id);
                 self.hashes.push(h);
-                match self.by_hash.entry(h) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
-                        self.collided.insert(d.id.into(), i);
-                    }
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(i);
-                    }
-                }
+                self.map_id(d.id, h, i);
                 self.tag.push(NO_TAG);
                 self.production.push(false);
                 self.last_seen.push(0);

@@ -1042,6 +1042,26 @@ impl Waves {
         self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Deletes a device: out of every wave's members (counts stay exact; registered again, it
+    /// is staged like any joiner), its operations, its record. Returns how many unfinished
+    /// operations it had, or `None` for an unknown device.
+    pub fn delete_device(&self, id: &str) -> Result<Option<usize>, WaveError> {
+        let mut book = self.lock();
+        let Some(i) = self.fleet.with_index(|x| x.lookup(id)) else { return Ok(None) };
+        for m in book.members.values_mut() {
+            m.remove(i);
+        }
+        for w in book.waves.values_mut().filter(|w| w.deferred.iter().any(|d| d == id)) {
+            w.deferred.retain(|d| d != id);
+            let w = w.clone();
+            self.put(&w)?;
+        }
+        let open = self.planner.forget(id)?;
+        self.fleet.delete(id)?;
+        info!(device = id, operations = open, "device deleted");
+        Ok(Some(open))
+    }
+
     /// After devices were registered or changed: a device now following a tag with a
     /// complete wave gets that wave's version, and a device's queued operations of waves for
     /// a tag or class it no longer follows are withdrawn. Returns how many were staged.

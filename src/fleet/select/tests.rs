@@ -131,3 +131,19 @@ fn upserts_move_devices_between_tags_and_groups() {
     assert_eq!(x.lookup("d00"), Some(0));
     assert_eq!(x.lookup("zz"), None);
 }
+
+#[test]
+fn a_removed_device_is_in_no_tag_group_or_lookup_and_takes_its_position_back_when_it_returns() {
+    let mut x = fleet();
+    let i = x.lookup("d02").unwrap();
+    assert_eq!(x.remove("d02"), Some(i));
+    assert_eq!((x.lookup("d02"), x.remove("d02"), x.retired()), (None, None, 1));
+    assert!(!x.on_tag("prod", true).any(|j| j == i));
+    assert!(x.groups().iter().all(|(_, m)| !m.contains(&i)));
+    let picked = x.select(&sel(None, None, Some(&strings(&["d02", "d03"])), 1), |_| false);
+    assert_eq!(sorted(&x, &picked), ["d03"]);
+    let eu = vec!["eu".to_string()];
+    assert_eq!(x.upsert(facts("d02", "other", &eu, false, 0)).unwrap(), i, "the same position");
+    assert_eq!((x.lookup("d02"), x.retired(), x.len()), (Some(i), 0, 100));
+    assert!(x.following("other", false)(i));
+}

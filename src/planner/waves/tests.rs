@@ -487,3 +487,35 @@ fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_retur
     let status = w.waves.status("a", 10).unwrap();
     assert_eq!((status.total, status.scheduled), (30, 2));
 }
+
+#[test]
+fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
+    let w = world();
+    w.waves.init(init("c", "2.0", "release"), 1).unwrap();
+    w.waves.complete("c", 2).unwrap();
+    w.waves.init(init("a", "2.1", "release"), 3).unwrap();
+    w.waves
+        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00,p01".into())), ..Default::default() }, 4)
+        .unwrap();
+    assert_eq!(w.waves.delete_device("p00").unwrap(), Some(1));
+    assert_eq!(w.waves.delete_device("p00").unwrap(), None, "gone");
+    assert!(w.planner.operations_of("p00").is_empty() && w.fleet.get("p00").is_none());
+    let status = w.waves.status("a", 5).unwrap();
+    assert_eq!((status.total, status.scheduled), (29, 1));
+    assert_eq!(w.waves.status("c", 5).unwrap().total, 29);
+    // Registered again, it is a joiner: the complete wave stages it, a rollout may too.
+    w.fleet.upsert(vec![device("p00", "release", &[], false)], 6).unwrap();
+    assert_eq!(w.waves.devices_changed(&["p00".into()], 6).unwrap(), 1);
+    assert_eq!(state_of(&w, "p00", "c"), Some(OpState::Pending));
+    let r = w
+        .waves
+        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00".into())), ..Default::default() }, 7)
+        .unwrap();
+    assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
+    // A crash right after a delete: the device stays deleted and out of every count.
+    assert_eq!(w.waves.delete_device("p01").unwrap(), Some(1));
+    let w = reopen(w);
+    assert!(w.fleet.get("p01").is_none() && w.planner.operations_of("p01").is_empty());
+    let status = w.waves.status("a", 8).unwrap();
+    assert_eq!((status.total, status.scheduled), (29, 1));
+}
