@@ -153,7 +153,7 @@ fn lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("lookup");
     for id in ["ci-1", "prod-1"] {
         let seq = planner.assign(id, "main", "app@2.0", 1).unwrap().seq;
-        planner.record(id, seq, OpState::Pending, Some(OpState::Downloading), Some(0), 1).unwrap();
+        planner.record(id, seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 1).unwrap();
         let what = if id == "ci-1" { "ci_device" } else { "production_device_tuf_checked" };
         g.bench_function(what, |b| {
             b.iter(|| match planner.lookup(black_box(id), "main", 1_800_000_000).unwrap() {
@@ -187,7 +187,7 @@ fn session(c: &mut Criterion) {
     fleet.upsert(vec![DeviceSpec { id: "dev-1".into(), ..Default::default() }], 0).unwrap();
     let planner = Arc::new(Planner::open(store, fleet.clone(), fw, 3600, 0).unwrap());
     let seq = planner.assign("dev-1", "main", "app@2.0.0", 1).unwrap().seq;
-    planner.record("dev-1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), 1).unwrap();
+    planner.record("dev-1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 1).unwrap();
     let dfu = Dfu::new(planner, fleet, CFG, Arc::new(Telemetry::new()));
     let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Elements(1));

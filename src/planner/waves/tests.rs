@@ -2,6 +2,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::config::FirmwareConfig;
+use crate::fleet::select::Limit;
 use crate::fleet::DeviceSpec;
 
 struct World {
