@@ -26,7 +26,7 @@ fn live_repo(args: &[&str]) {
     });
     assert!(
         out.status.success(),
-        "{python} {} failed (python-tuf 7 is needed: pip install tuf==7.0.1; .ci/run installs it):\n{}",
+        "{python} {} failed (python-tuf 7 is needed: pip install tuf==7.0.1 'securesystemslib[crypto]'; .ci/run installs it):\n{}",
         script.display(),
         String::from_utf8_lossy(&out.stderr)
     );
