@@ -254,29 +254,20 @@ impl Planner {
     /// Assigns `image` (NAME@VERSION) to a device's component: an operation at the head of its
     /// queue (weight [`ASSIGN_WEIGHT`]) that replaces an earlier queued assignment. Refused
     /// while an operation of the device is in flight: at most one at a time.
-    /// An image that may not reach the device for a definitive reason (not a verified
-    /// target of its class, not released for its tag) is refused here; one waiting for trust
-    /// (metadata expired) is queued and waits.
     pub fn assign(&self, device: &str, component: &str, image: &str, now: u64) -> Result<Operation, PlannerError> {
         if let Some(ops) = self.ops.get(device) {
             if let Some(busy) = ops.iter().find(|o| o.state.in_flight()) {
                 return Err(PlannerError::InFlight { device: device.into(), state: busy.state.as_str() });
             }
         }
-        if let Some((name, version)) = image.split_once('@') {
-            if let Some(meta) = self.firmware.get(name, version) {
-                let denied =
-                    self.fleet.with_class(device, |production, tag| self.admit(production, &meta, tag, now).err());
-                if let Some(Some(d)) = denied.filter(|d| d.as_ref().is_some_and(|d| !d.transient)) {
-                    return Err(PlannerError::NotAdmissible(d.reason));
-                }
-            }
-        }
         self.enqueue(device, component, image, ASSIGN_WEIGHT, ASSIGN_ORIGIN, now)
     }
 
     /// Queues `image` (NAME@VERSION) for a device's component with a weight and an origin,
-    /// after checking the device, the image and its hardware (see [`Planner::push`]).
+    /// after checking the device, the image, its hardware and its admission (see
+    /// [`Planner::push`]): an image that may not reach the device for a definitive reason (not
+    /// a verified target of its class, not released for its tag) is refused; one waiting for
+    /// trust (metadata expired) is queued and waits.
     pub fn enqueue(
         &self,
         device: &str,
@@ -296,6 +287,11 @@ impl Planner {
                 wanted: meta.hardware.clone(),
                 actual: hardware,
             });
+        }
+        if let Some(Err(d)) = self.fleet.with_class(device, |production, tag| self.admit(production, &meta, tag, now)) {
+            if !d.transient {
+                return Err(PlannerError::NotAdmissible(d.reason));
+            }
         }
         self.push(device, component, &meta, weight, origin, now)
     }
@@ -465,27 +461,26 @@ impl Planner {
     /// with the reason): production devices get only verified production targets, whatever
     /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
-        let (seq, state, image, served) = {
+        let (seq, state, meta, resume) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
-            match head(&ops, component) {
+            let o = match head(&ops, component) {
                 Err(()) => return Ok(Lookup::Wait),
                 Ok(None) => return Ok(Lookup::Nothing),
-                Ok(Some(i)) => {
-                    let o = &ops[i];
-                    // The bytes the device holds: this operation's, else the ones the last
-                    // operation of the component that served any sent.
-                    let served = o.digest.clone().or_else(|| {
-                        ops.iter()
-                            .filter(|p| p.component == component && p.digest.is_some())
-                            .max_by_key(|p| p.seq)
-                            .and_then(|p| p.digest.clone())
-                    });
-                    (o.seq, o.state, o.image.clone(), served)
-                }
-            }
+                Ok(Some(i)) => &ops[i],
+            };
+            let (name, version) = o.image.split_once('@').unwrap_or((o.image.as_str(), ""));
+            let meta = self.firmware.get(name, version).ok_or_else(|| PlannerError::UnknownImage(o.image.clone()))?;
+            // The bytes the device holds: this operation's, else the ones the last operation of
+            // the component that served any sent.
+            let held = o.digest.as_deref().or_else(|| {
+                ops.iter()
+                    .filter(|p| p.component == component && p.digest.is_some())
+                    .max_by_key(|p| p.seq)
+                    .and_then(|p| p.digest.as_deref())
+            });
+            let resume = held == Some(meta.sha256.as_str());
+            (o.seq, o.state, meta, resume)
         };
-        let (name, version) = image.split_once('@').unwrap_or((image.as_str(), ""));
-        let meta = self.firmware.get(name, version).ok_or(PlannerError::UnknownImage(image.clone()))?;
         if let Some(d) = self.refusal(device, component, state, &meta, now) {
             if d.transient && !state.is_terminal() {
                 self.hold(device, seq, &d.reason, now);
@@ -501,7 +496,6 @@ impl Planner {
             self.held.remove(device);
         }
         let image = self.firmware.bytes(&meta)?;
-        let resume = served.is_some_and(|d| d == meta.sha256);
         Ok(Lookup::Active(ActiveOp { seq, state, meta, image, resume }))
     }
 

@@ -411,4 +411,4 @@ impl Trust {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

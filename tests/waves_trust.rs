@@ -51,17 +51,30 @@ fn file(dir: &Path, name: &str, bytes: &[u8]) -> String {
     p.display().to_string()
 }
 
+/// A gateway whose production repository (`dir/repo`) serves the production fixture; returns
+/// it with the repository and the environment that starts it again the same way.
+async fn with_production_repo(dir: &Path) -> (Serve, std::path::PathBuf, Vec<(&'static str, String)>) {
+    let repo = dir.join("repo");
+    publish(&repo, "production");
+    let env = tuf_env(&repo);
+    (Serve::start_with(dir, &env).await, repo, env)
+}
+
+/// Uploads production target `app-VERSION.bin` as app@VERSION; returns the file's path.
+fn add_target(serve: &Serve, dir: &Path, version: &str) -> String {
+    let name = format!("app-{version}.bin");
+    let path = file(dir, &name, &target_bytes("production", &name));
+    let args = ["images", "add", &path, "--name", "app", "--version", version, "--target", &name];
+    ok(serve.cli(&args), &format!("app@{version}"));
+    path
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_active_wave_keeps_its_devices_through_an_outage_a_sigkill_and_a_refresh() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    publish(&repo, "production");
-    let env = tuf_env(&repo);
-    let serve = Serve::start_with(dir.path(), &env).await;
-    let v20 = file(dir.path(), "app-2.0.bin", &target_bytes("production", "app-2.0.bin"));
-    let v21 = file(dir.path(), "app-2.1.bin", &target_bytes("production", "app-2.1.bin"));
-    ok(serve.cli(&["images", "add", &v20, "--name", "app", "--version", "2.0", "--target", "app-2.0.bin"]), "app@2.0");
-    ok(serve.cli(&["images", "add", &v21, "--name", "app", "--version", "2.1", "--target", "app-2.1.bin"]), "app@2.1");
+    let (serve, repo, env) = with_production_repo(dir.path()).await;
+    let v20 = add_target(&serve, dir.path(), "2.0");
+    add_target(&serve, dir.path(), "2.1");
     // An image labeled other than its signed custom.version is refused at upload, naming both.
     let (good, out) =
         serve.cli(&["images", "add", &v20, "--name", "app", "--version", "2.5", "--target", "app-2.0.bin"]);
@@ -112,12 +125,8 @@ async fn an_active_wave_keeps_its_devices_through_an_outage_a_sigkill_and_a_refr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_retagged_by_a_later_targets_version_is_refused_at_serving_also_after_a_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    publish(&repo, "production");
-    let env = tuf_env(&repo);
-    let serve = Serve::start_with(dir.path(), &env).await;
-    let v20 = file(dir.path(), "app-2.0.bin", &target_bytes("production", "app-2.0.bin"));
-    ok(serve.cli(&["images", "add", &v20, "--name", "app", "--version", "2.0", "--target", "app-2.0.bin"]), "app@2.0");
+    let (serve, repo, env) = with_production_repo(dir.path()).await;
+    add_target(&serve, dir.path(), "2.0");
     for id in ["r1", "r2"] {
         ok(serve.cli(&["devices", "add", id, "--tag", "release", "--production"]), id);
     }

@@ -4,7 +4,7 @@
 //! also across a restart at the worst point. The fixtures' metadata expires on 2036-01-01:
 //! passing a `now` after it is how these tests let it expire.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 
@@ -12,16 +12,13 @@ use super::waves::{InitRequest, RolloutRequest, UuidsArg, Waves};
 use super::*;
 use crate::config::FirmwareConfig;
 use crate::fleet::{DeviceSpec, MAIN_COMPONENT};
+use crate::tuf::tests::{fixtures, rt};
 use crate::tuf::{RepoConfig, PRODUCTION};
 
 /// When the fixtures' metadata expires (2036-01-01T00:00:00Z).
 const EXPIRES: u64 = 2_082_758_400;
 /// A time when it is fresh.
 const T0: u64 = 1_000;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tuf")
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -48,10 +45,6 @@ fn target(name: &str) -> Bytes {
         .find(|p| p.file_name().unwrap().to_string_lossy().ends_with(&suffix))
         .unwrap();
     Bytes::from(std::fs::read(file).unwrap())
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 struct World {

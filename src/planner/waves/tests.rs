@@ -78,6 +78,21 @@ fn limit(l: &str) -> RolloutRequest {
     RolloutRequest { limit: Some(LimitArg::Text(l.into())), seed: Some(7), ..Default::default() }
 }
 
+fn uuids(ids: &str) -> RolloutRequest {
+    RolloutRequest { uuids: Some(UuidsArg::Text(ids.into())), ..Default::default() }
+}
+
+/// [`world`] with complete wave `c` (2.0) on `release`, and active wave `a` (2.1) rolled out
+/// to p00 and p01.
+fn complete_c_and_active_a() -> World {
+    let w = world();
+    w.waves.init(init("c", "2.0", "release"), 1).unwrap();
+    w.waves.complete("c", 2).unwrap();
+    w.waves.init(init("a", "2.1", "release"), 3).unwrap();
+    w.waves.rollout("a", uuids("p00,p01"), 4).unwrap();
+    w
+}
+
 /// Devices with a live (not canceled) operation of the wave, sorted.
 fn staged(w: &World, wave: &str) -> Vec<String> {
     let origin = format!("wave:{wave}");
@@ -452,13 +467,7 @@ fn canceling_a_wave_gives_its_devices_the_complete_waves_version_back_at_once() 
 
 #[test]
 fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_returns() {
-    let w = world();
-    w.waves.init(init("c", "2.0", "release"), 1).unwrap();
-    w.waves.complete("c", 2).unwrap();
-    w.waves.init(init("a", "2.1", "release"), 3).unwrap();
-    w.waves
-        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00,p01".into())), ..Default::default() }, 4)
-        .unwrap();
+    let w = complete_c_and_active_a();
     let moved = |w: &World, id: &str, tag: &str, now: u64| {
         w.fleet.upsert(vec![device(id, tag, &[], false)], now).unwrap();
         w.waves.devices_changed(&[id.to_owned()], now).unwrap()
@@ -470,20 +479,14 @@ fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_retur
     // one stages it at once.
     assert_eq!(moved(&w, "p00", "release", 6), 1);
     assert_eq!(state_of(&w, "p00", "c"), Some(OpState::Pending));
-    let r = w
-        .waves
-        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00".into())), ..Default::default() }, 7)
-        .unwrap();
+    let r = w.waves.rollout("a", uuids("p00"), 7).unwrap();
     assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
     // The same across a crash between the leaving and the return: the members rebuilt at
     // start are the devices that still follow the tag.
     assert_eq!(moved(&w, "p01", "other", 8), 0);
     let w = reopen(w);
     assert_eq!(moved(&w, "p01", "release", 9), 1);
-    let r = w
-        .waves
-        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p01".into())), ..Default::default() }, 10)
-        .unwrap();
+    let r = w.waves.rollout("a", uuids("p01"), 10).unwrap();
     assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
     let status = w.waves.status("a", 10).unwrap();
     assert_eq!((status.total, status.scheduled), (30, 2));
@@ -491,13 +494,7 @@ fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_retur
 
 #[test]
 fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
-    let w = world();
-    w.waves.init(init("c", "2.0", "release"), 1).unwrap();
-    w.waves.complete("c", 2).unwrap();
-    w.waves.init(init("a", "2.1", "release"), 3).unwrap();
-    w.waves
-        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00,p01".into())), ..Default::default() }, 4)
-        .unwrap();
+    let w = complete_c_and_active_a();
     assert_eq!(w.waves.delete_device("p00").unwrap(), Some(1));
     assert_eq!(w.waves.delete_device("p00").unwrap(), None, "gone");
     assert!(w.planner.operations_of("p00").is_empty() && w.fleet.get("p00").is_none());
@@ -508,10 +505,7 @@ fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
     w.fleet.upsert(vec![device("p00", "release", &[], false)], 6).unwrap();
     assert_eq!(w.waves.devices_changed(&["p00".into()], 6).unwrap(), 1);
     assert_eq!(state_of(&w, "p00", "c"), Some(OpState::Pending));
-    let r = w
-        .waves
-        .rollout("a", RolloutRequest { uuids: Some(UuidsArg::Text("p00".into())), ..Default::default() }, 7)
-        .unwrap();
+    let r = w.waves.rollout("a", uuids("p00"), 7).unwrap();
     assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
     // A crash right after a delete: the device stays deleted and out of every count.
     assert_eq!(w.waves.delete_device("p01").unwrap(), Some(1));
