@@ -103,7 +103,6 @@ async fn start_fwgate(dir: &Path, file: &Path, clients: usize, buffer: usize) ->
         .arg(&config)
         .env("FWGATE_STORE__DATA_DIR", dir.join("data"))
         .env("FWGATE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
-        .env("FWGATE_MQTT__LISTEN_V5", "")
         .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
         .env("FWGATE_COAP__LISTEN", format!("127.0.0.1:{coap}"))
         // Linux doubles what a socket asks for (bookkeeping); the default a socket gets is not.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "Fleet scale" figures, in one sitting: `bash bench/fleet_scale.sh [all|faults|10k|qos]`.
+# The README's "Fleet scale" figures, in one sitting: `bash bench/fleet_scale.sh [all|faults|10k|qos|front]`.
 #
 # Starts a fresh `fwgate serve` (default config, data in a temp dir, ports picked by the
 # kernel and read back from --ports-file) for each part, runs `fwgate load` against it with
@@ -8,12 +8,18 @@
 # its own (the load tool's time-outs), and the gateway is stopped on exit.
 #   faults  the six runs of the transports table (256 KiB image, 512-byte blocks)
 #   10k     10,000 MQTT devices connected at once, then downloading a 64 KiB image
-#   qos     2 MQTT devices, 256 KiB each, Status at QoS 0 and then at QoS 1 (Known limitations)
-#   all     all three (the default)
+#   qos     2 MQTT devices, 256 KiB each, Status at QoS 0 and then at QoS 1
+#   front   the MQTT front's memory and scale: 10,000 devices connected idle, then downloading
+#           (mtu 1024, window 1); 100,000 connected devices each answered once (mqtt.echo)
+#   all     all four (the default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
-case "$what" in all|faults|10k|qos) ;; *) echo "usage: $0 [all|faults|10k|qos]" >&2; exit 2 ;; esac
+case "$what" in all|faults|10k|qos|front) ;; *) echo "usage: $0 [all|faults|10k|qos|front]" >&2; exit 2 ;; esac
+# 100,000 connections need 100,000 descriptors in the load tool and as many in the gateway;
+# root may raise the hard limit (fs.nr_open allows a million), others get what they have.
+ulimit -Hn 300000 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fwgate-target}"
 bin="${FWGATE_BIN:-$CARGO_TARGET_DIR/release/fwgate}"
@@ -27,8 +33,8 @@ trap 'stop; rm -rf "$work"' EXIT
 start() {
   local d="$work/$1"
   mkdir -p "$d"
-  FWGATE_STORE__DATA_DIR="$d/data" FWGATE_ADMIN__TOKEN=bench FWGATE_LOG__LEVEL="warn,rumqttd=off" \
-    FWGATE_MQTT__LISTEN=127.0.0.1:0 FWGATE_MQTT__LISTEN_V5="" FWGATE_COAP__LISTEN=127.0.0.1:0 \
+  FWGATE_STORE__DATA_DIR="$d/data" FWGATE_ADMIN__TOKEN=bench FWGATE_LOG__LEVEL="warn" \
+    FWGATE_MQTT__LISTEN=127.0.0.1:0 FWGATE_COAP__LISTEN=127.0.0.1:0 \
     FWGATE_ADMIN__LISTEN=127.0.0.1:0 \
     "$bin" serve --config config/fwgate.toml --ports-file "$d/ports.json" 2>"$d/serve.log" &
   pid=$!
@@ -70,6 +76,15 @@ fi
 if [ "$what" = all ] || [ "$what" = 10k ]; then
   start big
   run --transport mqtt --devices 10000 --register --sync-start --connect-rate 1000 --image-kib 64 --timeout 60 --prefix k-
+  stop
+fi
+
+if [ "$what" = all ] || [ "$what" = front ]; then
+  start front
+  run --transport mqtt --devices 10000 --register --sync-start --connect-rate 2000 --image-kib 64 --mtu 1024 --window 1 --timeout 60 --prefix f-
+  stop
+  FWGATE_MQTT__ECHO=true FWGATE_MQTT__MAX_CONNECTIONS=110000 start echo
+  run --transport mqtt --echo --image-kib 1 --mtu 1024 --devices 100000 --sync-start --connect-rate 5000 --timeout 120 --prefix e-
   stop
 fi
 

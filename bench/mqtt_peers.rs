@@ -7,16 +7,19 @@
 //! Three scenarios, each driven by the same `fwgate load` process (a separate process from
 //! every server), the same devices count, image size and block size:
 //! - **fwgate DFU**: `fwgate serve`, devices download and verify the image over MQTT.
-//! - **echo ceiling**: the same embedded broker with `mqtt.echo` on: as many round trips per
+//! - **echo ceiling**: the same MQTT listener with `mqtt.echo` on: as many round trips per
 //!   device as the image has blocks, each answered with a block-sized payload and no DFU logic.
-//!   What fwgate could at most do with this broker.
+//!   What fwgate could at most do with this listener.
 //! - **Mosquitto relay**: Debian's Mosquitto broker, and a minimal DFU server (this binary in
 //!   `--relay` mode: fwgate's engine over one rumqttc connection, as a service behind an
 //!   external broker would run) answering every device's Status through it.
 //!
 //! Rounds alternate between the scenarios. Every round is printed whole; the table shows each
 //! scenario's median round — the round whose blocks/s is the median, with every other column
-//! from that same round, so its blocks, rate, wall time and completion times agree. Under
+//! from that same round, so its blocks, rate, wall time and completion times agree. Each round
+//! also reports the servers' CPU per block: the CPU time (user + system, from /proc) the
+//! serving processes spent during the round — fwgate, or Mosquitto plus the relay — divided by
+//! the blocks delivered. Under
 //! `cargo test` (no `--bench`) it runs once, small, as a smoke test.
 
 use std::collections::HashMap;
@@ -130,14 +133,13 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
 
     let (admin, mqtt) = (free_port(), free_port());
     let config = dir.path().join("fwgate.toml");
-    std::fs::write(&config, "[log]\nlevel = \"warn,rumqttd=off\"\n")?;
-    let _fwgate = Proc(
+    std::fs::write(&config, "[log]\nlevel = \"warn\"\n")?;
+    let fwgate = Proc(
         Command::new(FWGATE)
             .args(["serve", "--config"])
             .arg(&config)
             .env("FWGATE_STORE__DATA_DIR", dir.path().join("data"))
             .env("FWGATE_MQTT__LISTEN", format!("127.0.0.1:{mqtt}"))
-            .env("FWGATE_MQTT__LISTEN_V5", "")
             .env("FWGATE_MQTT__ECHO", "true")
             .env("FWGATE_COAP__ENABLED", "false")
             .env("FWGATE_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
@@ -157,7 +159,7 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
             "listener {mosq_port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\npersistence false\n"
         ),
     )?;
-    let _mosq =
+    let mosq =
         Proc(Command::new(mosquitto).arg("-c").arg(&mosq_conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
     wait_tcp(mosq_port)?;
     let mut relay = Proc(
@@ -190,7 +192,8 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
             format!("http://127.0.0.1:{admin}"),
         ]
     };
-    let names = ["fwgate DFU", "echo ceiling (same broker)", "Mosquitto + DFU relay"];
+    let names = ["fwgate DFU", "echo ceiling (same listener)", "Mosquitto + DFU relay"];
+    let servers = [vec![fwgate.0.id()], vec![fwgate.0.id()], vec![mosq.0.id(), relay.0.id()]];
     let mut results: Vec<Vec<Row>> = vec![Vec::new(), Vec::new(), Vec::new()];
     for r in 0..args.rounds {
         let mut dfu = common(format!("dfu{r}-"), mqtt);
@@ -200,8 +203,10 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
         let mut relayed = common(format!("relay{r}-"), mosq_port);
         relayed.extend(["--expect-image".into(), image_path.display().to_string()]);
         for (i, extra) in [dfu, echo, relayed].iter().enumerate() {
+            let cpu = cpu_secs(&servers[i])?;
             let report = load(dir.path(), &format!("{i}-{r}"), extra)?;
-            results[i].push(Row::of(r + 1, &report)?);
+            let cpu = cpu_secs(&servers[i])? - cpu;
+            results[i].push(Row::of(r + 1, &report, cpu)?);
         }
     }
     println!();
@@ -211,19 +216,20 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
     );
     println!("every round:");
     println!(
-        "| round | scenario | blocks | wall time | blocks/s | round trip p50 / p99 | completion p99 / max | retries |"
+        "| round | scenario | blocks | wall time | blocks/s | server CPU / block | round trip p50 / p99 | completion p99 / max | retries |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in 0..args.rounds {
         for (i, rows) in results.iter().enumerate() {
             let row = &rows[r];
             println!(
-                "| {} | {} | {} | {:.2} s | {:.0} | {:.1} / {:.1} ms | {:.2} / {:.2} s | {} |",
+                "| {} | {} | {} | {:.2} s | {:.0} | {:.1} µs | {:.1} / {:.1} ms | {:.2} / {:.2} s | {} |",
                 r + 1,
                 names[i],
                 row.blocks,
                 row.seconds,
                 row.rate,
+                row.cpu_us_per_block(),
                 row.rtt_p50_ms,
                 row.rtt_p99_ms,
                 row.done_p99_ms / 1000.0,
@@ -235,20 +241,24 @@ fn run(args: &Args, mosquitto: &str) -> Result<()> {
     let median: Vec<&Row> = results.iter().map(|rows| median_round(rows, |r| r.rate)).collect();
     println!();
     println!("median round of each scenario (by blocks/s; every column from that round):");
-    println!("| scenario | round | blocks/s | wall time | round trip p50 / p99 | completion p99 | retries | fwgate DFU / this |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| scenario | round | blocks/s | server CPU / block | wall time | round trip p50 / p99 | completion p99 | retries | fwgate DFU / this: throughput, CPU per block |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (i, row) in median.iter().enumerate() {
         println!(
-            "| {} | {} | {:.0} | {:.2} s | {:.1} / {:.1} ms | {:.2} s | {} | {:.2}x |",
+            "| {} | {} | {:.0} | {:.1} µs | {:.2} s | {:.1} / {:.1} ms | {:.2} s | {} | {:.2}x, {:.2}x |",
             names[i],
             row.round,
             row.rate,
+            row.cpu_us_per_block(),
             row.seconds,
             row.rtt_p50_ms,
             row.rtt_p99_ms,
             row.done_p99_ms / 1000.0,
             row.retries,
-            median[0].rate / row.rate
+            median[0].rate / row.rate,
+            median[0].cpu_us_per_block() / row.cpu_us_per_block()
         );
     }
     Ok(())
@@ -267,10 +277,38 @@ struct Row {
     /// Connection attempts and Status messages a device had to repeat: a round with many
     /// is a stall, not a slower broker.
     retries: u64,
+    /// CPU seconds the serving processes spent in the round.
+    cpu_secs: f64,
+}
+
+/// User + system CPU seconds of `pids` so far, from /proc/PID/stat (fields 14 and 15, in
+/// clock ticks).
+fn cpu_secs(pids: &[u32]) -> Result<f64> {
+    let tick = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok());
+    let tick = tick.unwrap_or(100.0);
+    let mut total = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // The command name (field 2) may hold spaces; the fields after its ')' are fixed.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime): (f64, f64) = (f[11].parse()?, f[12].parse()?);
+        total += (utime + stime) / tick;
+    }
+    Ok(total)
 }
 
 impl Row {
-    fn of(round: usize, report: &serde_json::Value) -> Result<Row> {
+    fn cpu_us_per_block(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.blocks.max(1) as f64
+    }
+
+    fn of(round: usize, report: &serde_json::Value, cpu_secs: f64) -> Result<Row> {
         let num = |path: &[&str]| -> Result<f64> {
             let v = path.iter().fold(report, |v, k| &v[*k]);
             v.as_f64().with_context(|| format!("report has no number at {}", path.join(".")))
@@ -285,6 +323,7 @@ impl Row {
             done_p99_ms: num(&["completion", "p99_ms"])?,
             done_max_ms: num(&["completion", "max_ms"])?,
             retries: num(&["retries"])? as u64,
+            cpu_secs,
         };
         // A report whose columns disagree is a broken harness, not a result to print.
         if row.done_max_ms / 1000.0 > row.seconds + 0.001 {

@@ -53,7 +53,7 @@ pub enum Command {
         #[arg(long, env = "FWGATE_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Once every listener is up, write the addresses they are bound to as JSON
-        /// (`{"admin", "mqtt", "mqtt_v5", "coap"}`) to this file: how a script that starts the
+        /// (`{"admin", "mqtt", "mqtt_tls", "coap"}`) to this file: how a script that starts the
         /// gateway on port 0 learns its ports.
         #[arg(long)]
         ports_file: Option<PathBuf>,
@@ -291,8 +291,8 @@ async fn serve(path: &Path, ports_file: Option<&Path>) -> Result<()> {
 fn write_ports(gateway: &crate::Gateway, file: &Path) -> Result<()> {
     let ports = serde_json::json!({
         "admin": gateway.admin,
-        "mqtt": gateway.mqtt.map(|m| m.v4),
-        "mqtt_v5": gateway.mqtt.and_then(|m| m.v5),
+        "mqtt": gateway.mqtt.map(|m| m.tcp),
+        "mqtt_tls": gateway.mqtt.and_then(|m| m.tls),
         "coap": gateway.coap,
     });
     let tmp = file.with_extension("tmp");

@@ -163,14 +163,17 @@ impl DfuConfig {
 pub struct MqttConfig {
     pub enabled: bool,
     pub listen: SocketAddr,
-    /// Empty string: no MQTT 5 listener.
-    pub listen_v5: String,
+    /// MQTT over TLS; empty: none.
+    pub tls_listen: String,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// CA of device certificates; empty: devices show none.
+    pub tls_client_ca: PathBuf,
     pub max_connections: usize,
     pub max_payload_bytes: usize,
     pub connection_timeout_ms: u16,
+    pub write_timeout_ms: u64,
     pub max_inflight: usize,
-    pub status_log_bytes: usize,
-    pub command_log_bytes: usize,
     pub auth: bool,
     pub device_secret: String,
     /// Benchmarking aid: answer `echo/{id}/ping` with a payload of the asked size on
@@ -183,13 +186,15 @@ impl Default for MqttConfig {
         MqttConfig {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
-            listen_v5: "0.0.0.0:1884".into(),
+            tls_listen: String::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
             max_connections: 20_000,
             max_payload_bytes: 0,
             connection_timeout_ms: 5000,
+            write_timeout_ms: 10_000,
             max_inflight: 100,
-            status_log_bytes: 1 << 20,
-            command_log_bytes: 0,
             auth: false,
             device_secret: String::new(),
             echo: false,
@@ -211,17 +216,8 @@ impl MqttConfig {
         }
     }
 
-    /// Bytes the broker keeps per device command topic: a full window of WRITEs.
-    pub fn command_log_limit(&self, dfu: &DfuConfig) -> usize {
-        if self.command_log_bytes > 0 {
-            self.command_log_bytes
-        } else {
-            (dfu.max_window as usize * (dfu.max_block_size as usize + COMMAND_OVERHEAD)).max(1024)
-        }
-    }
-
-    pub fn v5_listen(&self) -> Option<SocketAddr> {
-        self.listen_v5.parse().ok()
+    pub fn tls_listen(&self) -> Option<SocketAddr> {
+        self.tls_listen.parse().ok()
     }
 }
 
@@ -299,7 +295,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info,rumqttd=warn".into() }
+        LogConfig { level: "info".into() }
     }
 }
 
@@ -366,11 +362,24 @@ impl Config {
                     "must fit a WRITE of dfu.max_block_size (or be 0 to derive)",
                 ));
             }
-            if !m.listen_v5.is_empty() && m.v5_listen().is_none() {
-                return Err(invalid("mqtt.listen_v5", "must be an address like 0.0.0.0:1884, or empty"));
+            if !m.tls_listen.is_empty() {
+                if m.tls_listen().is_none() {
+                    return Err(invalid("mqtt.tls_listen", "must be an address like 0.0.0.0:8883, or empty"));
+                }
+                if m.tls_cert.as_os_str().is_empty() || m.tls_key.as_os_str().is_empty() {
+                    return Err(invalid(
+                        "mqtt.tls_cert",
+                        "mqtt.tls_cert and mqtt.tls_key are needed with mqtt.tls_listen",
+                    ));
+                }
+            } else if !m.tls_client_ca.as_os_str().is_empty() {
+                return Err(invalid("mqtt.tls_client_ca", "device certificates need mqtt.tls_listen"));
             }
-            if m.status_log_bytes < 1024 || (m.command_log_bytes != 0 && m.command_log_bytes < 1024) {
-                return Err(invalid("mqtt.status_log_bytes", "broker logs must be at least 1024 bytes"));
+            if m.write_timeout_ms == 0 {
+                return Err(invalid("mqtt.write_timeout_ms", "must be at least 1"));
+            }
+            if m.max_inflight == 0 || m.max_inflight > u16::MAX as usize {
+                return Err(invalid("mqtt.max_inflight", "must be between 1 and 65535"));
             }
             if m.auth && m.device_secret.len() < 16 {
                 return Err(invalid("mqtt.device_secret", "must be at least 16 characters when mqtt.auth = true"));

@@ -13,7 +13,7 @@
 //!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`].
 //! - [`tuf`]: the production and CI TUF repositories (via `tough`), and which images are
 //!   admissible for which class of device.
-//! - [`transport`]: the MQTT (embedded rumqttd) and CoAP (UDP) shells around one shared DFU
+//! - [`transport`]: the MQTT (fwgate's own listener) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
@@ -32,6 +32,8 @@ pub mod config;
 pub mod engine;
 pub mod firmware;
 pub mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod loadgen;
 pub mod planner;
 pub mod protocol;
@@ -78,7 +80,12 @@ pub enum StartError {
 
 /// Seconds since the Unix epoch: the one place the gateway reads the wall clock.
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    now_millis() / 1000
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A running gateway: where it listens, and handles on its parts.
@@ -195,13 +202,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     info!(%admin, "admin http listening");
 
     let mqtt = if config.mqtt.enabled {
-        let (cfg, dcfg, dfu, fleet, tel, stop) =
-            (config.mqtt.clone(), config.dfu.clone(), dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
-        // Binding and probing the broker's listeners blocks briefly.
-        let started = tokio::task::spawn_blocking(move || transport::mqtt::start(&cfg, &dcfg, dfu, fleet, tel, stop))
-            .await
-            .map_err(|e| StartError::Load(e.to_string()))?;
-        Some(started?)
+        let (dfu, fleet, tel, stop) = (dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
+        Some(transport::mqtt::start(&config.mqtt, &config.dfu, dfu, fleet, tel, stop, &mut tasks).await?)
     } else {
         None
     };

@@ -27,6 +27,9 @@ pub struct Telemetry {
     waiting_for_trust: Gauge<i64, std::sync::atomic::AtomicI64>,
     trust_holds: Counter<u64, AtomicU64>,
     staging_retries: Counter<u64, AtomicU64>,
+    mqtt_refused: Family<Label, Counter>,
+    mqtt_disconnects: Family<Label, Counter>,
+    mqtt_dropped: Family<Label, Counter>,
 }
 
 impl Default for Telemetry {
@@ -52,6 +55,9 @@ impl Telemetry {
             waiting_for_trust: Gauge::default(),
             trust_holds: Counter::default(),
             staging_retries: Counter::default(),
+            mqtt_refused: Family::default(),
+            mqtt_disconnects: Family::default(),
+            mqtt_dropped: Family::default(),
             registry: Registry::default(),
         };
         registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
@@ -62,7 +68,25 @@ impl Telemetry {
             t.statuses.clone(),
         );
         registry.register("bad_input", "Device messages refused, by kind of error", t.bad_input.clone());
-        registry.register("connected_devices", "MQTT connections the broker holds", t.connected.clone());
+        registry.register("connected_devices", "MQTT sessions open (CONNECT accepted)", t.connected.clone());
+        registry.register(
+            "mqtt_refused",
+            "MQTT requests refused, by reason (CONNECT: bad_credentials, not_authorized, identifier_rejected, \
+             server_busy, protocol_version; publish_not_authorized, publish_topic, subscribe_not_authorized, \
+             subscribe_wildcard, tls_handshake, ...)",
+            t.mqtt_refused.clone(),
+        );
+        registry.register(
+            "mqtt_disconnects",
+            "MQTT connections closed, by why (client_disconnect, closed, keep_alive, connect_timeout, taken_over, \
+             slow_reader, slow_subscriber, malformed, too_large, refused, ...)",
+            t.mqtt_disconnects.clone(),
+        );
+        registry.register(
+            "mqtt_dropped",
+            "MQTT messages to a client not sent, by why (inflight_full, client_max_packet, inbox_full)",
+            t.mqtt_dropped.clone(),
+        );
         registry.register("operations", "Operations by state", t.operations.clone());
         registry.register("hot_cache_bytes", "Bytes of images held in memory", t.hot_bytes.clone());
         registry.register("store_errors", "Store failures while handling device messages", t.store_errors.clone());
@@ -119,6 +143,26 @@ impl Telemetry {
 
     pub fn set_connected(&self, n: i64) {
         self.connected.set(n);
+    }
+
+    pub fn mqtt_refused(&self, reason: &'static str) {
+        self.mqtt_refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn mqtt_refused_count(&self, reason: &'static str) -> u64 {
+        self.mqtt_refused.get_or_create(&[("reason", reason)]).get()
+    }
+
+    pub fn mqtt_closed(&self, why: &'static str) {
+        self.mqtt_disconnects.get_or_create(&[("why", why)]).inc();
+    }
+
+    pub fn mqtt_closed_count(&self, why: &'static str) -> u64 {
+        self.mqtt_disconnects.get_or_create(&[("why", why)]).get()
+    }
+
+    pub fn mqtt_dropped(&self, why: &'static str) {
+        self.mqtt_dropped.get_or_create(&[("why", why)]).inc();
     }
 
     pub fn set_operations(&self, state: &'static str, n: i64) {

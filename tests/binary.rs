@@ -59,7 +59,7 @@ async fn mosquitto_clients_exchange_status_and_command_with_fwgate_serve() {
     Status { mtu: Some(256), ..Status::new("1.0.0") }.encode(Form::Named, &mut bytes);
     std::fs::write(&status_file, &bytes).unwrap();
 
-    for (device, port, flag) in [("mq-3", serve.mqtt, "mqttv311"), ("mq-5", serve.mqtt5, "mqttv5")] {
+    for (device, port, flag) in [("mq-3", serve.mqtt, "mqttv311"), ("mq-5", serve.mqtt, "mqttv5")] {
         let reply = mosquitto_exchange(port, flag, device, &status_file).await;
         let (cmd, form) = fwgate::protocol::Command::decode(&reply).expect("a valid command");
         assert_eq!(form, Form::Named);

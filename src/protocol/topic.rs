@@ -5,9 +5,6 @@
 /// Longest accepted device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
 
-/// The filter the gateway subscribes to for every device's Status.
-pub const STATUS_FILTER: &str = "dfu/+/status";
-
 /// A device id: UUIDs, Cray xnames and plain names. Letters, digits and `-_.:`, so it can
 /// never contain an MQTT wildcard or separator.
 pub fn valid_device_id(id: &str) -> bool {
@@ -28,6 +25,13 @@ pub fn command_topic(device_id: &str) -> String {
 pub fn parse_status_topic(topic: &[u8]) -> Option<&str> {
     let topic = std::str::from_utf8(topic).ok()?;
     let id = topic.strip_prefix("dfu/")?.strip_suffix("/status")?;
+    valid_device_id(id).then_some(id)
+}
+
+/// The device id of a command topic (`dfu/{id}/command`), or `None`: the only filter a device
+/// may subscribe to. A wildcard can never be part of a valid id.
+pub fn parse_command_topic(topic: &str) -> Option<&str> {
+    let id = topic.strip_prefix("dfu/")?.strip_suffix("/command")?;
     valid_device_id(id).then_some(id)
 }
 
@@ -53,6 +57,14 @@ pub fn parse_coap_path<'a>(segments: &[&'a [u8]]) -> Option<CoapPath<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_topics_name_one_device() {
+        assert_eq!(parse_command_topic("dfu/dev-1/command"), Some("dev-1"));
+        for refused in ["dfu/+/command", "dfu/#", "#", "dfu/a/b/command", "dfu//command", "dfu/dev-1/status"] {
+            assert_eq!(parse_command_topic(refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn coap_paths() {

@@ -1,5 +1,5 @@
-//! Transport shells: bytes in, one DFU step, bytes out — MQTT (embedded rumqttd) and CoAP
-//! (UDP). Thin: decisions live in `engine` and `planner`.
+//! Transport shells: bytes in, one DFU step, bytes out — MQTT (fwgate's own listener) and
+//! CoAP (UDP). Thin: decisions live in `engine` and `planner`.
 
 pub mod coap;
 pub mod mqtt;
@@ -11,8 +11,6 @@ pub use session::{Dfu, Handled};
 pub enum TransportError {
     #[error("cannot bind mqtt listener {addr}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("mqtt broker: {0}")]
-    Broker(String),
-    #[error("mqtt listener {0} did not come up")]
-    NotListening(std::net::SocketAddr),
+    #[error("mqtt TLS configuration: {0}")]
+    Tls(String),
 }

@@ -2,6 +2,7 @@
 //! an admin client, and a simulated device that speaks DFU over real MQTT (rumqttc).
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod serve;
 
 use std::net::SocketAddr;
@@ -23,7 +24,6 @@ pub fn test_config(dir: &Path) -> Config {
     let mut c = Config::default();
     c.store.data_dir = dir.to_owned();
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    c.mqtt.listen_v5 = String::new();
     c.coap.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.listen = "127.0.0.1:0".parse().unwrap();
     c.admin.token = "test-token".into();
@@ -72,7 +72,7 @@ impl TestGateway {
     pub async fn start(config: Config) -> TestGateway {
         let shutdown = CancellationToken::new();
         let gw = fwgate::start(config, shutdown.clone()).await.expect("gateway starts");
-        let mqtt = gw.mqtt.expect("mqtt enabled").v4;
+        let mqtt = gw.mqtt.expect("mqtt enabled").tcp;
         let admin = format!("http://{}", gw.admin);
         TestGateway { gw: Some(gw), mqtt, admin, shutdown }
     }

@@ -10,7 +10,6 @@ pub struct Serve {
     pub child: Child,
     pub admin: String,
     pub mqtt: u16,
-    pub mqtt5: u16,
     pub coap: u16,
     pub log: PathBuf,
 }
@@ -28,9 +27,8 @@ impl Serve {
 
     /// Starts `fwgate serve` with extra `FWGATE_*` overrides. Every listener binds port 0 and
     /// the gateway reports what it got (`--ports-file`), so no port is picked here and released
-    /// for another process to take. rumqttd binds by address, so the gateway itself picks its
-    /// MQTT ports the same way (free, then bound): the rare start that loses that race is tried
-    /// again, up to three times.
+    /// for another process to take. A start that fails to bind is tried again, up to three
+    /// times.
     pub async fn start_with(dir: &Path, env: &[(&str, String)]) -> Serve {
         let config = dir.join("fwgate.toml");
         std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
@@ -45,7 +43,6 @@ impl Serve {
                 .arg(&ports_file)
                 .env("FWGATE_STORE__DATA_DIR", dir.join("data"))
                 .env("FWGATE_MQTT__LISTEN", "127.0.0.1:0")
-                .env("FWGATE_MQTT__LISTEN_V5", "127.0.0.1:0")
                 .env("FWGATE_ADMIN__LISTEN", "127.0.0.1:0")
                 .env("FWGATE_COAP__LISTEN", "127.0.0.1:0")
                 .env("FWGATE_ADMIN__TOKEN", "test-token")
@@ -78,14 +75,7 @@ impl Serve {
                 continue;
             };
             let admin = format!("http://127.0.0.1:{}", port_of(&ports, "admin"));
-            let s = Serve {
-                child,
-                admin,
-                mqtt: port_of(&ports, "mqtt"),
-                mqtt5: port_of(&ports, "mqtt_v5"),
-                coap: port_of(&ports, "coap"),
-                log,
-            };
+            let s = Serve { child, admin, mqtt: port_of(&ports, "mqtt"), coap: port_of(&ports, "coap"), log };
             let r = reqwest::get(format!("{}/readyz", s.admin)).await.expect("admin answers once ports are written");
             assert_eq!(r.status(), 200, "ready once the ports file is written");
             return s;

@@ -82,7 +82,7 @@ impl Resources for Gateway {
     }
 }
 
-fn exchange_config(cfg: &CoapConfig) -> ExchangeConfig {
+pub(crate) fn exchange_config(cfg: &CoapConfig) -> ExchangeConfig {
     ExchangeConfig {
         max_block: cfg.max_block_size,
         max_request: cfg.max_request_bytes,
