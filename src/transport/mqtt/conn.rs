@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{timeout, timeout_at, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -23,6 +23,8 @@ use crate::protocol::topic::{parse_command_topic, parse_status_topic, valid_devi
 /// Bytes read from the socket at a time; the buffer grows beyond this only while a packet
 /// needs it, and is given back when it is empty.
 const READ_CHUNK: usize = 512;
+/// A read buffer larger than this is given back once it is empty.
+const KEEP_READ: usize = 2 * 1024;
 /// A write buffer larger than this is given back once it has been written.
 const KEEP_WRITE: usize = 16 * 1024;
 /// Subscriptions one connection may hold.
@@ -261,15 +263,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn session_loop(&mut self) -> End {
-        let kill = self.kill.clone();
-        let shutdown = self.sh.shutdown.clone();
-        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        // The waits that outlive one packet are made once: a timer or waiter registered per
+        // packet would cost more than the packet.
+        let (kill, shutdown) = (self.kill.clone(), self.sh.shutdown.clone());
+        let killed = kill.cancelled();
+        let stopped = shutdown.cancelled();
+        let far = Instant::now() + Duration::from_secs(365 * 86_400);
+        let mut last_rx = Instant::now();
+        let alarm = tokio::time::sleep_until(self.keep_alive.map_or(far, |k| last_rx + k));
+        tokio::pin!(killed, stopped, alarm);
         loop {
             // Every complete packet in the buffer, then one write of all the answers.
             let need = loop {
                 match packets::read(self.version, &mut self.rbuf, self.sh.limits.max_packet) {
                     Ok(p) => {
-                        deadline = self.keep_alive.map(|k| Instant::now() + k);
+                        last_rx = Instant::now();
                         if let Err(end) = self.handle(p) {
                             let _ = self.flush().await;
                             return end;
@@ -293,7 +301,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if let Err(end) = self.flush().await {
                 return end;
             }
-            if self.rbuf.is_empty() {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_READ {
                 self.rbuf = BytesMut::new();
             }
             let inbox = self.inbox.clone();
@@ -303,16 +311,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     None => std::future::pending().await,
                 }
             };
-            let far = Instant::now() + Duration::from_secs(86_400);
             let woke = tokio::select! {
                 biased;
-                _ = kill.cancelled() => Woke::TakenOver,
-                _ = shutdown.cancelled() => Woke::Shutdown,
+                _ = &mut killed => Woke::TakenOver,
+                _ = &mut stopped => Woke::Shutdown,
                 _ = delivered => Woke::Delivery,
-                r = timeout_at(deadline.unwrap_or(far), self.fill_step(need)) => match r {
-                    Err(_) => Woke::KeepAlive,
-                    Ok(Err(end)) => Woke::Ended(end),
-                    Ok(Ok(())) => Woke::Read,
+                // The alarm is moved only when it rings: to the keep-alive deadline after the
+                // last packet, or it is the deadline.
+                _ = &mut alarm => match self.keep_alive {
+                    Some(k) if Instant::now() >= last_rx + k => Woke::KeepAlive,
+                    Some(k) => {
+                        alarm.as_mut().reset(last_rx + k);
+                        Woke::Read
+                    }
+                    None => {
+                        alarm.as_mut().reset(far);
+                        Woke::Read
+                    }
+                },
+                r = self.fill_step(need) => match r {
+                    Err(end) => Woke::Ended(end),
+                    Ok(()) => Woke::Read,
                 },
             };
             match woke {
@@ -447,13 +466,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 "publish_not_authorized",
             );
         }
-        let device = device.to_owned();
         let (to, replies) = if let Some((_, reply)) = echo_ping {
             (format!("echo/{device}/pong"), vec![reply])
         } else {
             let mut out = Vec::with_capacity(4);
-            self.sh.dfu.handle("mqtt", &device, &payload, crate::now_secs(), true, &mut out);
-            (crate::protocol::topic::command_topic(&device), out.into_iter().map(Bytes::from).collect())
+            self.sh.dfu.handle("mqtt", device, &payload, crate::now_secs(), true, &mut out);
+            (crate::protocol::topic::command_topic(device), out.into_iter().map(Bytes::from).collect())
         };
         if qos == 1 {
             let heard = replies.is_empty() || self.has_subscriber(&to);
