@@ -159,8 +159,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     let _ = self.flush().await;
                     return Err("refused");
                 }
-                Err(ReadError::TooLarge) => return Err("too_large"),
-                Err(ReadError::Malformed) => return Err("malformed"),
+                Err(ReadError::TooLarge) => {
+                    self.sh.telemetry.bad_input("mqtt_too_large");
+                    return Err("too_large");
+                }
+                Err(ReadError::Malformed) => {
+                    self.sh.telemetry.bad_input("mqtt_malformed");
+                    return Err("malformed");
+                }
             }
         }
     }
