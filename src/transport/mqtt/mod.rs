@@ -228,14 +228,18 @@ async fn accept_loop(listener: TcpListener, tls: Option<(tokio_rustls::TlsAccept
         }
         let _ = stream.set_nodelay(true);
         let sh = sh.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => conn::serve(stream, sh.clone(), peer, None).await,
-                Some((acceptor, client_certs)) => serve_tls(stream, acceptor, client_certs, sh.clone(), peer).await,
-            }
-            sh.sockets.fetch_sub(1, Ordering::AcqRel);
-        });
+        // One spawn per kind: a task is as large as its future, and a plain connection's must
+        // not be sized for a TLS session it does not have.
+        match tls.clone() {
+            None => tokio::spawn(async move {
+                conn::serve(stream, sh.clone(), peer, None).await;
+                sh.sockets.fetch_sub(1, Ordering::AcqRel);
+            }),
+            Some((acceptor, client_certs)) => tokio::spawn(async move {
+                serve_tls(stream, acceptor, client_certs, sh.clone(), peer).await;
+                sh.sockets.fetch_sub(1, Ordering::AcqRel);
+            }),
+        };
     }
 }
 
