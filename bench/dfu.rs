@@ -212,7 +212,14 @@ fn session(c: &mut Criterion) {
             b.iter(|| {
                 out.clear();
                 n = (n + 1) % statuses.len();
-                let h = dfu.handle("mqtt", "dev-1", black_box(&statuses[n]), 1_800_000_000, false, &mut out);
+                let h = dfu.handle(
+                    "mqtt",
+                    "dev-1",
+                    black_box(&statuses[n]),
+                    1_800_000_000,
+                    fwgate::transport::Shape::One { max_block: 1024 },
+                    &mut out,
+                );
                 assert_eq!(h, Handled::Replied);
                 black_box(out.len())
             })

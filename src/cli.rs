@@ -294,6 +294,7 @@ fn write_ports(gateway: &crate::Gateway, file: &Path) -> Result<()> {
         "mqtt": gateway.mqtt.map(|m| m.tcp),
         "mqtt_tls": gateway.mqtt.and_then(|m| m.tls),
         "coap": gateway.coap,
+        "coap_dtls": gateway.coap_dtls,
     });
     let tmp = file.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&ports)?)?;

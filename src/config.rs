@@ -234,6 +234,36 @@ pub struct CoapConfig {
     /// Kernel receive and send buffer asked for the UDP socket (capped by net.core.rmem_max
     /// and wmem_max).
     pub socket_buffer_bytes: usize,
+    /// CoAP over DTLS 1.2 with pre-shared keys (5684 is the convention); empty: off. The PSK
+    /// identity is the device id, the key its token (`fwgate devices token ID`).
+    pub dtls_listen: String,
+    /// Devices must prove who they are: `/dfu` and `/fw` only over DTLS, for the session's own
+    /// device. Unset: on whenever `mqtt.auth` is.
+    pub auth: Option<bool>,
+    /// With auth on, serve `/dfu` and `/fw` on the plain listener anyway (any client can then
+    /// act as any device).
+    pub plain: bool,
+    /// How long an address that answered an Echo challenge may get answers larger than 3× its
+    /// request (RFC 9175 §2.4).
+    pub echo_lifetime_secs: u64,
+    /// DTLS sessions (established or in handshake) kept at once; a new peer beyond is dropped.
+    pub dtls_max_sessions: usize,
+    /// Of those, handshakes in progress at once.
+    pub dtls_max_handshakes: usize,
+    pub dtls_handshake_timeout_secs: u64,
+    /// A session that carried nothing for this long is forgotten (the device handshakes again).
+    pub dtls_idle_secs: u64,
+}
+
+impl CoapConfig {
+    pub fn dtls_listen(&self) -> Option<SocketAddr> {
+        self.dtls_listen.parse().ok()
+    }
+
+    /// Whether devices must authenticate, given `mqtt.auth`.
+    pub fn auth(&self, mqtt_auth: bool) -> bool {
+        self.auth.unwrap_or(mqtt_auth)
+    }
 }
 
 impl Default for CoapConfig {
@@ -247,6 +277,14 @@ impl Default for CoapConfig {
             dedup_lifetime_secs: 247,
             max_peers: 10_000,
             socket_buffer_bytes: 4 << 20,
+            dtls_listen: String::new(),
+            auth: None,
+            plain: false,
+            echo_lifetime_secs: 600,
+            dtls_max_sessions: 20_000,
+            dtls_max_handshakes: 1_000,
+            dtls_handshake_timeout_secs: 10,
+            dtls_idle_secs: 600,
         }
     }
 }
@@ -401,6 +439,32 @@ impl Config {
             }
             if !(4096..=1 << 30).contains(&c.socket_buffer_bytes) {
                 return Err(invalid("coap.socket_buffer_bytes", "must be 4096..=1073741824"));
+            }
+            if !c.dtls_listen.is_empty() {
+                if c.dtls_listen().is_none() {
+                    return Err(invalid("coap.dtls_listen", "must be an address like 0.0.0.0:5684, or empty"));
+                }
+                if self.mqtt.device_secret.len() < 16 {
+                    return Err(invalid(
+                        "coap.dtls_listen",
+                        "needs mqtt.device_secret (at least 16 characters): device tokens are the DTLS keys",
+                    ));
+                }
+            }
+            if c.echo_lifetime_secs == 0 {
+                return Err(invalid("coap.echo_lifetime_secs", "must be at least 1"));
+            }
+            if c.dtls_max_sessions == 0 || c.dtls_max_handshakes == 0 {
+                return Err(invalid(
+                    "coap.dtls_max_sessions",
+                    "dtls_max_sessions and dtls_max_handshakes must be at least 1",
+                ));
+            }
+            if c.dtls_handshake_timeout_secs == 0 || c.dtls_idle_secs == 0 {
+                return Err(invalid(
+                    "coap.dtls_idle_secs",
+                    "dtls_idle_secs and dtls_handshake_timeout_secs must be at least 1",
+                ));
             }
         }
         if self.fleet.max_devices == 0 {

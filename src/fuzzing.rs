@@ -52,11 +52,16 @@ impl Fixture {
         auth.auth = true;
         auth.device_secret = "fuzzing-device-secret".into();
         let authenticated = Session::new(&auth, &config.dfu, gw.dfu.clone(), gw.fleet.clone(), gw.telemetry.clone());
-        let coap = Mutex::new(Exchange::new(crate::transport::coap::exchange_config(&config.coap)));
+        // Without the amplification limit, so inputs reach the resources and not only the
+        // Echo challenge.
+        let mut xc = crate::transport::coap::exchange_config(&config.coap);
+        xc.amplification_limit = false;
+        let coap = Mutex::new(Exchange::new(xc));
         let coap_gw = crate::transport::coap::Gateway {
             dfu: gw.dfu.clone(),
             planner: gw.planner.clone(),
             telemetry: gw.telemetry.clone(),
+            max_block: config.coap.max_block_size,
         };
         Fixture { rt, gw, open, authenticated, coap, coap_gw, dir }
     }
@@ -70,7 +75,7 @@ impl Fixture {
             assert_eq!(back, status, "a Status survives encode → decode");
         }
         let mut out = Vec::new();
-        self.gw.dfu.handle("fuzz", "dev-1", input, crate::now_secs(), true, &mut out);
+        self.gw.dfu.handle("fuzz", "dev-1", input, crate::now_secs(), crate::transport::Shape::Window, &mut out);
     }
 
     /// One MQTT connection: the first byte picks auth off or on, the rest is the stream.
@@ -91,6 +96,7 @@ impl Fixture {
             input,
             crate::now_millis(),
             crate::now_secs(),
+            crate::transport::coap::exchange::Access::Open,
             &self.coap_gw,
             &mut out,
         );

@@ -24,7 +24,7 @@
 //! [`start`] runs a gateway until its shutdown token is cancelled; `fwgate serve` and the
 //! integration tests both use it.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod cli;
@@ -76,6 +76,8 @@ pub enum StartError {
     AdminBind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Transport(#[from] transport::TransportError),
+    #[error(transparent)]
+    Dtls(#[from] transport::coap::DtlsError),
 }
 
 /// Seconds since the Unix epoch: the one place the gateway reads the wall clock.
@@ -93,6 +95,7 @@ pub struct Gateway {
     pub admin: SocketAddr,
     pub mqtt: Option<MqttListeners>,
     pub coap: Option<SocketAddr>,
+    pub coap_dtls: Option<SocketAddr>,
     pub admin_token: String,
     pub telemetry: Arc<Telemetry>,
     pub fleet: Arc<Fleet>,
@@ -208,14 +211,33 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         None
     };
 
+    let coap_gateway = || transport::coap::Gateway {
+        dfu: dfu.clone(),
+        planner: planner.clone(),
+        telemetry: telemetry.clone(),
+        max_block: config.coap.max_block_size,
+    };
     let coap = if config.coap.enabled {
         let (socket, addr) = transport::coap::bind(&config.coap).await?;
-        let gateway =
-            transport::coap::Gateway { dfu: dfu.clone(), planner: planner.clone(), telemetry: telemetry.clone() };
-        tasks.spawn(transport::coap::serve(socket, config.coap.clone(), gateway, shutdown.clone()));
+        let access = transport::coap::plain_access(&config.coap, config.mqtt.auth);
+        if access == transport::coap::exchange::Access::Open {
+            let why = if config.coap.plain { "coap.plain = true" } else { "coap.auth is off" };
+            warn!(%addr, why, "coap: /dfu and /fw are served in the clear without authentication: any client can act as any device");
+        }
+        tasks.spawn(transport::coap::serve(socket, config.coap.clone(), access, coap_gateway(), shutdown.clone()));
         Some(addr)
     } else {
         None
+    };
+    let coap_dtls = match config.coap.dtls_listen().filter(|_| config.coap.enabled) {
+        Some(listen) => {
+            let secret: Arc<str> = config.mqtt.device_secret.clone().into();
+            let l = transport::coap::bind_dtls(&config.coap, listen, fleet.clone(), secret).await?;
+            let addr = l.addr;
+            tasks.spawn(transport::coap::serve_dtls(l, config.coap.clone(), coap_gateway(), shutdown.clone()));
+            Some(addr)
+        }
+        None => None,
     };
 
     let p = planner.clone();
@@ -260,6 +282,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         admin,
         mqtt,
         coap,
+        coap_dtls,
         admin_token: token,
         telemetry,
         fleet,

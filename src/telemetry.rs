@@ -30,6 +30,8 @@ pub struct Telemetry {
     mqtt_refused: Family<Label, Counter>,
     mqtt_disconnects: Family<Label, Counter>,
     mqtt_dropped: Family<Label, Counter>,
+    dtls: Family<Label, Counter>,
+    dtls_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 impl Default for Telemetry {
@@ -58,6 +60,8 @@ impl Telemetry {
             mqtt_refused: Family::default(),
             mqtt_disconnects: Family::default(),
             mqtt_dropped: Family::default(),
+            dtls: Family::default(),
+            dtls_sessions: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
@@ -111,6 +115,16 @@ impl Telemetry {
             "Devices whose wave staging, refused while trust was missing, was retried after a TUF refresh",
             t.staging_retries.clone(),
         );
+        registry.register(
+            "coap_dtls_events",
+            "CoAP DTLS events (hello_verify, not_hello, handshake_ok, handshake_failed, refused_full, expired_handshake, expired_idle, closed, failed, too_large)",
+            t.dtls.clone(),
+        );
+        registry.register(
+            "coap_dtls_sessions",
+            "CoAP DTLS sessions held (established or in handshake)",
+            t.dtls_sessions.clone(),
+        );
         Telemetry { registry, ..t }
     }
 
@@ -135,6 +149,18 @@ impl Telemetry {
 
     pub fn coap(&self, result: &'static str) {
         self.coap.get_or_create(&[("result", result)]).inc();
+    }
+
+    pub fn dtls(&self, event: &'static str) {
+        self.dtls.get_or_create(&[("event", event)]).inc();
+    }
+
+    pub fn dtls_count(&self, event: &'static str) -> u64 {
+        self.dtls.get_or_create(&[("event", event)]).get()
+    }
+
+    pub fn set_dtls_sessions(&self, n: i64) {
+        self.dtls_sessions.set(n);
     }
 
     pub fn coap_count(&self, result: &'static str) -> u64 {

@@ -59,7 +59,12 @@ pub struct ClientStats {
     pub timeout_wait: Duration,
     pub lost_out: u64,
     pub lost_in: u64,
+    /// 4.01 answers with an Echo option, each answered by repeating the request.
+    pub echo_challenges: u64,
 }
+
+/// The CoAP Echo option (RFC 9175).
+const ECHO: u16 = 252;
 
 /// How many 5.03 answers in a row a DFU run accepts before giving up.
 pub const MAX_UNAVAILABLE: u32 = 20;
@@ -113,8 +118,28 @@ impl CoapClient {
     }
 
     /// Sends one confirmable request and waits for its piggybacked answer, retransmitting
-    /// the same message (same id) on silence.
+    /// the same message (same id) on silence. A 4.01 carrying an Echo option (the server
+    /// limits what it sends to an address it has not verified, RFC 9175 §2.4) is answered
+    /// once by repeating the request with that Echo, as a stock client does.
     pub async fn request(
+        &mut self,
+        method: RequestType,
+        path: &str,
+        options: &[(CoapOption, Vec<u8>)],
+        payload: &[u8],
+    ) -> Result<Packet, ClientError> {
+        let answer = self.request_once(method, path, options, payload).await?;
+        let echo = (answer.header.code == MessageClass::Response(ResponseType::Unauthorized))
+            .then(|| answer.get_first_option(CoapOption::from(ECHO)).cloned())
+            .flatten();
+        let Some(echo) = echo else { return Ok(answer) };
+        self.stats.echo_challenges += 1;
+        let mut with_echo = options.to_vec();
+        with_echo.push((CoapOption::from(ECHO), echo));
+        self.request_once(method, path, &with_echo, payload).await
+    }
+
+    async fn request_once(
         &mut self,
         method: RequestType,
         path: &str,

@@ -5,11 +5,11 @@ pub mod coap;
 pub mod mqtt;
 mod session;
 
-pub use session::{Dfu, Handled};
+pub use session::{Dfu, Handled, Shape};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("cannot bind mqtt listener {addr}")]
+    #[error("cannot bind listener {addr}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("mqtt TLS configuration: {0}")]
     Tls(String),

@@ -27,6 +27,15 @@ pub enum Handled {
     Failed,
 }
 
+/// How many WRITEs one Status may get, and how large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// As the device asks (`window`, `mtu`), within the engine's limits: MQTT.
+    Window,
+    /// One WRITE of at most `max_block` bytes: a CoAP answer.
+    One { max_block: u32 },
+}
+
 pub struct Dfu {
     planner: Arc<Planner>,
     fleet: Arc<Fleet>,
@@ -39,15 +48,15 @@ impl Dfu {
         Dfu { planner, fleet, engine, telemetry }
     }
 
-    /// Handles one Status from `device`, pushing encoded replies onto `out`. Without
-    /// `windowed`, the device's `window` is ignored and one WRITE at most is sent.
+    /// Handles one Status from `device`, pushing encoded replies onto `out` in the given
+    /// [`Shape`].
     pub fn handle(
         &self,
         transport: &'static str,
         device: &str,
         payload: &[u8],
         now: u64,
-        windowed: bool,
+        shape: Shape,
         out: &mut Vec<Vec<u8>>,
     ) -> Handled {
         let (mut status, form) = match Status::decode(payload) {
@@ -58,8 +67,9 @@ impl Dfu {
                 return Handled::BadInput;
             }
         };
-        if !windowed {
+        if let Shape::One { max_block } = shape {
             status.window = None;
+            status.mtu = Some(status.mtu.unwrap_or(self.engine.default_mtu).min(max_block));
         }
         let component = status.component.unwrap_or(MAIN_COMPONENT);
         match self.fleet.observe(device, component, status.version, now) {

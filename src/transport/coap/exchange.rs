@@ -1,15 +1,19 @@
 //! The CoAP layer (RFC 7252, with RFC 7959 Block2): one datagram in, at most one out.
 //!
 //! Pure — no sockets, time is a parameter. Owns CON/NON, piggybacked ACKs, token echo, the
-//! bounded duplicate cache keyed by (peer, message id), option rules (unknown elective options
-//! ignored, unknown critical ones → 4.02), paths, methods, Content-Format and the Block2
-//! arithmetic. What to answer comes from a [`Resources`].
+//! bounded duplicate cache keyed by (peer, message id, token), option rules (unknown elective
+//! options ignored, unknown critical ones → 4.02), paths, methods, Content-Format and the Block2
+//! arithmetic, who may use a device's resources ([`Access`]) and, on plain CoAP, the
+//! amplification limit: an answer to an address that has not proven it receives (an Echo
+//! option, RFC 9175 §2.4) is at most 3× its request. What to answer comes from a [`Resources`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::protocol::coap::{read_uint, uint, CF_CBOR, CF_OCTET_STREAM};
 use crate::protocol::topic::{parse_coap_path, CoapPath};
@@ -67,6 +71,17 @@ impl Outcome {
     }
 }
 
+/// Who may use the device resources (`/dfu/{id}`, `/fw/{id}`) through one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access<'a> {
+    /// Anyone, as any device: plain CoAP without device authentication.
+    Open,
+    /// Nobody: plain CoAP while devices must authenticate (4.01).
+    Refused,
+    /// Only this device (a DTLS session's PSK identity); another id gets 4.03.
+    Device(&'a str),
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ExchangeConfig {
     /// Largest Block2 size, a power of two in 16..=1024.
@@ -76,20 +91,57 @@ pub struct ExchangeConfig {
     pub dedup_per_peer: usize,
     pub dedup_lifetime_ms: u64,
     pub max_peers: usize,
+    /// Limit answers to unverified addresses to 3× their request and challenge them with Echo
+    /// (plain UDP; a DTLS session's address is verified by its cookie exchange).
+    pub amplification_limit: bool,
+    /// How long an address stays verified after it returned an Echo.
+    pub echo_lifetime_ms: u64,
 }
+
+/// CoAP Echo option (RFC 9175): elective, safe to forward.
+const ECHO: u16 = 252;
+/// An Echo value is accepted this long after it was issued.
+const ECHO_FRESH_MS: u64 = 60_000;
+/// Most an answer to an unverified address may be, as a multiple of its request (RFC 9175
+/// §2.4; QUIC's limit, RFC 9000 §8).
+const AMPLIFICATION: usize = 3;
 
 struct Answer {
     mid: u16,
+    token: Token,
     expires: u64,
     bytes: Vec<u8>,
+}
+
+/// A request's token (0–8 bytes) without an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Token {
+    len: u8,
+    bytes: [u8; 8],
+}
+
+impl Token {
+    fn new(t: &[u8]) -> Token {
+        let mut bytes = [0; 8];
+        let len = t.len().min(8);
+        bytes[..len].copy_from_slice(&t[..len]);
+        Token { len: len as u8, bytes }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
 }
 
 struct Peer {
     generation: u64,
     answers: VecDeque<Answer>,
+    /// Until when (ms) answers to this address are not limited: it returned an Echo.
+    verified_until: u64,
 }
 
-/// The CoAP endpoint's state: the duplicate cache and the NON message-id counter.
+/// The CoAP endpoint's state: the duplicate cache, verified addresses, the NON message-id
+/// counter and the key of Echo values.
 pub struct Exchange {
     cfg: ExchangeConfig,
     peers: HashMap<SocketAddr, Peer>,
@@ -97,7 +149,11 @@ pub struct Exchange {
     order: VecDeque<(SocketAddr, u64)>,
     generation: u64,
     next_mid: u16,
+    echo_key: [u8; 32],
 }
+
+/// Header, token and options of a Block2 answer beyond its payload, at most.
+const BLOCK_OVERHEAD: usize = 40;
 
 const CON: u8 = 0;
 const NON: u8 = 1;
@@ -117,6 +173,8 @@ enum Body {
 struct Reply {
     code: ResponseType,
     label: &'static str,
+    /// Carries an Echo challenge.
+    echo: bool,
     content_format: Option<u16>,
     etag: Option<[u8; 8]>,
     block2: Option<u32>,
@@ -130,6 +188,7 @@ impl Reply {
         Reply {
             code,
             label,
+            echo: false,
             content_format: None,
             etag: None,
             block2: None,
@@ -138,20 +197,33 @@ impl Reply {
             body: Body::Empty,
         }
     }
+
+    /// 4.01 with an Echo option: repeat the request with it to show the address is yours.
+    fn challenge() -> Reply {
+        Reply { echo: true, ..Reply::error(ResponseType::Unauthorized, "echo") }
+    }
 }
 
 impl Exchange {
     pub fn new(cfg: ExchangeConfig) -> Exchange {
-        Exchange { cfg, peers: HashMap::new(), order: VecDeque::new(), generation: 0, next_mid: 1 }
+        let mut echo_key = [0u8; 32];
+        if openssl::rand::rand_bytes(&mut echo_key).is_err() {
+            // No system randomness: Echo values stay unguessable only as long as the process
+            // is not observed; still bounded by their freshness window.
+            echo_key.iter_mut().for_each(|b| *b = fastrand::u8(..));
+        }
+        Exchange { cfg, peers: HashMap::new(), order: VecDeque::new(), generation: 0, next_mid: 1, echo_key }
     }
 
     /// Handles one datagram from `peer`; the reply, if any, is left in `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         peer: SocketAddr,
         datagram: &[u8],
         now_ms: u64,
         now_secs: u64,
+        access: Access<'_>,
         res: &impl Resources,
         out: &mut Vec<u8>,
     ) -> Outcome {
@@ -167,7 +239,7 @@ impl Exchange {
                     return Outcome::Dropped("malformed");
                 }
                 let reply = Reply::error(ResponseType::BadRequest, "malformed");
-                return self.send(peer, kind, mid, &datagram[4..4 + tkl], reply, now_ms, out);
+                return self.send(peer, kind, mid, &datagram[4..4 + tkl], datagram.len(), reply, now_ms, out);
             }
         };
         match packet.header.code {
@@ -179,8 +251,16 @@ impl Exchange {
             }
             _ => return Outcome::Dropped("ignored"),
         }
-        let reply = self.respond(&packet, now_secs, res);
-        self.send(peer, kind, mid, packet.get_token(), reply, now_ms, out)
+        if self.cfg.amplification_limit {
+            if let Some(echo) = packet.get_first_option(CoapOption::from(ECHO)) {
+                if self.echo_ok(peer, echo, now_ms) {
+                    self.verified(peer, now_ms);
+                }
+            }
+        }
+        let budget = self.limited(peer, now_ms).then_some(datagram.len() * AMPLIFICATION);
+        let reply = self.respond(&packet, now_secs, access, budget, res);
+        self.send(peer, kind, mid, packet.get_token(), datagram.len(), reply, now_ms, out)
     }
 
     /// A datagram longer than the receive buffer, of which `head` is the start: a CON gets
@@ -197,7 +277,8 @@ impl Exchange {
             size1: Some(self.cfg.max_request as u32),
             ..Reply::error(ResponseType::RequestEntityTooLarge, "too_large")
         };
-        self.send(peer, kind, mid, &head[4..4 + tkl], reply, now_ms, out)
+        // The datagram was at least as long as its buffer: that is what it cost the sender.
+        self.send(peer, kind, mid, &head[4..4 + tkl], head.len(), reply, now_ms, out)
     }
 
     /// Reads the fixed header: (type, token length, message id), or how the datagram ended —
@@ -216,8 +297,16 @@ impl Exchange {
         let kind = (datagram[0] >> 4) & 3;
         let tkl = (datagram[0] & 0x0f) as usize;
         let mid = u16::from_be_bytes([datagram[2], datagram[3]]);
-        if kind == CON || kind == NON {
-            if let Some(bytes) = self.cached(peer, mid, now_ms) {
+        if (kind == CON || kind == NON) && tkl <= 8 && datagram.len() >= 4 + tkl {
+            let token = Token::new(&datagram[4..4 + tkl]);
+            let over = self.limited(peer, now_ms).then_some(datagram.len() * AMPLIFICATION);
+            if let Some(bytes) = self.cached(peer, mid, token, now_ms) {
+                if over.is_some_and(|limit| bytes.len() > limit) {
+                    // Replayed to an address no longer verified: the same limit as a first answer.
+                    let challenge = self.encode(peer, kind, mid, token.as_slice(), Reply::challenge(), now_ms);
+                    out.extend_from_slice(&challenge.unwrap_or_default());
+                    return Err(Outcome::Answered("echo"));
+                }
                 out.extend_from_slice(bytes);
                 return Err(Outcome::Duplicate);
             }
@@ -225,7 +314,48 @@ impl Exchange {
         Ok((kind, tkl, mid))
     }
 
-    fn respond(&self, p: &Packet, now_secs: u64, res: &impl Resources) -> Reply {
+    /// Answers to `peer` are limited now: the limit is on and the address is not verified.
+    fn limited(&self, peer: SocketAddr, now_ms: u64) -> bool {
+        self.cfg.amplification_limit && !self.peers.get(&peer).is_some_and(|p| p.verified_until > now_ms)
+    }
+
+    /// An Echo value: when it was issued (seconds of this exchange's clock) and a MAC of that
+    /// and the address, so checking it needs no state.
+    fn echo_value(&self, peer: SocketAddr, issued_secs: u32) -> [u8; 12] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.echo_key).expect("hmac accepts any key length");
+        match peer {
+            SocketAddr::V4(a) => mac.update(&a.ip().octets()),
+            SocketAddr::V6(a) => mac.update(&a.ip().octets()),
+        }
+        mac.update(&peer.port().to_be_bytes());
+        mac.update(&issued_secs.to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&issued_secs.to_be_bytes());
+        v[4..].copy_from_slice(&tag[..8]);
+        v
+    }
+
+    fn echo_ok(&self, peer: SocketAddr, echo: &[u8], now_ms: u64) -> bool {
+        let Ok(issued) = <[u8; 4]>::try_from(echo.get(..4).unwrap_or_default()) else { return false };
+        let issued = u32::from_be_bytes(issued);
+        let age = now_ms.saturating_sub(issued as u64 * 1000);
+        echo.len() == 12 && age <= ECHO_FRESH_MS && self.echo_value(peer, issued)[..] == *echo
+    }
+
+    fn verified(&mut self, peer: SocketAddr, now_ms: u64) {
+        let until = now_ms + self.cfg.echo_lifetime_ms;
+        self.peer(peer).verified_until = until;
+    }
+
+    fn respond(
+        &self,
+        p: &Packet,
+        now_secs: u64,
+        access: Access<'_>,
+        budget: Option<usize>,
+        res: &impl Resources,
+    ) -> Reply {
         if let Some((_, _)) = p.options().find(|(n, _)| !recognized(**n)) {
             return Reply::error(ResponseType::BadOption, "bad_option");
         }
@@ -237,7 +367,16 @@ impl Exchange {
             _ => return Reply::error(ResponseType::BadRequest, "malformed"),
         };
         let accept = first(CoapOption::Accept);
-        match parse_coap_path(&segments) {
+        let path = parse_coap_path(&segments);
+        if let Some(CoapPath::Dfu(device) | CoapPath::Firmware(device)) = path {
+            match access {
+                Access::Open => {}
+                Access::Refused => return Reply::error(ResponseType::Unauthorized, "unauthorized"),
+                Access::Device(id) if id == device => {}
+                Access::Device(_) => return Reply::error(ResponseType::Forbidden, "forbidden"),
+            }
+        }
+        match path {
             None => Reply::error(ResponseType::NotFound, "not_found"),
             Some(CoapPath::Dfu(device)) => {
                 if method != RequestType::Post {
@@ -278,7 +417,7 @@ impl Exchange {
                     Some(Some(v)) if v & 7 != 7 => Some(v),
                     Some(_) => return Reply::error(ResponseType::BadRequest, "bad_option"),
                 };
-                self.block(device, block, first(CoapOption::Size2).is_some(), now_secs, res)
+                self.block(device, block, first(CoapOption::Size2).is_some(), now_secs, budget, res)
             }
         }
     }
@@ -290,6 +429,7 @@ impl Exchange {
         requested: Option<u32>,
         want_size: bool,
         now_secs: u64,
+        budget: Option<usize>,
         res: &impl Resources,
     ) -> Reply {
         let max_szx = self.cfg.max_block.trailing_zeros() - 4;
@@ -312,6 +452,10 @@ impl Exchange {
         }
         let end = (offset + size).min(len);
         let more = end < len;
+        if budget.is_some_and(|b| (end - offset) as usize + BLOCK_OVERHEAD > b) {
+            // Too large for an unverified address: challenge it before the block counts as sent.
+            return Reply::challenge();
+        }
         if !res.block_served(device, offset, end - offset, now_secs) {
             return Reply::error(ResponseType::ServiceUnavailable, "unavailable");
         }
@@ -320,6 +464,7 @@ impl Exchange {
         Reply {
             code: ResponseType::Content,
             label: "block",
+            echo: false,
             content_format: Some(CF_OCTET_STREAM),
             etag: Some(etag),
             block2: (more || num > 0 || requested.is_some()).then_some((num << 4) | ((more as u32) << 3) | szx),
@@ -329,6 +474,8 @@ impl Exchange {
         }
     }
 
+    /// Encodes `r`, replaced by an Echo challenge when it is too large for an unverified
+    /// address, into `out`, and remembers it for retransmissions.
     #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
@@ -336,10 +483,29 @@ impl Exchange {
         kind: u8,
         mid: u16,
         token: &[u8],
+        request_len: usize,
         r: Reply,
         now_ms: u64,
         out: &mut Vec<u8>,
     ) -> Outcome {
+        let mut label = r.label;
+        let Some(mut bytes) = self.encode(peer, kind, mid, token, r, now_ms) else {
+            return Outcome::Dropped("encode_failed");
+        };
+        if self.limited(peer, now_ms) && bytes.len() > request_len * AMPLIFICATION {
+            label = "echo";
+            match self.encode(peer, kind, mid, token, Reply::challenge(), now_ms) {
+                Some(b) => bytes = b,
+                None => return Outcome::Dropped("encode_failed"),
+            }
+        }
+        out.extend_from_slice(&bytes);
+        self.remember(peer, mid, Token::new(token), bytes, now_ms);
+        Outcome::Answered(label)
+    }
+
+    /// The datagram of one answer; a NON answer takes the next message id.
+    fn encode(&mut self, peer: SocketAddr, kind: u8, mid: u16, token: &[u8], r: Reply, now_ms: u64) -> Option<Vec<u8>> {
         let mut p = Packet::new();
         p.header.set_version(1);
         if kind == CON {
@@ -367,29 +533,36 @@ impl Exchange {
         if let Some(s) = r.size1 {
             p.add_option(CoapOption::Size1, uint(s));
         }
+        if r.echo {
+            let issued = (now_ms / 1000).min(u32::MAX as u64) as u32;
+            p.add_option(CoapOption::from(ECHO), self.echo_value(peer, issued).to_vec());
+        }
         p.payload = match r.body {
             Body::Empty => Vec::new(),
             Body::Owned(v) => v,
             Body::Slice(b) => b.to_vec(),
         };
-        match p.to_bytes_with_limit(u16::MAX as usize) {
-            Ok(bytes) => {
-                out.extend_from_slice(&bytes);
-                self.remember(peer, mid, bytes, now_ms);
-                Outcome::Answered(r.label)
-            }
-            Err(_) => Outcome::Dropped("encode_failed"),
-        }
+        p.to_bytes_with_limit(u16::MAX as usize).ok()
     }
 
-    fn cached(&mut self, peer: SocketAddr, mid: u16, now_ms: u64) -> Option<&[u8]> {
+    fn cached(&mut self, peer: SocketAddr, mid: u16, token: Token, now_ms: u64) -> Option<&[u8]> {
         let p = self.peers.get_mut(&peer)?;
         p.answers.retain(|a| a.expires > now_ms);
-        p.answers.iter().find(|a| a.mid == mid).map(|a| a.bytes.as_slice())
+        p.answers.iter().find(|a| a.mid == mid && a.token == token).map(|a| a.bytes.as_slice())
     }
 
-    fn remember(&mut self, peer: SocketAddr, mid: u16, bytes: Vec<u8>, now_ms: u64) {
+    fn remember(&mut self, peer: SocketAddr, mid: u16, token: Token, bytes: Vec<u8>, now_ms: u64) {
         let expires = now_ms + self.cfg.dedup_lifetime_ms;
+        let keep = self.cfg.dedup_per_peer;
+        let p = self.peer(peer);
+        if p.answers.len() >= keep {
+            p.answers.pop_front();
+        }
+        p.answers.push_back(Answer { mid, token, expires, bytes });
+    }
+
+    /// The peer's entry, made (forgetting the oldest peer when full) if it has none.
+    fn peer(&mut self, peer: SocketAddr) -> &mut Peer {
         if !self.peers.contains_key(&peer) {
             while self.peers.len() >= self.cfg.max_peers {
                 let Some((old, generation)) = self.order.pop_front() else { break };
@@ -399,19 +572,20 @@ impl Exchange {
             }
             self.generation += 1;
             self.order.push_back((peer, self.generation));
-            self.peers.insert(peer, Peer { generation: self.generation, answers: VecDeque::new() });
+            self.peers.insert(peer, Peer { generation: self.generation, answers: VecDeque::new(), verified_until: 0 });
             if self.order.len() > self.cfg.max_peers * 2 {
                 // Entries of peers already forgotten: drop them so the queue stays bounded.
                 let peers = &self.peers;
                 self.order.retain(|(a, g)| peers.get(a).is_some_and(|p| p.generation == *g));
             }
         }
-        if let Some(p) = self.peers.get_mut(&peer) {
-            if p.answers.len() >= self.cfg.dedup_per_peer {
-                p.answers.pop_front();
-            }
-            p.answers.push_back(Answer { mid, expires, bytes });
-        }
+        let generation = self.generation;
+        self.peers.entry(peer).or_insert_with(|| Peer { generation, answers: VecDeque::new(), verified_until: 0 })
+    }
+
+    /// Forgets `peer` (its DTLS session ended).
+    pub fn forget(&mut self, peer: SocketAddr) {
+        self.peers.remove(&peer);
     }
 
     /// Peers currently remembered (for tests and metrics).

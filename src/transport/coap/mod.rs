@@ -2,8 +2,11 @@
 //! [`exchange`] layer, whose answers come from the DFU session (`POST /dfu/{id}`) and the
 //! planner's assignments (`GET /fw/{id}`, Block2 slices of the hot image).
 
+mod dtls;
 pub mod exchange;
 mod udp;
+
+pub use dtls::{bind as bind_dtls, serve as serve_dtls, DtlsError};
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -14,8 +17,8 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::exchange::{DfuAnswer, Exchange, ExchangeConfig, FirmwareAnswer, Image, Resources};
-use super::{Dfu, Handled, TransportError};
+use self::exchange::{Access, DfuAnswer, Exchange, ExchangeConfig, FirmwareAnswer, Image, Resources};
+use super::{Dfu, Handled, Shape, TransportError};
 use crate::config::CoapConfig;
 use crate::engine::OpState;
 use crate::fleet::MAIN_COMPONENT;
@@ -27,13 +30,16 @@ pub struct Gateway {
     pub dfu: Arc<Dfu>,
     pub planner: Arc<Planner>,
     pub telemetry: Arc<Telemetry>,
+    /// Largest WRITE in a Command (`coap.max_block_size`).
+    pub max_block: u32,
 }
 
 impl Resources for Gateway {
     fn dfu(&self, device: &str, status: &[u8], now_secs: u64) -> DfuAnswer {
         let mut out = Vec::with_capacity(1);
         // `window` is an MQTT feature: over CoAP one request gets one WRITE.
-        match self.dfu.handle("coap", device, status, now_secs, false, &mut out) {
+        let shape = Shape::One { max_block: self.max_block };
+        match self.dfu.handle("coap", device, status, now_secs, shape, &mut out) {
             Handled::Replied | Handled::UnknownDevice => match out.pop() {
                 Some(c) => DfuAnswer::Command(c),
                 None => DfuAnswer::Unavailable,
@@ -89,6 +95,18 @@ pub(crate) fn exchange_config(cfg: &CoapConfig) -> ExchangeConfig {
         dedup_per_peer: cfg.dedup_per_peer,
         dedup_lifetime_ms: cfg.dedup_lifetime_secs * 1000,
         max_peers: cfg.max_peers,
+        amplification_limit: true,
+        echo_lifetime_ms: cfg.echo_lifetime_secs * 1000,
+    }
+}
+
+/// Who may use the device resources on the plain listener: nobody when devices must
+/// authenticate (unless `coap.plain` says otherwise), else anyone.
+pub fn plain_access(cfg: &CoapConfig, mqtt_auth: bool) -> Access<'static> {
+    if cfg.auth(mqtt_auth) && !cfg.plain {
+        Access::Refused
+    } else {
+        Access::Open
     }
 }
 
@@ -105,7 +123,13 @@ pub async fn bind(cfg: &CoapConfig) -> Result<(UdpSocket, SocketAddr), Transport
 /// The receive loop: runs until `shutdown`. Datagrams are read and answered in batches of up
 /// to [`udp::BATCH`]: one `recvmmsg` takes what is waiting, each datagram goes through the
 /// exchange, one `sendmmsg` sends the answers.
-pub async fn serve(socket: UdpSocket, cfg: CoapConfig, gateway: Gateway, shutdown: CancellationToken) {
+pub async fn serve(
+    socket: UdpSocket,
+    cfg: CoapConfig,
+    access: Access<'static>,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+) {
     let mut exchange = Exchange::new(exchange_config(&cfg));
     let started = Instant::now();
     // Room for the largest accepted request with its header and options; a longer datagram is
@@ -140,7 +164,7 @@ pub async fn serve(socket: UdpSocket, cfg: CoapConfig, gateway: Gateway, shutdow
             let outcome = if r.truncated {
                 exchange.refuse_oversized(peer, datagram, now_ms, out)
             } else {
-                exchange.handle(peer, datagram, now_ms, now_secs, &gateway, out)
+                exchange.handle(peer, datagram, now_ms, now_secs, access, &gateway, out)
             };
             gateway.telemetry.coap(outcome.label());
             if !out.is_empty() {
@@ -156,7 +180,7 @@ const REQUEST_OVERHEAD: usize = 512;
 
 /// Sends every answer, waiting for room in the socket's send buffer when it is full. An
 /// answer the kernel refuses is dropped (the device retransmits its request).
-async fn send_all(socket: &UdpSocket, outs: &[Vec<u8>], peers: &[SocketAddr]) {
+pub(crate) async fn send_all(socket: &UdpSocket, outs: &[Vec<u8>], peers: &[SocketAddr]) {
     let datagrams: Vec<&[u8]> = outs.iter().map(Vec::as_slice).collect();
     let mut at = 0;
     while at < peers.len() {

@@ -476,7 +476,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             (format!("echo/{device}/pong"), vec![reply])
         } else {
             let mut out = Vec::with_capacity(4);
-            self.sh.dfu.handle("mqtt", device, &payload, crate::now_secs(), true, &mut out);
+            self.sh.dfu.handle("mqtt", device, &payload, crate::now_secs(), crate::transport::Shape::Window, &mut out);
             (crate::protocol::topic::command_topic(device), out.into_iter().map(Bytes::from).collect())
         };
         if qos == 1 {

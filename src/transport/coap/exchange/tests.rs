@@ -4,8 +4,15 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, Resp
 
 use super::*;
 
-const CFG: ExchangeConfig =
-    ExchangeConfig { max_block: 1024, max_request: 256, dedup_per_peer: 2, dedup_lifetime_ms: 1000, max_peers: 4 };
+const CFG: ExchangeConfig = ExchangeConfig {
+    max_block: 1024,
+    max_request: 256,
+    dedup_per_peer: 2,
+    dedup_lifetime_ms: 1000,
+    max_peers: 4,
+    amplification_limit: false,
+    echo_lifetime_ms: 1000,
+};
 
 /// A fixed image and an echoing DFU answer, counting calls.
 struct Fixed {
@@ -67,7 +74,7 @@ fn request(kind: MessageType, method: RequestType, path: &str, mid: u16) -> Pack
 
 fn run(x: &mut Exchange, res: &Fixed, from: SocketAddr, p: &Packet) -> (Outcome, Option<Packet>) {
     let mut out = Vec::new();
-    let o = x.handle(from, &p.to_bytes().unwrap(), 0, 0, res, &mut out);
+    let o = x.handle(from, &p.to_bytes().unwrap(), 0, 0, Access::Open, res, &mut out);
     (o, (!out.is_empty()).then(|| Packet::from_bytes(&out).unwrap()))
 }
 
@@ -214,14 +221,14 @@ fn retransmitted_requests_are_answered_from_the_cache_not_re_executed() {
     let mut x = Exchange::new(CFG);
     let req = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 42).to_bytes().unwrap();
     let (mut a, mut b) = (Vec::new(), Vec::new());
-    assert_eq!(x.handle(peer(1), &req, 0, 0, &res, &mut a), Outcome::Answered("dfu"));
-    assert_eq!(x.handle(peer(1), &req, 500, 0, &res, &mut b), Outcome::Duplicate);
+    assert_eq!(x.handle(peer(1), &req, 0, 0, Access::Open, &res, &mut a), Outcome::Answered("dfu"));
+    assert_eq!(x.handle(peer(1), &req, 500, 0, Access::Open, &res, &mut b), Outcome::Duplicate);
     assert_eq!(a, b);
     assert_eq!(res.dfu_calls.get(), 1);
     // Another peer with the same message id is a different exchange.
-    assert_eq!(x.handle(peer(2), &req, 500, 0, &res, &mut b), Outcome::Answered("dfu"));
+    assert_eq!(x.handle(peer(2), &req, 500, 0, Access::Open, &res, &mut b), Outcome::Answered("dfu"));
     // After the lifetime, the same id is new again.
-    assert_eq!(x.handle(peer(1), &req, 1500, 0, &res, &mut b), Outcome::Answered("dfu"));
+    assert_eq!(x.handle(peer(1), &req, 1500, 0, Access::Open, &res, &mut b), Outcome::Answered("dfu"));
     assert_eq!(res.dfu_calls.get(), 3);
 }
 
@@ -235,7 +242,10 @@ fn non_requests_get_non_responses_and_pings_get_resets() {
     assert_eq!(r.header.get_type(), MessageType::NonConfirmable);
     assert_eq!(r.get_token(), &[0xde, 0xad]);
     let mut out = Vec::new();
-    assert_eq!(x.handle(peer(1), &[0x40, 0x00, 0x12, 0x34], 0, 0, &res, &mut out), Outcome::Answered("ping"));
+    assert_eq!(
+        x.handle(peer(1), &[0x40, 0x00, 0x12, 0x34], 0, 0, Access::Open, &res, &mut out),
+        Outcome::Answered("ping")
+    );
     assert_eq!(out, [0x70, 0x00, 0x12, 0x34]);
 }
 
@@ -246,14 +256,18 @@ fn malformed_datagrams_get_4_00_when_a_reply_is_possible() {
     let mut out = Vec::new();
     // CON, token 1 byte, then an option with the reserved delta 15.
     assert_eq!(
-        x.handle(peer(1), &[0x41, 0x01, 0x00, 0x01, 0xaa, 0xf0], 0, 0, &res, &mut out),
+        x.handle(peer(1), &[0x41, 0x01, 0x00, 0x01, 0xaa, 0xf0], 0, 0, Access::Open, &res, &mut out),
         Outcome::Answered("malformed")
     );
     let r = Packet::from_bytes(&out).unwrap();
     assert_eq!(code(&r), ResponseType::BadRequest);
     assert_eq!(r.get_token(), &[0xaa]);
     for junk in [&[][..], &[0x40][..], &[0x80, 1, 2, 3][..], &[0x59, 1, 2, 3][..]] {
-        assert_eq!(x.handle(peer(1), junk, 0, 0, &res, &mut out), Outcome::Dropped("malformed"), "{junk:?}");
+        assert_eq!(
+            x.handle(peer(1), junk, 0, 0, Access::Open, &res, &mut out),
+            Outcome::Dropped("malformed"),
+            "{junk:?}"
+        );
         assert!(out.is_empty());
     }
 }
@@ -318,7 +332,8 @@ fn twenty_thousand_random_and_mutated_datagrams_never_panic() {
             d
         };
         let from = peer(rng.u8(1..9));
-        if let Outcome::Answered(_) | Outcome::Duplicate = x.handle(from, &d, i as u64, 0, &res, &mut out) {
+        if let Outcome::Answered(_) | Outcome::Duplicate = x.handle(from, &d, i as u64, 0, Access::Open, &res, &mut out)
+        {
             answered += 1;
             assert!(Packet::from_bytes(&out).is_ok() || out.len() == 4, "every reply is a valid CoAP message");
         }
