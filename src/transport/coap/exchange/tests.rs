@@ -340,3 +340,140 @@ fn twenty_thousand_random_and_mutated_datagrams_never_panic() {
     }
     assert!(answered > 1000, "mutations of valid requests are mostly still answered ({answered})");
 }
+
+fn handle_as(x: &mut Exchange, res: &Fixed, p: &Packet, now_ms: u64, access: Access<'_>) -> (Outcome, Packet, usize) {
+    let mut out = Vec::new();
+    let o = x.handle(peer(1), &p.to_bytes().unwrap(), now_ms, 0, access, res, &mut out);
+    let len = out.len();
+    (o, Packet::from_bytes(&out).unwrap(), len)
+}
+
+#[test]
+fn device_resources_follow_access() {
+    let res = Fixed::new(4096);
+    let mut x = Exchange::new(CFG);
+    let get = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 1);
+    let mut post = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 2);
+    post.payload = b"status".to_vec();
+
+    // Plain while devices must authenticate: 4.01, and neither resource is touched.
+    let (o, a, _) = handle_as(&mut x, &res, &get, 0, Access::Refused);
+    assert_eq!(
+        (o, a.header.code),
+        (Outcome::Answered("unauthorized"), MessageClass::Response(ResponseType::Unauthorized))
+    );
+    let (o, _, _) = handle_as(&mut x, &res, &post, 0, Access::Refused);
+    assert_eq!(o, Outcome::Answered("unauthorized"));
+    // Another device's session: 4.03.
+    let mut get3 = get.clone();
+    get3.header.message_id = 3;
+    let (o, a, _) = handle_as(&mut x, &res, &get3, 0, Access::Device("dev-2"));
+    assert_eq!((o, a.header.code), (Outcome::Answered("forbidden"), MessageClass::Response(ResponseType::Forbidden)));
+    let mut post4 = post.clone();
+    post4.header.message_id = 4;
+    assert_eq!(handle_as(&mut x, &res, &post4, 0, Access::Device("dev-2")).0, Outcome::Answered("forbidden"));
+    assert_eq!(res.dfu_calls.get(), 0, "no Status reached the session");
+    assert!(res.served.borrow().is_empty(), "no block counted as served");
+    // Its own device: served.
+    let mut get5 = get.clone();
+    get5.header.message_id = 5;
+    assert_eq!(handle_as(&mut x, &res, &get5, 0, Access::Device("dev-1")).0, Outcome::Answered("block"));
+    // Other resources are not the device's: a wrong path is still 4.04, not 4.01.
+    let other = request(MessageType::Confirmable, RequestType::Get, "/elsewhere", 6);
+    assert_eq!(handle_as(&mut x, &res, &other, 0, Access::Refused).0, Outcome::Answered("not_found"));
+}
+
+fn limited() -> ExchangeConfig {
+    ExchangeConfig { amplification_limit: true, echo_lifetime_ms: 10_000, ..CFG }
+}
+
+#[test]
+fn large_answers_to_unverified_addresses_are_an_echo_challenge_until_it_comes_back() {
+    let res = Fixed::new(4096);
+    let mut x = Exchange::new(limited());
+    let mut get = request(MessageType::Confirmable, RequestType::Get, "/fw/dev-1", 1);
+    get.add_option(CoapOption::Block2, uint(6)); // block 0 of 1024
+    let sent = get.to_bytes().unwrap().len();
+    let (o, a, len) = handle_as(&mut x, &res, &get, 0, Access::Open);
+    assert_eq!(o, Outcome::Answered("echo"));
+    assert_eq!(a.header.code, MessageClass::Response(ResponseType::Unauthorized));
+    assert!(len <= 3 * sent, "{len} bytes answered to {sent}");
+    assert!(res.served.borrow().is_empty(), "a block not sent is not progress");
+    let echo = a.get_first_option(CoapOption::from(ECHO)).expect("an Echo option").clone();
+
+    // A retransmission gets the same challenge, from the cache.
+    let (o, again, _) = handle_as(&mut x, &res, &get, 10, Access::Open);
+    assert_eq!((o, again.get_first_option(CoapOption::from(ECHO))), (Outcome::Duplicate, Some(&echo)));
+
+    // A forged or stale Echo is no proof.
+    for (bad, at) in [(vec![0u8; 12], 20), (echo.clone(), ECHO_FRESH_MS + 2000)] {
+        let mut g = get.clone();
+        g.header.message_id = 2;
+        g.set_token(vec![at as u8]);
+        g.add_option(CoapOption::from(ECHO), bad);
+        assert_eq!(handle_as(&mut x, &res, &g, at, Access::Open).0, Outcome::Answered("echo"));
+    }
+
+    // The request repeated with the Echo is answered in full, and so are the next ones for
+    // the lifetime.
+    let mut with_echo = get.clone();
+    with_echo.header.message_id = 3;
+    with_echo.add_option(CoapOption::from(ECHO), echo.clone());
+    let (o, full, _) = handle_as(&mut x, &res, &with_echo, 30, Access::Open);
+    assert_eq!((o, full.payload.len()), (Outcome::Answered("block"), 1024));
+    let mut next = get.clone();
+    next.header.message_id = 4;
+    next.set_token(vec![4]);
+    assert_eq!(handle_as(&mut x, &res, &next, 5_000, Access::Open).0, Outcome::Answered("block"));
+
+    // Once the lifetime is over, a retransmission of that request may not replay the block.
+    let (o, replay, len) = handle_as(&mut x, &res, &next, 10_100, Access::Open);
+    assert_eq!(
+        (o, replay.header.code),
+        (Outcome::Answered("echo"), MessageClass::Response(ResponseType::Unauthorized))
+    );
+    assert!(len <= 3 * next.to_bytes().unwrap().len());
+}
+
+#[test]
+fn small_answers_need_no_echo_and_the_limit_covers_dfu_answers() {
+    let res = Fixed::new(4096);
+    let mut x = Exchange::new(limited());
+    // A 4.04 is smaller than its request: sent as it is.
+    let missing = request(MessageType::Confirmable, RequestType::Get, "/fw/nobody", 1);
+    assert_eq!(handle_as(&mut x, &res, &missing, 0, Access::Open).0, Outcome::Answered("not_found"));
+    // A short Status whose Command would be much larger: challenged.
+    struct Big;
+    impl Resources for Big {
+        fn dfu(&self, _: &str, _: &[u8], _: u64) -> DfuAnswer {
+            DfuAnswer::Command(vec![7; 900])
+        }
+        fn firmware(&self, _: &str) -> FirmwareAnswer {
+            FirmwareAnswer::NotAssigned
+        }
+        fn block_served(&self, _: &str, _: u64, _: u64, _: u64) -> bool {
+            true
+        }
+    }
+    let mut post = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 2);
+    post.payload = vec![0xa0];
+    let mut out = Vec::new();
+    let o = x.handle(peer(1), &post.to_bytes().unwrap(), 0, 0, Access::Open, &Big, &mut out);
+    assert_eq!(o, Outcome::Answered("echo"));
+    assert!(out.len() <= 3 * post.to_bytes().unwrap().len());
+}
+
+#[test]
+fn duplicates_are_keyed_by_token_too() {
+    let res = Fixed::new(64);
+    let mut x = Exchange::new(CFG);
+    let mut a = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 9);
+    a.payload = b"s".to_vec();
+    assert_eq!(run(&mut x, &res, peer(1), &a).0, Outcome::Answered("dfu"));
+    assert_eq!(run(&mut x, &res, peer(1), &a).0, Outcome::Duplicate);
+    // Same message id, another token: another request (a client that reused the id).
+    let mut b = a.clone();
+    b.set_token(vec![1, 2, 3]);
+    assert_eq!(run(&mut x, &res, peer(1), &b).0, Outcome::Answered("dfu"));
+    assert_eq!(res.dfu_calls.get(), 2);
+}

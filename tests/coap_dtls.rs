@@ -1,0 +1,238 @@
+//! Device identity on CoAP: stock libcoap clients (coap-client-openssl, -gnutls, -notls)
+//! against a gateway in-process on ephemeral ports, over DTLS with the device's token as its
+//! PSK, and on the plain listener with devices required to authenticate or with the Echo
+//! amplification limit.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use common::serve::require;
+use common::*;
+use fwgate::config::Config;
+use fwgate::fleet::device_token;
+use fwgate::loadgen::device::DfuDevice;
+use fwgate::protocol::{Command as DfuCommand, Form};
+use serde_json::Value;
+use tokio::net::UdpSocket;
+
+const SECRET: &str = "coap-dtls-test-device-secret";
+const KIB: usize = 1024;
+
+fn dtls_config(dir: &Path) -> Config {
+    let mut c = test_config(dir);
+    c.mqtt.auth = true;
+    c.mqtt.device_secret = SECRET.into();
+    c.coap.dtls_listen = "127.0.0.1:0".into();
+    c
+}
+
+/// Runs a libcoap client (bounded by `timeout`); returns (stdout + stderr).
+async fn coap_client(bin: &'static str, args: Vec<String>) -> String {
+    require(bin, "libcoap3-bin");
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new("timeout").arg("30").arg(bin).args(&args).output().expect("client runs");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+fn status_file(dir: &Path, name: &str, running: &str) -> String {
+    let dev = DfuDevice::new("any", Form::Named, running);
+    let path = dir.join(name);
+    std::fs::write(&path, dev.status_bytes()).unwrap();
+    path.display().to_string()
+}
+
+async fn setup(gw: &TestGateway, img: &[u8], devices: &[&str]) {
+    add_image(&gw.admin, "app", "2.0.0", img.to_vec()).await;
+    for id in devices {
+        add_device(&gw.admin, id).await;
+        assign(&gw.admin, id, "app@2.0.0").await;
+    }
+}
+
+/// A device's record without what a read changes by itself.
+async fn record(gw: &TestGateway, id: &str) -> Value {
+    device_state(&gw.admin, id).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_clients_download_and_post_status_over_coaps_as_their_own_device_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dtls_config(dir.path())).await;
+    let dtls = gw.gw().coap_dtls.expect("dtls listening");
+    let img = image(40 * KIB + 123, 41);
+    setup(&gw, &img, &["dev-a", "dev-b"]).await;
+    let (key_a, key_b) = (device_token(SECRET, "dev-a"), device_token(SECRET, "dev-b"));
+    let base = format!("coaps://{dtls}");
+
+    for (bin, block) in [
+        ("coap-client-openssl", "64"),
+        ("coap-client-openssl", "512"),
+        ("coap-client-openssl", "1024"),
+        ("coap-client-gnutls", "1024"),
+    ] {
+        let out = dir.path().join(format!("{bin}-{block}.bin"));
+        let o = out.display().to_string();
+        let log =
+            coap_client(bin, args(&["-u", "dev-a", "-k", &key_a, "-b", block, "-o", &o, &format!("{base}/fw/dev-a")]))
+                .await;
+        let got = std::fs::read(&out).unwrap_or_else(|_| panic!("{bin} -b {block} wrote nothing: {log}"));
+        assert!(got == img, "{bin} -b {block}: {} bytes, not the image's {}: {log}", got.len(), img.len());
+    }
+    assert!(gw.gw().telemetry.dtls_count("handshake_ok") >= 4);
+
+    // A Status over coaps gets a Command, and is recorded as dev-a's.
+    let status = status_file(dir.path(), "status-a.cbor", "1.0.0");
+    let reply = dir.path().join("reply.cbor");
+    let r = reply.display().to_string();
+    let log = coap_client(
+        "coap-client-openssl",
+        args(&[
+            "-u",
+            "dev-a",
+            "-k",
+            &key_a,
+            "-m",
+            "post",
+            "-t",
+            "60",
+            "-f",
+            &status,
+            "-o",
+            &r,
+            &format!("{base}/dfu/dev-a"),
+        ]),
+    )
+    .await;
+    let bytes = std::fs::read(&reply).unwrap_or_else(|_| panic!("no Command came back: {log}"));
+    let (cmd, _) = DfuCommand::decode(&bytes).expect("the answer is a DFU Command");
+    assert!(matches!(cmd, DfuCommand::Write { offset: 0, .. }), "{cmd:?}");
+    assert_eq!(record(&gw, "dev-a").await["running"]["main"], "1.0.0");
+
+    // The wrong key: no session, nothing served.
+    let ok_before = gw.gw().telemetry.dtls_count("handshake_ok");
+    let wrong = dir.path().join("wrong.bin");
+    let w = wrong.display().to_string();
+    coap_client("coap-client-openssl", args(&["-u", "dev-a", "-k", &key_b, "-o", &w, &format!("{base}/fw/dev-a")]))
+        .await;
+    assert!(std::fs::read(&wrong).map_or(true, |b| b.is_empty()), "a wrong key got bytes");
+    assert_eq!(gw.gw().telemetry.dtls_count("handshake_ok"), ok_before, "a wrong key established a session");
+
+    // dev-a's credentials for dev-b's resources: 4.03, and dev-b's record does not move.
+    let b_before = record(&gw, "dev-b").await;
+    let log =
+        coap_client("coap-client-openssl", args(&["-u", "dev-a", "-k", &key_a, &format!("{base}/fw/dev-b")])).await;
+    assert!(log.contains("4.03"), "{log}");
+    let forged = status_file(dir.path(), "status-forged.cbor", "6.6.6");
+    let log = coap_client(
+        "coap-client-openssl",
+        args(&["-u", "dev-a", "-k", &key_a, "-m", "post", "-t", "60", "-f", &forged, &format!("{base}/dfu/dev-b")]),
+    )
+    .await;
+    assert!(log.contains("4.03"), "{log}");
+    assert_eq!(record(&gw, "dev-b").await, b_before, "dev-b changed through dev-a's session");
+    assert_eq!(gw.gw().telemetry.coap_count("forbidden"), 2);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_listener_refuses_device_resources_when_devices_must_authenticate() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(dtls_config(dir.path())).await;
+    let img = image(8 * KIB, 42);
+    setup(&gw, &img, &["dev-a"]).await;
+    let before = record(&gw, "dev-a").await;
+    let base = format!("coap://{}", gw.coap());
+
+    let log = coap_client("coap-client-notls", args(&["-b", "1024", &format!("{base}/fw/dev-a")])).await;
+    assert!(log.contains("4.01"), "{log}");
+    let forged = status_file(dir.path(), "forged.cbor", "6.6.6");
+    let log = coap_client(
+        "coap-client-notls",
+        args(&["-m", "post", "-t", "60", "-f", &forged, &format!("{base}/dfu/dev-a")]),
+    )
+    .await;
+    assert!(log.contains("4.01"), "{log}");
+    assert_eq!(record(&gw, "dev-a").await, before, "a stranger's Status changed the device");
+    assert_eq!(gw.gw().telemetry.coap_count("unauthorized"), 2);
+    gw.stop().await;
+}
+
+/// One request of the amplification probe, as bytes.
+fn probe_request(kind: usize, mid: u16, status: &[u8]) -> Vec<u8> {
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Confirmable);
+    p.header.message_id = mid;
+    p.set_token(vec![(mid >> 8) as u8, mid as u8]);
+    let (method, path) =
+        if kind == 0 { (RequestType::Get, ["fw", "dev-a"]) } else { (RequestType::Post, ["dfu", "dev-a"]) };
+    p.header.code = MessageClass::Request(method);
+    for seg in path {
+        p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+    }
+    if kind == 0 {
+        // Block 0..40 of 1024 bytes.
+        p.add_option(CoapOption::Block2, fwgate::protocol::coap::uint(((mid as u32 % 40) << 4) | 6));
+    } else {
+        p.payload = status.to_vec();
+    }
+    p.to_bytes().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_an_unverified_address_stay_within_three_times_its_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start(test_config(dir.path())).await;
+    let img = image(40 * KIB, 43);
+    setup(&gw, &img, &["dev-a"]).await;
+    // A Status asking for the largest block there is.
+    let mut dev = DfuDevice::new("dev-a", Form::Packed, "1.0.0");
+    dev.mtu = u32::MAX;
+    let status = dev.status_bytes();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(gw.coap()).await.unwrap();
+    let (mut sent, mut answered, mut answers) = (0usize, 0usize, 0usize);
+    let mut buf = vec![0u8; 4096];
+    let mut last: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..10_000u32 {
+        // GET, POST, then a duplicate of each (the same message id and token).
+        let kind = (i % 2) as usize;
+        let d = if i % 4 < 2 {
+            last[kind] = probe_request(kind, i as u16, &status);
+            last[kind].clone()
+        } else {
+            last[kind].clone()
+        };
+        sock.send(&d).await.unwrap();
+        sent += d.len();
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf)).await {
+            answered += n;
+            answers += 1;
+        }
+    }
+    eprintln!("amplification probe: {answered} bytes answered ({answers} datagrams) to {sent} bytes sent");
+    assert!(answers >= 9_990, "the gateway answered only {answers} of 10,000");
+    assert!(answered <= 3 * sent, "answered {answered} bytes to {sent} from an unverified address");
+    assert!(gw.gw().telemetry.coap_count("echo") > 0, "large answers were replaced by Echo challenges");
+
+    // A stock client answers the challenge by itself and gets the whole image.
+    let out = dir.path().join("notls.bin");
+    let o = out.display().to_string();
+    let log =
+        coap_client("coap-client-notls", args(&["-b", "1024", "-o", &o, &format!("coap://{}/fw/dev-a", gw.coap())]))
+            .await;
+    assert!(std::fs::read(&out).is_ok_and(|b| b == img), "coap-client-notls did not get the image: {log}");
+    gw.stop().await;
+}
