@@ -1,6 +1,7 @@
 //! The admin HTTP API (JSON over axum): images, devices, assignment, waves, `/metrics`,
-//! `/livez`, `/readyz`. Every mutating route — and the one that reveals device tokens — needs the
-//! bearer token.
+//! `/livez`, `/readyz`. Every `/api/v1` route needs a bearer token — the admin token, or for
+//! reads the optional read-only one — and a Host header naming this gateway (a page in an
+//! operator's browser cannot reach it through DNS rebinding); probes and metrics stay open.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,10 @@ pub struct AppState {
     pub waves: Arc<Waves>,
     pub telemetry: Arc<Telemetry>,
     pub token: Arc<str>,
+    /// May read `/api/v1`, not change it.
+    pub read_token: Option<Arc<str>>,
+    /// Host header names accepted (lower-case, no port).
+    pub allowed_hosts: Arc<[String]>,
     pub list_limit: usize,
     pub max_image_bytes: usize,
     pub max_request_bytes: usize,
@@ -162,13 +167,56 @@ where
     }
 }
 
+/// The Host header without its port: `name`, `1.2.3.4` or `[::1]`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+/// Every `/api/v1` request: a Host of this gateway (421 otherwise), then a token — the admin
+/// token for anything, the read-only one for `GET`/`HEAD` (403 for the rest), 401 without.
+async fn guard(State(s): State<AppState>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(|h| host_name(h).to_ascii_lowercase());
+    if !host.as_ref().is_some_and(|h| s.allowed_hosts.iter().any(|a| a == h)) {
+        s.telemetry.admin_refused("host");
+        let shown = crate::cli::shown(host.as_deref().unwrap_or("(none)")).into_owned();
+        let msg = format!("Host {shown} is not one this gateway answers to (admin.allowed_hosts)");
+        return AppError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", msg).into_response();
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let read_only = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    let is_read_token = |t: &str| s.read_token.as_ref().is_some_and(|r| same(t.as_bytes(), r.as_bytes()));
+    match given {
+        Some(t) if same(t.as_bytes(), s.token.as_bytes()) => next.run(req).await,
+        Some(t) if is_read_token(t) && read_only => next.run(req).await,
+        Some(t) if is_read_token(t) => {
+            s.telemetry.admin_refused("read_only");
+            AppError::new(StatusCode::FORBIDDEN, "forbidden", "the read-only token cannot change anything")
+                .into_response()
+        }
+        Some(_) => {
+            s.telemetry.admin_refused("wrong_token");
+            AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong bearer token").into_response()
+        }
+        None => {
+            s.telemetry.admin_refused("no_token");
+            AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs Authorization: Bearer <token>")
+                .into_response()
+        }
+    }
+}
+
 pub fn app(state: AppState) -> Router {
     let image_limit = state.max_image_bytes + 1;
     let request_limit = state.max_request_bytes;
     Router::new()
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/v1/images", get(list_images).post(add_image).layer(DefaultBodyLimit::max(image_limit)))
         .route("/api/v1/images/{name}/{version}", get(show_image))
         .route("/api/v1/devices", get(list_devices).post(add_devices))
@@ -184,6 +232,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/tags/{tag}", get(show_tag))
         .route("/api/v1/tuf", get(tuf_status))
         .route("/api/v1/tuf/{repo}/refresh", post(tuf_refresh))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(request_limit))
         .with_state(state)
 }

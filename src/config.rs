@@ -58,6 +58,8 @@ pub struct TufConfig {
     pub refresh_secs: u64,
     /// Serve an image older than the version a device runs.
     pub allow_downgrade: bool,
+    /// Each HTTP fetch from a repository must connect, and finish, within this.
+    pub fetch_timeout_secs: u64,
 }
 
 impl Default for TufConfig {
@@ -71,6 +73,7 @@ impl Default for TufConfig {
             ci_targets_url: String::new(),
             refresh_secs: 300,
             allow_downgrade: false,
+            fetch_timeout_secs: 30,
         }
     }
 }
@@ -295,8 +298,31 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Empty: a token is generated once into `<data_dir>/admin.token`.
     pub token: String,
+    /// A token that may read (`GET` under `/api/v1`) but change nothing; empty: none.
+    pub read_token: String,
+    /// Names the API answers to in the Host header (DNS-rebinding defence); any other gets
+    /// 421. Empty: the listen address, `localhost`, `127.0.0.1` and `::1`.
+    pub allowed_hosts: Vec<String>,
     pub list_limit: usize,
     pub max_request_bytes: usize,
+}
+
+impl AdminConfig {
+    /// The Host names accepted, lower-case, without ports.
+    pub fn hosts(&self) -> Vec<String> {
+        if !self.allowed_hosts.is_empty() {
+            return self.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        }
+        let mut hosts = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "[::1]".to_owned()];
+        let ip = match self.listen.ip() {
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        if !hosts.contains(&ip) {
+            hosts.push(ip);
+        }
+        hosts
+    }
 }
 
 impl Default for AdminConfig {
@@ -304,6 +330,8 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: String::new(),
+            read_token: String::new(),
+            allowed_hosts: Vec::new(),
             list_limit: 1000,
             max_request_bytes: 64 << 20,
         }
@@ -467,6 +495,20 @@ impl Config {
                 ));
             }
         }
+        let a = &self.admin;
+        if !a.read_token.is_empty() && (a.read_token.len() < 16 || a.read_token == a.token) {
+            return Err(invalid("admin.read_token", "must be at least 16 characters and differ from admin.token"));
+        }
+        if let Some(h) = a
+            .allowed_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(['/', ' ', '@']) || (!h.starts_with('[') && h.contains(':')))
+        {
+            return Err(invalid(
+                "admin.allowed_hosts",
+                format!("{h:?} is not a host name or address (no scheme, path or port)"),
+            ));
+        }
         if self.fleet.max_devices == 0 {
             return Err(invalid("fleet.max_devices", "must be at least 1"));
         }
@@ -479,6 +521,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if self.tuf.fetch_timeout_secs == 0 {
+            return Err(invalid("tuf.fetch_timeout_secs", "must be at least 1"));
         }
         if self.tuf.refresh_secs == 0 {
             return Err(invalid("tuf.refresh_secs", "must be at least 1"));

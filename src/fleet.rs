@@ -111,10 +111,25 @@ pub struct Upserted {
 
 struct Entry {
     device: Device,
-    /// `last_seen` moved since the record was last written.
+    /// `last_seen` (or a running version) moved since the record was last written.
     dirty: bool,
     /// `last_seen` moved since the selection index last took it.
     fresh: bool,
+    /// Changed running versions written at once in the minute that started at `window`.
+    version_writes: u8,
+    window: u64,
+}
+
+/// A device's changed running version is written at once this many times a minute (an
+/// update changes it once or twice); more changes are written by the next last-seen flush,
+/// so a device reporting ever new versions costs the store one write per flush, not one per
+/// Status.
+const VERSION_WRITES_PER_MINUTE: u8 = 4;
+
+impl Entry {
+    fn new(device: Device) -> Entry {
+        Entry { device, dirty: false, fresh: false, version_writes: 0, window: 0 }
+    }
 }
 
 /// A rollout selection, with ids.
@@ -153,7 +168,7 @@ impl Fleet {
         let mut index = FleetIndex::default();
         for d in store.load_all::<Device>(Cf::Devices)? {
             index.upsert(facts(&d))?;
-            devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
+            devices.insert(d.spec.id.clone(), Entry::new(d));
         }
         Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index) })
     }
@@ -239,7 +254,7 @@ impl Fleet {
         for d in records {
             // Checked above: the tags fit and the registry is bounded below u32::MAX.
             let _ = index.upsert(facts(&d));
-            self.devices.insert(d.spec.id.clone(), Entry { device: d, dirty: false, fresh: false });
+            self.devices.insert(d.spec.id.clone(), Entry::new(d));
         }
         Ok(out)
     }
@@ -322,10 +337,19 @@ impl Fleet {
             return Ok(true);
         }
         e.device.running.insert(component.to_owned(), version.to_owned());
-        let mut b = self.store.batch();
-        b.put_json(Cf::Devices, id.as_bytes(), &e.device)?;
-        b.commit()?;
-        e.dirty = false;
+        tracing::debug!(device = id, component, version, "running version changed");
+        if now.saturating_sub(e.window) >= 60 {
+            (e.window, e.version_writes) = (now, 0);
+        }
+        if e.version_writes < VERSION_WRITES_PER_MINUTE {
+            let mut b = self.store.batch();
+            b.put_json(Cf::Devices, id.as_bytes(), &e.device)?;
+            b.commit()?;
+            e.dirty = false;
+            e.version_writes += 1;
+        } else {
+            e.dirty = true;
+        }
         drop(e);
         if component == MAIN_COMPONENT {
             // The record just written holds last-seen too: the index gets both, so it never

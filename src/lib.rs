@@ -146,7 +146,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     let load = |e: &dyn std::fmt::Display| StartError::Load(e.to_string());
     let firmware = Arc::new(Firmware::open(store.clone(), config.firmware.clone()).map_err(|e| load(&e))?);
     let fleet = Arc::new(Fleet::open(store.clone(), config.fleet.max_devices).map_err(|e| load(&e))?);
-    let trust = Arc::new(tuf::Trust::new(&config.tuf.production(), &config.tuf.ci(), dir));
+    let trust = Arc::new(
+        tuf::Trust::new(&config.tuf.production(), &config.tuf.ci(), dir)
+            .with_fetch_timeout(Duration::from_secs(config.tuf.fetch_timeout_secs)),
+    );
     // A repository that does not verify now leaves its devices without admissible images
     // until it does; the gateway still starts.
     refresh_tuf(&trust).await;
@@ -189,6 +192,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         waves: waves.clone(),
         telemetry: telemetry.clone(),
         token: token.clone().into(),
+        read_token: (!config.admin.read_token.is_empty()).then(|| config.admin.read_token.clone().into()),
+        allowed_hosts: config.admin.hosts().into(),
         list_limit: config.admin.list_limit,
         max_image_bytes: config.firmware.max_image_bytes as usize,
         max_request_bytes: config.admin.max_request_bytes,

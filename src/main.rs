@@ -6,7 +6,8 @@ async fn main() -> std::process::ExitCode {
     match fwgate::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote the server and the device: no control character reaches the terminal.
+            eprintln!("error: {}", fwgate::cli::shown(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -31,7 +31,20 @@ pub struct Telemetry {
     mqtt_disconnects: Family<Label, Counter>,
     mqtt_dropped: Family<Label, Counter>,
     dtls: Family<Label, Counter>,
+    admin_refused: Family<Label, Counter>,
     dtls_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
+    faults: FaultLog,
+}
+
+/// How many faults of one kind are logged per [`FAULT_WINDOW_MS`]; the rest are counted and
+/// summed up in the next line logged for that kind.
+pub const FAULTS_LOGGED: u32 = 3;
+pub const FAULT_WINDOW_MS: u64 = 10_000;
+
+/// Per kind of client fault: the window's start, lines logged in it, lines suppressed.
+#[derive(Default)]
+struct FaultLog {
+    kinds: std::sync::Mutex<std::collections::HashMap<&'static str, (u64, u32, u64)>>,
 }
 
 impl Default for Telemetry {
@@ -61,7 +74,9 @@ impl Telemetry {
             mqtt_disconnects: Family::default(),
             mqtt_dropped: Family::default(),
             dtls: Family::default(),
+            admin_refused: Family::default(),
             dtls_sessions: Gauge::default(),
+            faults: FaultLog::default(),
             registry: Registry::default(),
         };
         registry.register("blocks_served", "WRITE blocks sent to devices, by transport", t.blocks.clone());
@@ -125,6 +140,11 @@ impl Telemetry {
             "CoAP DTLS sessions held (established or in handshake)",
             t.dtls_sessions.clone(),
         );
+        registry.register(
+            "admin_refused",
+            "Admin API requests refused, by reason (host, no_token, wrong_token, read_only)",
+            t.admin_refused.clone(),
+        );
         Telemetry { registry, ..t }
     }
 
@@ -149,6 +169,29 @@ impl Telemetry {
 
     pub fn coap(&self, result: &'static str) {
         self.coap.get_or_create(&[("result", result)]).inc();
+    }
+
+    /// Whether a fault caused by a client (a bad packet, a refused request) of `kind` may be
+    /// logged now: `Some(n)` with the number of lines of that kind suppressed since the last
+    /// one logged, `None` when this one is only counted (in the kind's own metric).
+    pub fn log_fault(&self, kind: &'static str) -> Option<u64> {
+        let now = crate::now_millis();
+        let mut kinds = self.faults.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, logged, suppressed) = kinds.entry(kind).or_insert((now, 0, 0));
+        if now.saturating_sub(*start) >= FAULT_WINDOW_MS {
+            (*start, *logged) = (now, 0);
+        }
+        if *logged < FAULTS_LOGGED {
+            *logged += 1;
+            Some(std::mem::take(suppressed))
+        } else {
+            *suppressed += 1;
+            None
+        }
+    }
+
+    pub fn admin_refused(&self, reason: &'static str) {
+        self.admin_refused.get_or_create(&[("reason", reason)]).inc();
     }
 
     pub fn dtls(&self, event: &'static str) {

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tough::{async_trait, ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
@@ -95,6 +96,16 @@ fn url_of(repo: &str, text: &str) -> Result<Url, TufError> {
 #[derive(Debug, Clone, Default)]
 pub struct Fetch {
     http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Fetch {
+    /// Each HTTP fetch must connect, and then finish, within `timeout`: a repository that
+    /// accepts and never answers fails the refresh instead of hanging it.
+    pub fn new(timeout: Duration) -> Fetch {
+        let http = reqwest::Client::builder().connect_timeout(timeout).timeout(timeout).build().unwrap_or_default();
+        Fetch { http, timeout }
+    }
 }
 
 #[async_trait]
@@ -103,7 +114,11 @@ impl Transport for Fetch {
         match url.scheme() {
             "file" => tough::FilesystemTransport.fetch(url).await,
             "http" | "https" => {
-                let err = |kind, e: reqwest::Error| TransportError::new_with_cause(kind, url.as_str(), e);
+                let secs = self.timeout.as_secs();
+                let err = |kind, e: reqwest::Error| match e.is_timeout() {
+                    true => TransportError::new_with_cause(kind, url.as_str(), format!("no answer within {secs} s")),
+                    false => TransportError::new_with_cause(kind, url.as_str(), e),
+                };
                 let resp = self.http.get(url.clone()).send().await.map_err(|e| err(TransportErrorKind::Other, e))?;
                 let status = resp.status();
                 if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::FORBIDDEN {
@@ -125,6 +140,10 @@ impl Transport for Fetch {
                         match resp.chunk().await {
                             Ok(Some(b)) => Some((Ok(b), Some(resp))),
                             Ok(None) => None,
+                            Err(e) if e.is_timeout() => {
+                                let why = format!("no answer within {secs} s");
+                                Some((Err(TransportError::new_with_cause(TransportErrorKind::Other, u, why)), None))
+                            }
                             Err(e) => {
                                 Some((Err(TransportError::new_with_cause(TransportErrorKind::Other, u, e)), None))
                             }
@@ -148,7 +167,12 @@ pub struct Client {
     pub targets_url: String,
     /// Holds root.json (the newest verified), timestamp.json, snapshot.json, targets.json.
     pub datastore: PathBuf,
+    /// Connect and total limit of each HTTP fetch.
+    pub fetch_timeout: Duration,
 }
+
+/// `tuf.fetch_timeout_secs`'s default.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
     fn io(&self, what: String) -> impl FnOnce(std::io::Error) -> TufError + '_ {
@@ -169,13 +193,21 @@ impl Client {
         let root = self.trusted_root()?;
         let metadata = url_of(&self.name, &self.metadata_url)?;
         let targets = url_of(&self.name, &self.targets_url)?;
-        RepositoryLoader::new(&root, metadata, targets)
-            .transport(Fetch::default())
+        let load = RepositoryLoader::new(&root, metadata, targets)
+            .transport(Fetch::new(self.fetch_timeout))
             .datastore(&self.datastore)
             .expiration_enforcement(ExpirationEnforcement::Safe)
-            .load()
-            .await
-            .map_err(|e| TufError::Verify { repo: self.name.clone(), message: error_chain(&e) })
+            .load();
+        // Each fetch has the limit, and so has the whole refresh (root, timestamp, snapshot,
+        // targets): a repository that trickles cannot hold it either.
+        let secs = self.fetch_timeout.as_secs();
+        match tokio::time::timeout(self.fetch_timeout, load).await {
+            Ok(r) => r.map_err(|e| TufError::Verify { repo: self.name.clone(), message: error_chain(&e) }),
+            Err(_) => Err(TufError::Verify {
+                repo: self.name.clone(),
+                message: format!("the repository did not answer within {secs} s (tuf.fetch_timeout_secs)"),
+            }),
+        }
     }
 
     /// Refreshes and lists the verified targets.
@@ -306,9 +338,18 @@ impl Trust {
                 metadata_url: c.metadata_url.clone(),
                 targets_url: c.targets_url.clone(),
                 datastore: data_dir.join("tuf").join(name),
+                fetch_timeout: FETCH_TIMEOUT,
             })
         };
         Trust { production: client(PRODUCTION, production), ci: client(CI, ci), verified: RwLock::new(HashMap::new()) }
+    }
+
+    /// Sets the connect and total limit of each HTTP fetch (`tuf.fetch_timeout_secs`).
+    pub fn with_fetch_timeout(mut self, timeout: Duration) -> Trust {
+        for c in [&mut self.production, &mut self.ci].into_iter().flatten() {
+            c.fetch_timeout = timeout;
+        }
+        self
     }
 
     /// No repository at all: production devices get nothing, CI devices anything.

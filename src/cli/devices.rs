@@ -90,7 +90,7 @@ fn print_device(v: &Value) {
         "groups      {}",
         v["groups"]
             .as_array()
-            .map(|g| g.iter().map(|x| x.as_str().unwrap_or("")).collect::<Vec<_>>().join(","))
+            .map(|g| g.iter().map(|x| shown(x.as_str().unwrap_or("")).into_owned()).collect::<Vec<_>>().join(","))
             .unwrap_or_default()
     );
     println!("production  {}", s(v, "production"));
@@ -101,7 +101,7 @@ fn print_device(v: &Value) {
         println!("running     - (no Status yet)");
     }
     for (component, version) in running {
-        println!("running     {} ({component})", version.as_str().unwrap_or(""));
+        println!("running     {} ({})", shown(version.as_str().unwrap_or("")), shown(&component));
     }
     let ops = v["operations"].as_array().cloned().unwrap_or_default();
     if ops.is_empty() {
@@ -124,10 +124,10 @@ fn print_device(v: &Value) {
             s(&op, "length")
         );
         if let Some(d) = op["detail"].as_str() {
-            println!("  detail    {d}");
+            println!("  detail    {}", shown(d));
         }
         if let Some(w) = op["waiting"].as_str() {
-            println!("  waiting   {w}");
+            println!("  waiting   {}", shown(w));
         }
     }
 }
@@ -168,7 +168,7 @@ pub async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
             }
             println!("{:<38} {:<12} {:<5} {:<12} {:<14} LAST SEEN", "ID", "TAG", "PROD", "HARDWARE", "RUNNING");
             for d in v.as_array().into_iter().flatten() {
-                let running = d["running"].get("main").and_then(Value::as_str).unwrap_or("-");
+                let running = shown(d["running"].get("main").and_then(Value::as_str).unwrap_or("-"));
                 println!(
                     "{:<38} {:<12} {:<5} {:<12} {:<14} {}",
                     s(d, "id"),

@@ -62,6 +62,7 @@ fn client(a: &ClientArgs, targets_url: Option<&str>) -> Result<Client> {
         targets_url: targets_url.map(str::to_owned).unwrap_or_else(|| metadata_url.clone()),
         metadata_url,
         datastore: a.metadata_dir.clone(),
+        fetch_timeout: crate::tuf::FETCH_TIMEOUT,
     })
 }
 

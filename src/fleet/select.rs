@@ -62,8 +62,15 @@ pub struct FleetIndex {
     /// The running version of each device's main component, interned.
     version: Vec<u16>,
     version_ids: HashMap<Box<str>, u16>,
-    /// Version id → its text.
+    /// Version id → its text (empty for a free id).
     version_names: Vec<Box<str>>,
+    /// Version id → devices running it. A version no device runs and no wave reserved is
+    /// forgotten, so devices reporting ever new strings cannot fill the table.
+    version_refs: Vec<u32>,
+    /// Version id → reserved by a wave: kept while no device runs it.
+    version_pinned: Vec<bool>,
+    /// Ids of forgotten versions, taken before new ones.
+    version_free: Vec<u16>,
     /// Members of each group, sorted.
     groups: HashMap<Box<str>, Vec<Idx>>,
     /// Deleted devices: their position stays taken (waves hold positions) but follows no tag
@@ -165,7 +172,7 @@ impl FleetIndex {
         self.tag[u] = NO_TAG;
         self.production[u] = false;
         self.last_seen[u] = 0;
-        self.version[u] = NO_VERSION;
+        self.set_version(i, None);
         self.retired.insert(id.into(), i);
         Some(i)
     }
@@ -213,26 +220,62 @@ impl FleetIndex {
         Ok(i)
     }
 
-    /// The id of `version` in the table, adding it when there is room.
+    /// The id of `version` in the table, adding it when there is room, kept until the wave
+    /// that reserved it is gone (for as long as the index lives).
     pub fn reserve_version(&mut self, version: &str) -> Result<u16, IndexError> {
+        let v = self.intern(version)?;
+        self.version_pinned[v as usize] = true;
+        Ok(v)
+    }
+
+    fn intern(&mut self, version: &str) -> Result<u16, IndexError> {
         if let Some(&v) = self.version_ids.get(version) {
             return Ok(v);
         }
         if self.version_ids.len() >= MAX_VERSIONS {
             return Err(IndexError::TooManyVersions);
         }
-        let v = self.version_ids.len() as u16;
+        let v = match self.version_free.pop() {
+            Some(v) => {
+                self.version_names[v as usize] = version.into();
+                v
+            }
+            None => {
+                self.version_names.push(version.into());
+                self.version_refs.push(0);
+                self.version_pinned.push(false);
+                (self.version_names.len() - 1) as u16
+            }
+        };
         self.version_ids.insert(version.into(), v);
-        self.version_names.push(version.into());
         Ok(v)
     }
 
     /// Records the running version of a device's main component.
     pub fn set_version(&mut self, i: Idx, version: Option<&str>) {
-        let v = version.and_then(|v| self.reserve_version(v).ok()).unwrap_or(NO_VERSION);
-        if let Some(slot) = self.version.get_mut(i as usize) {
-            *slot = v;
+        let Some(old) = self.version.get(i as usize).copied() else { return };
+        let new = version.and_then(|v| self.intern(v).ok()).unwrap_or(NO_VERSION);
+        if new == old {
+            return;
         }
+        if let Some(r) = self.version_refs.get_mut(new as usize) {
+            *r += 1;
+        }
+        self.version[i as usize] = new;
+        let u = old as usize;
+        if let Some(r) = self.version_refs.get_mut(u) {
+            *r = r.saturating_sub(1);
+            if *r == 0 && !self.version_pinned[u] {
+                let name = std::mem::take(&mut self.version_names[u]);
+                self.version_ids.remove(&name);
+                self.version_free.push(old);
+            }
+        }
+    }
+
+    /// Distinct versions the table holds now.
+    pub fn versions(&self) -> usize {
+        self.version_ids.len()
     }
 
     /// A test for "runs `version`" that looks the version up once, for loops over many
@@ -244,7 +287,7 @@ impl FleetIndex {
 
     /// A test for "runs a version that `pick` chooses", deciding once per distinct version.
     pub fn running_any(&self, pick: impl Fn(&str) -> bool) -> impl Fn(Idx) -> bool + '_ {
-        let chosen: Vec<bool> = self.version_names.iter().map(|v| pick(v)).collect();
+        let chosen: Vec<bool> = self.version_names.iter().map(|v| !v.is_empty() && pick(v)).collect();
         move |i| {
             let v = self.version.get(i as usize).copied().unwrap_or(NO_VERSION);
             chosen.get(v as usize).copied().unwrap_or(false)

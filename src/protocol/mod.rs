@@ -64,6 +64,8 @@ pub enum DecodeError {
     TooLong { field: &'static str, max: usize },
     #[error("field `{0}` is not valid utf-8")]
     NotUtf8(&'static str),
+    #[error("field `{0}` is empty or holds NUL, CR or LF")]
+    BadText(&'static str),
     #[error("field `{0}` appears twice")]
     Duplicate(&'static str),
     #[error("a map has more than {0} entries")]
@@ -83,6 +85,7 @@ impl DecodeError {
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Empty => "empty",
+            DecodeError::BadText(_) => "bad_text",
             DecodeError::Truncated => "truncated",
             DecodeError::Malformed(_) => "malformed",
             DecodeError::NotAMap => "not_a_map",

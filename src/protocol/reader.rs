@@ -133,7 +133,13 @@ impl<'b> Reader<'b> {
         if raw.len() > MAX_TEXT_LEN {
             return Err(DecodeError::TooLong { field, max: MAX_TEXT_LEN });
         }
-        std::str::from_utf8(raw).map_err(|_| DecodeError::NotUtf8(field))
+        let text = std::str::from_utf8(raw).map_err(|_| DecodeError::NotUtf8(field))?;
+        // A version or component is one line of text: it is kept, compared and shown (escaped
+        // where it holds other control characters), but never splits a line.
+        if text.is_empty() || text.bytes().any(|b| matches!(b, 0 | b'\r' | b'\n')) {
+            return Err(DecodeError::BadText(field));
+        }
+        Ok(text)
     }
 
     pub(crate) fn bytes(&mut self, field: &'static str, max: usize) -> Result<&'b [u8], DecodeError> {

@@ -63,7 +63,9 @@ impl Dfu {
             Ok(v) => v,
             Err(e) => {
                 self.telemetry.bad_input(e.kind());
-                warn!(device, transport, error = %e, len = payload.len(), "refused a Status");
+                if let Some(suppressed) = self.telemetry.log_fault("bad_status") {
+                    warn!(device, transport, error = %e, len = payload.len(), suppressed, "refused a Status");
+                }
                 return Handled::BadInput;
             }
         };
@@ -87,7 +89,9 @@ impl Dfu {
             Ok(Lookup::Nothing) => None,
             Ok(Lookup::Refused(why)) => {
                 // Not a block of it: the operation failed with the reason, the device stays.
-                warn!(device, transport, reason = %why, "refused to serve an image");
+                if let Some(suppressed) = self.telemetry.log_fault("refused_image") {
+                    warn!(device, transport, reason = %why, suppressed, "refused to serve an image");
+                }
                 self.telemetry.status("refused");
                 push(out, &engine::handle_status(&self.engine, &status, None).commands[0], form);
                 return Handled::Replied;

@@ -18,6 +18,7 @@ fn client(variant: &str, store: &Path) -> Client {
         metadata_url: file_url(&repo.join("metadata")),
         targets_url: file_url(&repo.join("targets")),
         datastore: store.to_owned(),
+        fetch_timeout: FETCH_TIMEOUT,
     }
 }
 

@@ -147,3 +147,32 @@ fn a_removed_device_is_in_no_tag_group_or_lookup_and_takes_its_position_back_whe
     assert_eq!((x.lookup("d02"), x.retired(), x.len()), (Some(i), 0, 100));
     assert!(x.following("other", false)(i));
 }
+
+#[test]
+fn versions_no_device_runs_are_forgotten_unless_a_wave_reserved_them() {
+    let mut x = fleet();
+    x.reserve_version("9.0.0").unwrap();
+    // One device reporting ever new versions holds one entry, not one per string.
+    for n in 0..200_000u32 {
+        x.set_version(3, Some(&format!("junk-{n}")));
+    }
+    assert_eq!(x.versions(), 2, "the last junk version and the reserved one");
+    assert!(x.running("junk-199999")(3));
+    assert!(!x.running("junk-0")(3));
+    // Two devices on one version: it stays while either runs it.
+    x.set_version(4, Some("1.0.0"));
+    x.set_version(5, Some("1.0.0"));
+    x.set_version(4, Some("1.1.0"));
+    assert!(x.running("1.0.0")(5));
+    x.set_version(5, None);
+    assert!(!x.running_any(|v| v == "1.0.0")(5));
+    assert_eq!(x.versions(), 3, "junk-199999, 1.1.0 and the reserved 9.0.0");
+    // The reserved version outlives its devices.
+    x.set_version(6, Some("9.0.0"));
+    x.set_version(6, None);
+    x.set_version(7, Some("9.0.0"));
+    assert!(x.running("9.0.0")(7));
+    // A removed device lets go of its version.
+    x.remove("d03");
+    assert_eq!(x.versions(), 2, "1.1.0, 9.0.0 (reserved, run by d07) and nothing of d03's");
+}

@@ -5,7 +5,8 @@
 //! options ignored, unknown critical ones → 4.02), paths, methods, Content-Format and the Block2
 //! arithmetic, who may use a device's resources ([`Access`]) and, on plain CoAP, the
 //! amplification limit: an answer to an address that has not proven it receives (an Echo
-//! option, RFC 9175 §2.4) is at most 3× its request. What to answer comes from a [`Resources`].
+//! option, RFC 9175 §2.4) is at most 3× its request, and a Status from it is not acted on
+//! before it has. What to answer comes from a [`Resources`].
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -394,6 +395,12 @@ impl Exchange {
                         size1: Some(self.cfg.max_request as u32),
                         ..Reply::error(ResponseType::RequestEntityTooLarge, "too_large")
                     };
+                }
+                if budget.is_some() {
+                    // The Command's size is known only once the Status has been acted on: an
+                    // unverified address proves itself first, so a Status from a spoofed one
+                    // changes nothing either.
+                    return Reply::challenge();
                 }
                 match res.dfu(device, &p.payload, now_secs) {
                     DfuAnswer::Command(c) => Reply {

@@ -54,7 +54,9 @@ impl Resources for Gateway {
             Ok(Lookup::Active(op)) => FirmwareAnswer::Image(Image { bytes: op.image, digest: op.meta.digest() }),
             Ok(Lookup::Nothing) => FirmwareAnswer::NotAssigned,
             Ok(Lookup::Refused(why)) => {
-                warn!(device, reason = %why, "refused to serve an image");
+                if let Some(suppressed) = self.telemetry.log_fault("refused_image") {
+                    warn!(device, reason = %why, suppressed, "refused to serve an image");
+                }
                 FirmwareAnswer::NotAssigned
             }
             // Another component of the device is being transferred, or the image waits for

@@ -121,8 +121,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         self.version = connect.version;
         if let Err(why) = self.admit(&connect, cert_id.as_deref()) {
             self.sh.telemetry.mqtt_refused(why.as_str());
-            if self.sh.throttle.allow() {
-                warn!(peer = %self.peer, client_id = %printable(&connect.client_id), reason = why.as_str(), "mqtt CONNECT refused");
+            if let Some(suppressed) = self.sh.telemetry.log_fault("mqtt_connect_refused") {
+                warn!(peer = %self.peer, client_id = %printable(&connect.client_id), reason = why.as_str(), suppressed, "mqtt CONNECT refused");
             }
             let limits = self.server_limits();
             packets::connack(self.version, &mut self.wbuf, Some(why), &limits);
@@ -418,8 +418,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         reason: &'static str,
     ) -> Result<(), End> {
         self.sh.telemetry.mqtt_refused(reason);
-        if self.sh.throttle.allow() {
-            warn!(peer = %self.peer, client_id = %printable(self.client_id.as_deref().unwrap_or("")), reason, "mqtt PUBLISH refused");
+        if let Some(suppressed) = self.sh.telemetry.log_fault("mqtt_publish_refused") {
+            warn!(peer = %self.peer, client_id = %printable(self.client_id.as_deref().unwrap_or("")), reason, suppressed, "mqtt PUBLISH refused");
         }
         if self.version == Version::V5 && qos == 1 {
             packets::puback(self.version, &mut self.wbuf, pkid, outcome);
@@ -561,14 +561,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             } else {
                 (Granted::FilterInvalid, "subscribe_topic")
             };
-            if self.sh.throttle.allow() {
-                warn!(peer = %self.peer, filter = %printable(filter), reason, "mqtt SUBSCRIBE refused");
+            if let Some(suppressed) = self.sh.telemetry.log_fault("mqtt_subscribe_refused") {
+                warn!(peer = %self.peer, filter = %printable(filter), reason, suppressed, "mqtt SUBSCRIBE refused");
             }
             return refuse(g, reason, &self.sh);
         };
         if self.identity.as_deref().is_some_and(|me| me != device) {
-            if self.sh.throttle.allow() {
-                warn!(peer = %self.peer, filter = %printable(filter), "mqtt SUBSCRIBE to another device's topic refused");
+            if let Some(suppressed) = self.sh.telemetry.log_fault("mqtt_subscribe_refused") {
+                warn!(peer = %self.peer, filter = %printable(filter), suppressed, "mqtt SUBSCRIBE to another device's topic refused");
             }
             return refuse(Granted::NotAuthorized, "subscribe_not_authorized", &self.sh);
         }

@@ -86,18 +86,6 @@ impl Inbox {
 
 /// At most one warning a second for refusals, so that a misbehaving client cannot flood the
 /// log; every refusal is counted in `/metrics` regardless.
-pub(crate) struct Throttle {
-    next_ms: AtomicU64,
-}
-
-impl Throttle {
-    fn allow(&self) -> bool {
-        let now = crate::now_millis();
-        let next = self.next_ms.load(Ordering::Relaxed);
-        now >= next && self.next_ms.compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-}
-
 /// What every connection task shares.
 pub(crate) struct Shared {
     dfu: Arc<Dfu>,
@@ -115,7 +103,6 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     echo: Option<Bytes>,
     shutdown: CancellationToken,
-    throttle: Throttle,
 }
 
 impl Shared {
@@ -148,7 +135,6 @@ impl Shared {
             next_id: AtomicU64::new(1),
             echo: cfg.echo.then(|| Bytes::from(vec![0u8; payload])),
             shutdown,
-            throttle: Throttle { next_ms: AtomicU64::new(0) },
         }
     }
 
@@ -214,8 +200,8 @@ async fn accept_loop(listener: TcpListener, tls: Option<(tokio_rustls::TlsAccept
             Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: wait instead of spinning.
-                if sh.throttle.allow() {
-                    warn!(error = %e, "mqtt accept failed");
+                if let Some(suppressed) = sh.telemetry.log_fault("mqtt_accept") {
+                    warn!(error = %e, suppressed, "mqtt accept failed");
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -255,8 +241,8 @@ async fn serve_tls(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             sh.telemetry.mqtt_refused("tls_handshake");
-            if sh.throttle.allow() {
-                warn!(%peer, error = %e, "mqtt TLS handshake failed");
+            if let Some(suppressed) = sh.telemetry.log_fault("mqtt_tls_handshake") {
+                warn!(%peer, error = %e, suppressed, "mqtt TLS handshake failed");
             }
             return;
         }

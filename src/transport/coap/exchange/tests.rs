@@ -477,3 +477,19 @@ fn duplicates_are_keyed_by_token_too() {
     assert_eq!(run(&mut x, &res, peer(1), &b).0, Outcome::Answered("dfu"));
     assert_eq!(res.dfu_calls.get(), 2);
 }
+
+#[test]
+fn a_status_from_an_unverified_address_is_not_acted_on_before_it_returns_the_echo() {
+    let res = Fixed::new(64);
+    let mut x = Exchange::new(limited());
+    let mut post = request(MessageType::Confirmable, RequestType::Post, "/dfu/dev-1", 1);
+    post.payload = b"s".to_vec();
+    let (o, a, _) = handle_as(&mut x, &res, &post, 0, Access::Open);
+    assert_eq!(o, Outcome::Answered("echo"));
+    assert_eq!(res.dfu_calls.get(), 0, "a spoofed source cannot post a Status");
+    let mut again = post.clone();
+    again.header.message_id = 2;
+    again.add_option(CoapOption::from(ECHO), a.get_first_option(CoapOption::from(ECHO)).unwrap().clone());
+    assert_eq!(handle_as(&mut x, &res, &again, 100, Access::Open).0, Outcome::Answered("dfu"));
+    assert_eq!(res.dfu_calls.get(), 1);
+}
