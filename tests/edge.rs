@@ -267,3 +267,112 @@ async fn a_repository_that_never_answers_fails_the_refresh_and_downloads_go_on()
     assert!(ok && status.contains("succeeded"), "{status}");
     held.abort();
 }
+
+/// `name{label="value"} N` of a Prometheus text, 0 when absent.
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    let key = format!("{name}{{{label}}} ");
+    text.lines().find_map(|l| l.strip_prefix(&key)).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+/// Sum of a counter family over the label values `keep` accepts.
+fn metric_sum(text: &str, name: &str, keep: impl Fn(&str) -> bool) -> u64 {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(labels, _)| keep(labels))
+        .filter_map(|(_, n)| n.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_bad_inputs_beside_a_download_are_counted_and_barely_logged() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start_with(dir.path(), &[("FWGATE_MQTT__CONNECTION_TIMEOUT_MS", "1000".into())]).await;
+    let img = image(256 * KIB, 71);
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    assert!(serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.0.0"]).0);
+    assert!(serve.cli(&["devices", "add", "dl-1"]).0);
+    assert!(serve.cli(&["devices", "assign", "dl-1", "app@2.0.0"]).0);
+    let coap: std::net::SocketAddr = format!("127.0.0.1:{}", serve.coap).parse().unwrap();
+    let mqtt: std::net::SocketAddr = format!("127.0.0.1:{}", serve.mqtt).parse().unwrap();
+    let download = tokio::spawn(async move {
+        let mut dev = DfuDevice::new("dl-1", Form::Packed, "1.0.0");
+        dev.mtu = 128; // 2,048 blocks: the download runs all through the flood
+        let mut c = CoapClient::connect(coap, ClientConfig::default()).await.unwrap();
+        let ended = c.run_dfu(&mut dev, None, &Stats::default()).await;
+        (ended, dev.last_image)
+    });
+    let log_before = std::fs::read_to_string(&serve.log).unwrap().lines().count();
+    let mut rng = fastrand::Rng::with_seed(20_000);
+    let mut sent = 0;
+    // 3,000 connections of TCP garbage (never a CONNECT: the first byte is no packet type).
+    for _ in 0..3_000 {
+        let mut s = tokio::net::TcpStream::connect(mqtt).await.unwrap();
+        let mut junk: Vec<u8> = (0..rng.usize(1..64)).map(|_| rng.u8(..)).collect();
+        junk[0] = 0xf0 | (junk[0] & 0x0f);
+        let _ = s.write_all(&junk).await;
+        sent += 1;
+    }
+    // 2,000 CONNECTs declaring 268 MB.
+    for _ in 0..2_000 {
+        let mut s = tokio::net::TcpStream::connect(mqtt).await.unwrap();
+        let _ = s.write_all(&[0x10, 0xff, 0xff, 0xff, 0x7f, 0x00]).await;
+        sent += 1;
+    }
+    // 1,000 half CONNECTs and 1,000 silent sockets, held until the gateway gives up on them.
+    let mut held = Vec::new();
+    for i in 0..2_000 {
+        let mut s = tokio::net::TcpStream::connect(mqtt).await.unwrap();
+        if i % 2 == 0 {
+            let _ = s.write_all(&[0x10, 0x20, 0x00, 0x04, b'M', b'Q']).await;
+        }
+        held.push(s);
+        sent += 1;
+    }
+    // 3,000 malformed Statuses, from 1 byte to 1 MiB, from a client that may publish them.
+    let (mut client, code) = raw::Raw::connect(mqtt, false, "flooder", None, 0).await;
+    assert_eq!(code, "Success");
+    for i in 0..3_000 {
+        if i % 300 == 0 {
+            // A 1 MiB Status is over the payload limit: that connection is closed.
+            let (mut big, _) = raw::Raw::connect(mqtt, false, &format!("big-{i}"), None, 0).await;
+            big.publish("dfu/flooder/status", vec![0x5a; 1 << 20], 0, 0).await;
+        } else {
+            let junk: Vec<u8> = (0..rng.usize(1..2048)).map(|_| rng.u8(..)).collect();
+            client.publish("dfu/flooder/status", junk, 0, 0).await;
+        }
+        sent += 1;
+    }
+    // 10,000 random CoAP datagrams.
+    let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for _ in 0..10_000 {
+        let d: Vec<u8> = (0..rng.usize(0..300)).map(|_| rng.u8(..)).collect();
+        let _ = udp.send_to(&d, coap).await;
+        sent += 1;
+    }
+    assert_eq!(sent, 20_000);
+
+    let (ended, bytes) = download.await.unwrap();
+    assert_eq!(ended.expect("the download completes"), Ended::Updated);
+    assert!(bytes == img, "the image arrived intact");
+    tokio::time::sleep(Duration::from_secs(3)).await; // the held sockets time out
+    drop(held);
+    let m = reqwest::get(format!("{}/metrics", serve.admin)).await.unwrap().text().await.unwrap();
+    assert_eq!(metric(&m, "fwgate_bad_input_total", "kind=\"mqtt_malformed\""), 3_000, "TCP garbage");
+    // Packets declaring more than the limit: the 2,000 CONNECTs and the ten 1 MiB Statuses.
+    assert_eq!(metric(&m, "fwgate_bad_input_total", "kind=\"mqtt_too_large\""), 2_010, "huge remaining lengths");
+    assert_eq!(metric(&m, "fwgate_mqtt_disconnects_total", "why=\"half_connect\""), 1_000, "half CONNECTs");
+    assert_eq!(metric(&m, "fwgate_mqtt_disconnects_total", "why=\"connect_timeout\""), 1_000, "silent sockets");
+    assert_eq!(metric(&m, "fwgate_mqtt_disconnects_total", "why=\"too_large\""), 2_010, "each closed");
+    let statuses = metric_sum(&m, "fwgate_bad_input_total", |l| !l.contains("mqtt_"));
+    assert!(statuses >= 2_900, "malformed Statuses counted by kind: {statuses}");
+    let datagrams = metric_sum(&m, "fwgate_coap_datagrams_total", |_| true);
+    assert!(datagrams >= 10_000, "every CoAP datagram counted: {datagrams}");
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    let lines = log.lines().count() - log_before;
+    eprintln!("20,000 bad inputs: {lines} log lines; {statuses} Statuses refused by kind, {datagrams} datagrams");
+    assert!(lines < 100, "{lines} log lines:\n{log}");
+}

@@ -114,6 +114,8 @@ pub(super) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn run(&mut self, cert_id: Option<String>) -> End {
         let connect = match timeout(self.sh.limits.connect_timeout, self.read_connect()).await {
+            // Part of a CONNECT, then nothing: told apart from a socket that never spoke.
+            Err(_) if !self.rbuf.is_empty() => return "half_connect",
             Err(_) => return "connect_timeout",
             Ok(Err(end)) => return end,
             Ok(Ok(c)) => c,
