@@ -160,11 +160,12 @@ fn start_libcoap(file: &Path, key: &str) -> Result<Server> {
     Ok(server)
 }
 
-/// One whole download with the stock client; the bytes it wrote.
-fn download(server: &Server, key: &str, out: &Path) -> Vec<u8> {
+/// One whole download with the stock client, stopped after `limit`; the bytes it wrote.
+fn download(server: &Server, key: &str, out: &Path, limit: Duration) -> Vec<u8> {
     let _ = std::fs::remove_file(out);
-    let _ = Command::new("coap-client-openssl")
-        .args(["-u", DEVICE, "-k", key, "-b", "1024", "-B", "30", "-o"])
+    let _ = Command::new("timeout")
+        .arg(format!("{:.3}", limit.as_secs_f64().max(0.001)))
+        .args(["coap-client-openssl", "-u", DEVICE, "-k", key, "-b", "1024", "-B", "30", "-o"])
         .arg(out)
         .arg(format!("coaps://127.0.0.1:{}{}", server.port, server.path))
         .stdout(Stdio::null())
@@ -176,6 +177,8 @@ fn download(server: &Server, key: &str, out: &Path) -> Vec<u8> {
 struct Round {
     round: usize,
     downloads: u64,
+    /// Downloads that did not finish: cut at the round's end, or failed.
+    unfinished: u64,
     blocks: u64,
     secs: f64,
     cpu: Option<f64>,
@@ -193,17 +196,24 @@ impl Round {
 
 fn download_round(server: &Server, key: &str, args: &Args, img_len: usize, dir: &Path, round: usize) -> Round {
     let done = Arc::new(AtomicU64::new(0));
+    let unfinished = Arc::new(AtomicU64::new(0));
     let pid = server.child.id();
     let cpu0 = cpu_secs(pid);
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(args.seconds);
     std::thread::scope(|s| {
         for c in 0..args.clients {
-            let (done, out) = (done.clone(), dir.join(format!("{}-{c}.bin", server.name)));
+            let (done, unfinished) = (done.clone(), unfinished.clone());
+            let out = dir.join(format!("{}-{c}.bin", server.name));
             s.spawn(move || {
+                // A download still running at the round's end is stopped and not counted, so
+                // every round lasts `--seconds` for both servers.
                 while Instant::now() < until {
-                    if download(server, key, &out).len() == img_len {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if download(server, key, &out, left).len() == img_len {
                         done.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        unfinished.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             });
@@ -212,7 +222,7 @@ fn download_round(server: &Server, key: &str, args: &Args, img_len: usize, dir: 
     let secs = started.elapsed().as_secs_f64();
     let downloads = done.load(Ordering::Relaxed);
     let cpu = cpu0.zip(cpu_secs(pid)).map(|(a, b)| b - a);
-    Round { round, downloads, blocks: downloads * img_len.div_ceil(1024) as u64, secs, cpu }
+    Round { round, downloads, unfinished: unfinished.load(Ordering::Relaxed), blocks: downloads * img_len.div_ceil(1024) as u64, secs, cpu }
 }
 
 /// A UDP socket as the byte stream OpenSSL's DTLS reads datagram by datagram.
@@ -331,7 +341,7 @@ fn main() -> Result<()> {
     let key = fwgate::fleet::device_token(SECRET, DEVICE);
     let servers = [start_fwgate(dir.path(), &file, args.sessions)?, start_libcoap(&file, &key)?];
     for s in &servers {
-        let got = download(s, &key, &dir.path().join("check.bin"));
+        let got = download(s, &key, &dir.path().join("check.bin"), Duration::from_secs(60));
         if got != img {
             bail!("{} did not serve the image byte for byte over coaps ({} of {} bytes)", s.name, got.len(), img.len());
         }
@@ -345,9 +355,10 @@ fn main() -> Result<()> {
         for (i, s) in servers.iter().enumerate() {
             let round = download_round(s, &key, &args, img.len(), dir.path(), r);
             println!(
-                "  round {r} {:<8} {:>5} downloads {:>9.0} blocks/s  CPU/block {:>6.1} µs",
+                "  round {r} {:<8} {:>5} downloads ({} unfinished) {:>9.0} blocks/s  CPU/block {:>6.1} µs",
                 s.name,
                 round.downloads,
+                round.unfinished,
                 round.rate(),
                 round.cpu_per_block_us().unwrap_or(f64::NAN)
             );

@@ -50,9 +50,10 @@ pub enum DtlsError {
     Ssl(#[from] ErrorStack),
 }
 
-/// The two OpenSSL calls the `openssl` crate does not wrap: `DTLSv1_listen` (the stateless
-/// cookie exchange) and `DTLSv1_handle_timeout` (handshake retransmission). They are part of
-/// the libssl the crate links; this is the only unsafe code in fwgate.
+/// The OpenSSL calls the `openssl` crate does not wrap: `DTLSv1_listen` (the stateless cookie
+/// exchange), `DTLSv1_handle_timeout` (handshake retransmission) and `SSL_free_buffers` (an
+/// idle session's record buffers). They are part of the libssl the crate links; this is the
+/// only unsafe code in fwgate.
 #[allow(unsafe_code)]
 mod ffi {
     use std::ffi::{c_int, c_long, c_void};
@@ -65,6 +66,7 @@ mod ffi {
         fn BIO_ADDR_new() -> *mut c_void;
         fn BIO_ADDR_free(addr: *mut c_void);
         fn SSL_ctrl(ssl: *mut c_void, cmd: c_int, larg: c_long, parg: *mut c_void) -> c_long;
+        fn SSL_free_buffers(ssl: *mut c_void) -> c_int;
     }
     /// `DTLSv1_handle_timeout` is this `SSL_ctrl` command.
     const DTLS_CTRL_HANDLE_TIMEOUT: c_int = 74;
@@ -97,6 +99,13 @@ mod ffi {
         // SAFETY: `ssl` is a live SSL object with BIOs; `client` a live BIO_ADDR. The call is
         // synchronous and keeps neither pointer.
         unsafe { DTLSv1_listen(ssl.as_ptr().cast(), client.0) }
+    }
+
+    /// Frees the session's read and write buffers (about 34 KiB) when nothing is pending in
+    /// them; OpenSSL allocates them again for the next record.
+    pub fn free_buffers(ssl: &SslRef) {
+        // SAFETY: a live SSL object; the call only frees buffers OpenSSL owns.
+        unsafe { SSL_free_buffers(ssl.as_ptr().cast()) };
     }
 
     /// Retransmits the last handshake flight if its timer ran out.
@@ -338,6 +347,9 @@ impl Dtls {
         let was_handshaking = s.device.is_none();
         let result = drive(s, &mut self.exchange, peer, now_ms, gw, &mut self.plain, &mut self.answer);
         COOKIE_PEER.set(None);
+        // Between datagrams a session keeps its keys, not its record buffers: 10,000 idle
+        // sessions would otherwise hold some 34 KiB each.
+        ffi::free_buffers(s.stream.ssl());
         s.stream.get_mut().drain(&mut self.scratch, peer, outs);
         match result {
             Ok(()) => {
