@@ -222,7 +222,14 @@ fn download_round(server: &Server, key: &str, args: &Args, img_len: usize, dir: 
     let secs = started.elapsed().as_secs_f64();
     let downloads = done.load(Ordering::Relaxed);
     let cpu = cpu0.zip(cpu_secs(pid)).map(|(a, b)| b - a);
-    Round { round, downloads, unfinished: unfinished.load(Ordering::Relaxed), blocks: downloads * img_len.div_ceil(1024) as u64, secs, cpu }
+    Round {
+        round,
+        downloads,
+        unfinished: unfinished.load(Ordering::Relaxed),
+        blocks: downloads * img_len.div_ceil(1024) as u64,
+        secs,
+        cpu,
+    }
 }
 
 /// A UDP socket as the byte stream OpenSSL's DTLS reads datagram by datagram.

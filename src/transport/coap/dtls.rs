@@ -16,18 +16,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
 use openssl::error::ErrorStack;
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode, SslStream,
     SslVersion,
 };
-use sha2::Sha256;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::exchange::{Access, Exchange};
+use super::proof::AddressKey;
 use super::{exchange_config, send_all, udp, Gateway, REQUEST_OVERHEAD};
 use crate::config::CoapConfig;
 use crate::fleet::{device_token, Fleet};
@@ -152,7 +151,7 @@ pub async fn bind(
         psk[..n].copy_from_slice(&key.as_bytes()[..n]);
         Ok(n)
     });
-    let cookies = Arc::new(Cookies::new()?);
+    let cookies = Arc::new(Cookies::new());
     let c = cookies.clone();
     b.set_cookie_generate_cb(move |_ssl, buf| {
         let cookie = c.make(COOKIE_PEER.get(), now_unix());
@@ -173,30 +172,19 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Stateless cookies: a MAC of the address and the period it was issued in, under a key
-/// drawn at start.
+/// Stateless cookies: a MAC of the address and the period it was issued in.
 struct Cookies {
-    key: [u8; 32],
+    key: AddressKey,
 }
 
 impl Cookies {
-    fn new() -> Result<Cookies, ErrorStack> {
-        let mut key = [0u8; 32];
-        openssl::rand::rand_bytes(&mut key)?;
-        Ok(Cookies { key })
+    fn new() -> Cookies {
+        Cookies { key: AddressKey::new() }
     }
 
     fn mac(&self, peer: Option<SocketAddr>, period: u64) -> [u8; 16] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("hmac accepts any key length");
-        match peer {
-            Some(SocketAddr::V4(a)) => mac.update(&a.ip().octets()),
-            Some(SocketAddr::V6(a)) => mac.update(&a.ip().octets()),
-            None => {}
-        }
-        mac.update(&peer.map_or(0, |p| p.port()).to_be_bytes());
-        mac.update(&period.to_be_bytes());
         let mut out = [0u8; 16];
-        out.copy_from_slice(&mac.finalize().into_bytes()[..16]);
+        out.copy_from_slice(&self.key.mac(peer, period)[..16]);
         out
     }
 

@@ -13,9 +13,8 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
+use super::proof::AddressKey;
 use crate::protocol::coap::{read_uint, uint, CF_CBOR, CF_OCTET_STREAM};
 use crate::protocol::topic::{parse_coap_path, CoapPath};
 
@@ -150,7 +149,7 @@ pub struct Exchange {
     order: VecDeque<(SocketAddr, u64)>,
     generation: u64,
     next_mid: u16,
-    echo_key: [u8; 32],
+    echo_key: AddressKey,
 }
 
 /// Header, token and options of a Block2 answer beyond its payload, at most.
@@ -207,12 +206,7 @@ impl Reply {
 
 impl Exchange {
     pub fn new(cfg: ExchangeConfig) -> Exchange {
-        let mut echo_key = [0u8; 32];
-        if openssl::rand::rand_bytes(&mut echo_key).is_err() {
-            // No system randomness: Echo values stay unguessable only as long as the process
-            // is not observed; still bounded by their freshness window.
-            echo_key.iter_mut().for_each(|b| *b = fastrand::u8(..));
-        }
+        let echo_key = AddressKey::new();
         Exchange { cfg, peers: HashMap::new(), order: VecDeque::new(), generation: 0, next_mid: 1, echo_key }
     }
 
@@ -323,14 +317,7 @@ impl Exchange {
     /// An Echo value: when it was issued (seconds of this exchange's clock) and a MAC of that
     /// and the address, so checking it needs no state.
     fn echo_value(&self, peer: SocketAddr, issued_secs: u32) -> [u8; 12] {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.echo_key).expect("hmac accepts any key length");
-        match peer {
-            SocketAddr::V4(a) => mac.update(&a.ip().octets()),
-            SocketAddr::V6(a) => mac.update(&a.ip().octets()),
-        }
-        mac.update(&peer.port().to_be_bytes());
-        mac.update(&issued_secs.to_be_bytes());
-        let tag = mac.finalize().into_bytes();
+        let tag = self.echo_key.mac(Some(peer), issued_secs as u64);
         let mut v = [0u8; 12];
         v[..4].copy_from_slice(&issued_secs.to_be_bytes());
         v[4..].copy_from_slice(&tag[..8]);

@@ -4,6 +4,7 @@
 
 mod dtls;
 pub mod exchange;
+mod proof;
 mod udp;
 
 pub use dtls::{bind as bind_dtls, serve as serve_dtls, DtlsError};
