@@ -315,13 +315,11 @@ impl Dtls {
         gw: &Gateway,
         outs: &mut Vec<(SocketAddr, Vec<u8>)>,
     ) {
-        if let Some(s) = self.sessions.get(&peer) {
-            if s.device.is_some() && is_initial_client_hello(d) {
-                // The device restarted on the same address: its old session is gone for it.
-                self.end(peer, End::Closed, gw);
-            }
-        }
-        if !self.sessions.contains_key(&peer) {
+        // A new handshake from an address with a session (the device restarted): it goes
+        // through the cookie exchange like any other, and the old session is replaced only
+        // once the cookie checks (RFC 6347 §4.2.8), so a spoofed hello cannot end it.
+        let restart = self.sessions.get(&peer).is_some_and(|s| s.device.is_some() && is_initial_client_hello(d));
+        if restart || !self.sessions.contains_key(&peer) {
             if !self.listen(peer, d, cfg, now, gw, outs) {
                 return;
             }
@@ -391,6 +389,7 @@ impl Dtls {
             }
         };
         let stream = std::mem::replace(&mut self.listener, fresh);
+        self.end(peer, End::Closed, gw);
         self.sessions.insert(peer, Session { stream, device: None, started: now, last: now });
         self.handshaking += 1;
         gw.telemetry.set_dtls_sessions(self.sessions.len() as i64);
