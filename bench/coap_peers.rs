@@ -61,7 +61,7 @@ struct Args {
 
 #[path = "peers_common.rs"]
 mod peers_common;
-use peers_common::{ensure, free_tcp, free_udp, median_round};
+use peers_common::{cpu_secs, ensure, free_tcp, free_udp, median_round};
 
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 
@@ -78,15 +78,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Server CPU time (user + system) in seconds, from /proc.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
 fn image(len: usize) -> Vec<u8> {

@@ -33,7 +33,8 @@ use openssl::ssl::{SslContext, SslContextBuilder, SslMethod, SslStream, SslVersi
 
 #[path = "peers_common.rs"]
 mod peers_common;
-use peers_common::{free_tcp, free_udp, median_round};
+use fwgate::loadgen::run::rss_kib;
+use peers_common::{cpu_secs, free_tcp, free_udp, median_round};
 
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 const SECRET: &str = "dtls-bench-device-secret";
@@ -73,22 +74,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn proc_field(pid: u32, file: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()
-}
-
-/// CPU time (user + system) of a process, in seconds.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = proc_field(pid, "stat")?;
-    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = proc_field(pid, "status")?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn start_fwgate(dir: &Path, file: &Path, sessions: usize) -> Result<Server> {

@@ -45,6 +45,15 @@ pub fn ensure(tool: &str, package: &str, install: bool) -> Option<String> {
     None
 }
 
+/// CPU time (user + system) of a process, in seconds, from /proc.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
 /// The round whose `rate` is the median (the lower middle one for an even count): a table row
 /// is one whole round, never columns taken from different rounds.
 pub fn median_round<T>(rounds: &[T], rate: impl Fn(&T) -> f64) -> &T {

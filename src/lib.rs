@@ -80,6 +80,23 @@ pub enum StartError {
     Dtls(#[from] transport::coap::DtlsError),
 }
 
+/// Text from outside (a device's id or version, a name, an error from the server) made safe
+/// for a terminal: control characters are written as escapes (`\x1b`), never sent to it.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if !c.is_control() => out.push(c),
+            c if (c as u32) < 0x100 => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out.into()
+}
+
 /// Seconds since the Unix epoch: the one place the gateway reads the wall clock.
 pub fn now_secs() -> u64 {
     now_millis() / 1000

@@ -7,7 +7,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Errors quote the server and the device: no control character reaches the terminal.
-            eprintln!("error: {}", fwgate::cli::shown(&format!("{e:#}")));
+            eprintln!("error: {}", fwgate::shown(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -25,14 +25,6 @@ async fn client(gw: &TestGateway) -> CoapClient {
     CoapClient::connect(gw.coap(), quick()).await.expect("udp socket")
 }
 
-async fn setup(gw: &TestGateway, img: &[u8], devices: &[&str]) {
-    add_image(&gw.admin, "app", "2.0.0", img.to_vec()).await;
-    for id in devices {
-        add_device(&gw.admin, id).await;
-        assign(&gw.admin, id, "app@2.0.0").await;
-    }
-}
-
 async fn op_state(gw: &TestGateway, id: &str) -> String {
     device_state(&gw.admin, id).await["operations"][0]["state"].as_str().unwrap().to_owned()
 }

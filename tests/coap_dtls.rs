@@ -52,14 +52,6 @@ fn status_file(dir: &Path, name: &str, running: &str) -> String {
     path.display().to_string()
 }
 
-async fn setup(gw: &TestGateway, img: &[u8], devices: &[&str]) {
-    add_image(&gw.admin, "app", "2.0.0", img.to_vec()).await;
-    for id in devices {
-        add_device(&gw.admin, id).await;
-        assign(&gw.admin, id, "app@2.0.0").await;
-    }
-}
-
 /// A device's record without what a read changes by itself.
 async fn record(gw: &TestGateway, id: &str) -> Value {
     device_state(&gw.admin, id).await

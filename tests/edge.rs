@@ -11,6 +11,7 @@ use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
 use common::serve::Serve;
 use common::*;
 use fwgate::loadgen::coap::{ClientConfig, CoapClient};
+use fwgate::loadgen::run::rss_kib;
 use fwgate::loadgen::stats::Stats;
 use fwgate::protocol::{Form, Status};
 use tokio::net::UdpSocket;
@@ -54,12 +55,6 @@ async fn post_version(sock: &UdpSocket, mid: u16, device: &str, version: &str) -
     None
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -90,7 +85,7 @@ async fn a_hundred_thousand_distinct_versions_cost_bounded_memory_and_store() {
         );
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss0, store0) = (rss_kib(pid), dir_bytes(&dir.path().join("data")));
+    let (rss0, store0) = (rss_kib(pid).unwrap(), dir_bytes(&dir.path().join("data")));
 
     let started = Instant::now();
     let mut last_valid = String::new();
@@ -108,7 +103,7 @@ async fn a_hundred_thousand_distinct_versions_cost_bounded_memory_and_store() {
     }
     let took = started.elapsed();
     tokio::time::sleep(Duration::from_secs(3)).await; // a last-seen flush writes what was deferred
-    let (rss1, store1) = (rss_kib(pid), dir_bytes(&dir.path().join("data")));
+    let (rss1, store1) = (rss_kib(pid).unwrap(), dir_bytes(&dir.path().join("data")));
     eprintln!(
         "100,000 Statuses in {took:.1?}: RSS {rss0} → {rss1} KiB ({:+} KiB), store {store0} → {store1} bytes ({:+})",
         rss1 as i64 - rss0 as i64,

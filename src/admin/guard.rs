@@ -55,7 +55,7 @@ pub(super) async fn guard(State(s): State<AppState>, req: Request, next: Next) -
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(|h| host_name(h).to_ascii_lowercase());
     if !host.as_ref().is_some_and(|h| s.allowed_hosts.iter().any(|a| a == h)) {
         s.telemetry.admin_refused("host");
-        let shown = crate::cli::shown(host.as_deref().unwrap_or("(none)")).into_owned();
+        let shown = crate::shown(host.as_deref().unwrap_or("(none)")).into_owned();
         let msg = format!("Host {shown} is not one this gateway answers to (admin.allowed_hosts)");
         return AppError::new(StatusCode::MISDIRECTED_REQUEST, "misdirected", msg).into_response();
     }

@@ -1,6 +1,7 @@
 //! `fwgate devices`: register, import, list, show, assign, delete.
 
 use super::*;
+use crate::shown;
 
 #[derive(Subcommand)]
 pub enum DevicesCommand {

@@ -151,6 +151,15 @@ pub async fn assign(base: &str, id: &str, image: &str) {
     assert_eq!(status, 200, "assign: {v}");
 }
 
+/// Uploads `img` as app@2.0.0 and registers each device with it assigned.
+pub async fn setup(gw: &TestGateway, img: &[u8], devices: &[&str]) {
+    add_image(&gw.admin, "app", "2.0.0", img.to_vec()).await;
+    for id in devices {
+        add_device(&gw.admin, id).await;
+        assign(&gw.admin, id, "app@2.0.0").await;
+    }
+}
+
 pub async fn device_state(base: &str, id: &str) -> Value {
     let (status, v) = admin(base, reqwest::Method::GET, &format!("/api/v1/devices/{id}"), None, None).await;
     assert_eq!(status, 200, "device show: {v}");

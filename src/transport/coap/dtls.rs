@@ -254,13 +254,8 @@ struct Session {
     last: Instant,
 }
 
-/// Why a session ended, as counted.
-#[derive(Debug, Clone, Copy)]
-enum End {
-    Closed,
-    HandshakeFailed,
-    Failed,
-}
+/// Why a session ended: its `fwgate_coap_dtls_events_total` event.
+type End = &'static str;
 
 fn new_stream(ctx: &SslContext) -> Result<SslStream<Pipe>, ErrorStack> {
     let mut ssl = Ssl::new(ctx)?;
@@ -389,7 +384,7 @@ impl Dtls {
             }
         };
         let stream = std::mem::replace(&mut self.listener, fresh);
-        self.end(peer, End::Closed, gw);
+        self.end(peer, "closed", gw);
         self.sessions.insert(peer, Session { stream, device: None, started: now, last: now });
         self.handshaking += 1;
         gw.telemetry.set_dtls_sessions(self.sessions.len() as i64);
@@ -402,11 +397,7 @@ impl Dtls {
                 self.handshaking -= 1;
             }
             self.exchange.forget(peer);
-            gw.telemetry.dtls(match why {
-                End::Closed => "closed",
-                End::HandshakeFailed => "handshake_failed",
-                End::Failed => "failed",
-            });
+            gw.telemetry.dtls(why);
             gw.telemetry.set_dtls_sessions(self.sessions.len() as i64);
         }
     }
@@ -431,15 +422,8 @@ impl Dtls {
             }
         }
         for (peer, why) in expired {
-            if let Some(s) = self.sessions.remove(&peer) {
-                if s.device.is_none() {
-                    self.handshaking -= 1;
-                }
-                self.exchange.forget(peer);
-                gw.telemetry.dtls(why);
-            }
+            self.end(peer, why, gw);
         }
-        gw.telemetry.set_dtls_sessions(self.sessions.len() as i64);
     }
 }
 
@@ -459,13 +443,13 @@ fn drive(
                 let id = s.stream.ssl().psk_identity().and_then(|i| std::str::from_utf8(i).ok());
                 match id {
                     Some(id) => s.device = Some(id.into()),
-                    None => return Err(End::HandshakeFailed),
+                    None => return Err("handshake_failed"),
                 }
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(()),
             Err(e) => {
                 debug!(%peer, error = %e, "dtls handshake failed");
-                return Err(End::HandshakeFailed);
+                return Err("handshake_failed");
             }
         }
     }
@@ -477,18 +461,18 @@ fn drive(
                     exchange.handle(peer, &plain[..n], now_ms, crate::now_secs(), Access::Device(device), gw, answer);
                 gw.telemetry.coap(outcome.label());
                 if !answer.is_empty() && s.stream.ssl_write(answer).is_err() {
-                    return Err(End::Failed);
+                    return Err("failed");
                 }
             }
             Err(e) if e.code() == ErrorCode::WANT_READ => return Ok(()),
             Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                 // close_notify: answer it, then forget the session.
                 let _ = s.stream.shutdown();
-                return Err(End::Closed);
+                return Err("closed");
             }
             Err(e) => {
                 debug!(%peer, error = %e, "dtls record refused");
-                return Err(End::Failed);
+                return Err("failed");
             }
         }
     }
