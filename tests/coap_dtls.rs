@@ -228,3 +228,90 @@ async fn answers_to_an_unverified_address_stay_within_three_times_its_requests()
     assert!(std::fs::read(&out).is_ok_and(|b| b == img), "coap-client-notls did not get the image: {log}");
     gw.stop().await;
 }
+
+/// A UDP socket as OpenSSL's DTLS client sees it, which loses every datagram the client sends
+/// after its first `pass`, and keeps the handshake message type of each datagram it receives.
+struct Lossy {
+    sock: std::net::UdpSocket,
+    pass: usize,
+    sent: usize,
+    received: Vec<u8>,
+}
+
+impl std::io::Read for Lossy {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.sock.recv(buf)?;
+        // Record header (13 bytes), then the handshake message type.
+        self.received.push(if n > 13 && buf[0] == 22 { buf[13] } else { 0 });
+        Ok(n)
+    }
+}
+
+impl std::io::Write for Lossy {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sent += 1;
+        if self.sent <= self.pass {
+            self.sock.send(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs a PSK handshake whose client flights after the two ClientHellos are lost; the
+/// handshake message types the client received.
+fn silent_after_hello(server: std::net::SocketAddr, key: &str) -> Vec<u8> {
+    use openssl::ssl::{Ssl, SslContextBuilder, SslMethod, SslStream, SslVersion};
+    let mut b = SslContextBuilder::new(SslMethod::dtls()).unwrap();
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2)).unwrap();
+    b.set_cipher_list("PSK-AES128-CCM8").unwrap();
+    let key = key.as_bytes().to_vec();
+    b.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
+        identity[..6].copy_from_slice(b"dev-a\0");
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.connect(server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut ssl = Ssl::new(&b.build()).unwrap();
+    ssl.set_mtu(1280).unwrap();
+    let mut s = SslStream::new(ssl, Lossy { sock, pass: 2, sent: 0, received: Vec::new() }).unwrap();
+    assert!(s.connect().is_err(), "a handshake completed although the client's flight was lost");
+    std::mem::take(&mut s.get_mut().received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_whose_client_falls_silent_is_sent_again_then_expires_and_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = dtls_config(dir.path());
+    c.coap.dtls_handshake_timeout_secs = 3;
+    let gw = TestGateway::start(c).await;
+    let dtls = gw.gw().coap_dtls.expect("dtls listening");
+    let img = image(8 * KIB, 44);
+    setup(&gw, &img, &["dev-a"]).await;
+    let key = device_token(SECRET, "dev-a");
+
+    // HelloVerifyRequest (3), then the server's flight (ServerHello, 2, first): when no answer
+    // comes, the server's retransmission timer sends that flight again.
+    let k = key.clone();
+    let received = tokio::task::spawn_blocking(move || silent_after_hello(dtls, &k)).await.unwrap();
+    assert_eq!(received.first(), Some(&3), "no HelloVerifyRequest first: {received:?}");
+    let server_hellos = received.iter().filter(|t| **t == 2).count();
+    assert!(server_hellos >= 2, "the server's flight was not sent again: {received:?}");
+    assert!(gw.gw().telemetry.dtls_count("expired_handshake") >= 1, "the silent handshake did not expire");
+
+    // The gateway still serves.
+    let out = dir.path().join("after.bin");
+    let o = out.display().to_string();
+    let log = coap_client(
+        "coap-client-openssl",
+        args(&["-u", "dev-a", "-k", &key, "-o", &o, &format!("coaps://{dtls}/fw/dev-a")]),
+    )
+    .await;
+    assert!(std::fs::read(&out).is_ok_and(|b| b == img), "no download after the silent handshake: {log}");
+    gw.stop().await;
+}

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openssl::error::ErrorStack;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslSessionCacheMode, SslStream,
-    SslVersion,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions, SslRef, SslSessionCacheMode,
+    SslStream, SslVersion,
 };
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -127,14 +127,14 @@ thread_local! {
     static COOKIE_PEER: Cell<Option<SocketAddr>> = const { Cell::new(None) };
 }
 
-/// Binds the DTLS socket and builds the context: PSK only (no certificates), DTLS 1.2,
-/// cookies on, no session cache or tickets (a device's state is its session).
-pub async fn bind(
-    cfg: &CoapConfig,
-    listen: SocketAddr,
-    fleet: Arc<Fleet>,
-    device_secret: Arc<str>,
-) -> Result<Listener, DtlsError> {
+/// fwgate's DTLS context before its cookie callbacks: DTLS 1.2, the PSK suites of
+/// [`CIPHERS`] and no certificates, cookies on, no session cache or tickets (a device's state
+/// is its session). `key` gives the key of a PSK identity, or `None`: unknown, unreadable and
+/// absent identities fail the handshake with unknown_psk_identity, and nothing is kept.
+/// Public for the engine benchmark (`bench/dtls_engines.rs`), which sets its own cookies.
+pub fn psk_context(
+    key: impl Fn(&[u8]) -> Option<String> + Send + Sync + 'static,
+) -> Result<SslContextBuilder, ErrorStack> {
     let mut b = SslContextBuilder::new(SslMethod::dtls())?;
     b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
     b.set_cipher_list(CIPHERS)?;
@@ -142,15 +142,32 @@ pub async fn bind(
     b.set_mode(SslMode::RELEASE_BUFFERS);
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     b.set_psk_server_callback(move |_ssl, identity, psk| {
-        // Unknown, unreadable or absent identities get no key: the handshake fails with
-        // unknown_psk_identity, and nothing about the device is kept.
-        let id = identity.and_then(|i| std::str::from_utf8(i).ok()).filter(|id| fleet.contains(id));
-        let Some(id) = id else { return Ok(0) };
-        let key = device_token(&device_secret, id);
-        let n = key.len().min(psk.len());
-        psk[..n].copy_from_slice(&key.as_bytes()[..n]);
+        let Some(k) = identity.and_then(&key) else { return Ok(0) };
+        let n = k.len().min(psk.len());
+        psk[..n].copy_from_slice(&k.as_bytes()[..n]);
         Ok(n)
     });
+    Ok(b)
+}
+
+/// Frees an idle session's record buffers, as the listener does after every datagram.
+/// Public for the engine benchmark.
+pub fn release_buffers(ssl: &SslRef) {
+    ffi::free_buffers(ssl);
+}
+
+/// Binds the DTLS socket and builds the context ([`psk_context`] with the address-bound
+/// cookies).
+pub async fn bind(
+    cfg: &CoapConfig,
+    listen: SocketAddr,
+    fleet: Arc<Fleet>,
+    device_secret: Arc<str>,
+) -> Result<Listener, DtlsError> {
+    let mut b = psk_context(move |identity| {
+        let id = std::str::from_utf8(identity).ok().filter(|id| fleet.contains(id))?;
+        Some(device_token(&device_secret, id))
+    })?;
     let cookies = Arc::new(Cookies::new());
     let c = cookies.clone();
     b.set_cookie_generate_cb(move |_ssl, buf| {
@@ -328,9 +345,13 @@ impl Dtls {
         let was_handshaking = s.device.is_none();
         let result = drive(s, &mut self.exchange, peer, now_ms, gw, &mut self.plain, &mut self.answer);
         COOKIE_PEER.set(None);
-        // Between datagrams a session keeps its keys, not its record buffers: 10,000 idle
-        // sessions would otherwise hold some 34 KiB each.
-        ffi::free_buffers(s.stream.ssl());
+        // Between datagrams an established session keeps its keys, not its record buffers:
+        // 10,000 idle sessions would otherwise hold some 13 KiB more each. Not while it
+        // handshakes: a retransmission from the sweep writes without reading first, and
+        // OpenSSL's DTLS write path does not allocate the buffer it writes into again.
+        if s.device.is_some() {
+            ffi::free_buffers(s.stream.ssl());
+        }
         s.stream.get_mut().drain(&mut self.scratch, peer, outs);
         match result {
             Ok(()) => {
