@@ -29,12 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use openssl::ssl::{SslContext, SslContextBuilder, SslMethod, SslStream, SslVersion};
+use openssl::ssl::{SslContext, SslStream};
 
 #[path = "peers_common.rs"]
 mod peers_common;
 use fwgate::loadgen::run::rss_kib;
-use peers_common::{cpu_secs, free_tcp, free_udp, median_round};
+use peers_common::{cpu_secs, free_tcp, free_udp, median_round, psk_client};
 
 const FWGATE: &str = env!("CARGO_BIN_EXE_fwgate");
 const SECRET: &str = "dtls-bench-device-secret";
@@ -236,20 +236,6 @@ impl Write for Udp {
     }
 }
 
-fn client_context(key: &str) -> Result<SslContext> {
-    let mut b = SslContextBuilder::new(SslMethod::dtls())?;
-    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-    b.set_cipher_list("PSK-AES128-CCM8")?;
-    let key = key.as_bytes().to_vec();
-    b.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
-        identity[..DEVICE.len()].copy_from_slice(DEVICE.as_bytes());
-        identity[DEVICE.len()] = 0;
-        psk[..key.len()].copy_from_slice(&key);
-        Ok(key.len())
-    });
-    Ok(b.build())
-}
-
 /// A full PSK handshake from a new port; the session, open.
 fn handshake(ctx: &SslContext, port: u16) -> Result<SslStream<Udp>> {
     let sock = UdpSocket::bind("127.0.0.1:0")?;
@@ -371,7 +357,7 @@ fn main() -> Result<()> {
         cpu_ratio.map_or("-".into(), |c| format!("{c:.2}×"))
     );
 
-    let ctx = client_context(&key)?;
+    let ctx = psk_client(DEVICE, &key)?;
     println!("\nPSK handshakes (TLS_PSK_WITH_AES_128_CCM_8, 2 client threads, {:.0} s each):", args.seconds);
     let mut hs = Vec::new();
     for s in &servers {

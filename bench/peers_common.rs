@@ -6,6 +6,8 @@
 use std::net::{TcpListener, UdpSocket};
 use std::process::Command;
 
+use openssl::ssl::{SslContext, SslContextBuilder, SslMethod, SslVersion};
+
 pub fn free_tcp() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -60,4 +62,21 @@ pub fn median_round<T>(rounds: &[T], rate: impl Fn(&T) -> f64) -> &T {
     let mut by_rate: Vec<&T> = rounds.iter().collect();
     by_rate.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
     by_rate[(by_rate.len() - 1) / 2]
+}
+
+/// A DTLS 1.2 client context that offers only TLS_PSK_WITH_AES_128_CCM_8 (RFC 7252's
+/// mandatory suite) with `device` as the PSK identity and `key` as the key, as
+/// `coap-client-openssl -u DEVICE -k KEY` does.
+pub fn psk_client(device: &str, key: &str) -> anyhow::Result<SslContext> {
+    let mut b = SslContextBuilder::new(SslMethod::dtls())?;
+    b.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+    b.set_cipher_list("PSK-AES128-CCM8")?;
+    let (device, key) = (device.as_bytes().to_vec(), key.as_bytes().to_vec());
+    b.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
+        identity[..device.len()].copy_from_slice(&device);
+        identity[device.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    Ok(b.build())
 }

@@ -100,8 +100,10 @@ mod ffi {
         unsafe { DTLSv1_listen(ssl.as_ptr().cast(), client.0) }
     }
 
-    /// Frees the session's read and write buffers (about 34 KiB) when nothing is pending in
-    /// them; OpenSSL allocates them again for the next record.
+    /// Frees the session's read and write buffers (about 13 KiB) when nothing is pending in
+    /// them. Only a read allocates them again: OpenSSL's DTLS write path writes into the
+    /// write buffer as it is, so this is for established sessions, which only write after
+    /// reading (a handshake's retransmission writes without a read).
     pub fn free_buffers(ssl: &SslRef) {
         // SAFETY: a live SSL object; the call only frees buffers OpenSSL owns.
         unsafe { SSL_free_buffers(ssl.as_ptr().cast()) };

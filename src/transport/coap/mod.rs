@@ -2,7 +2,7 @@
 //! [`exchange`] layer, whose answers come from the DFU session (`POST /dfu/{id}`) and the
 //! planner's assignments (`GET /fw/{id}`, Block2 slices of the hot image).
 
-mod dtls;
+pub mod dtls;
 pub mod exchange;
 mod proof;
 mod udp;
