@@ -3,13 +3,16 @@
 //!
 //! The client workflow of the TUF specification (§5.3–5.7: root rotation chain, timestamp →
 //! snapshot → targets, signature thresholds counted once per key, expiry, rollback protection,
-//! consistent snapshots, target length and hashes) is `tough`'s (awslabs): it loads metadata
-//! written by python-tuf 7, the reference implementation, which the `tuf` crate's newest
-//! release refuses (`Unknown spec version 1.0.31`). This module adds what the gateway needs
-//! around it: a transport for `file://`, `http://` and `https://` URLs, the trusted metadata persisted in a
-//! datastore directory (so a restart starts from the newest verified root and keeps rejecting
-//! rolled-back versions), and the verified targets as the set of (sha256, length) that are
-//! admissible, with their Foundries-style `custom.tags`.
+//! consistent snapshots, delegated targets searched lazily, target length and hashes) is
+//! `updater`'s, which runs it as the reference client (python-tuf's ngclient) does and passes
+//! the public tuf-conformance suite (`bench/tuf_conformance.sh`). `meta` reads metadata with
+//! `tough`'s key schema and verifies signatures as tough does; tough's own loader was dropped
+//! because it loads every delegation eagerly, requires sha256, re-serialises what it stores and
+//! keeps its clock state among the role files. This module adds what the gateway needs around
+//! it: a transport for `file://`, `http://` and `https://` URLs, the trusted metadata persisted
+//! in a datastore directory (so a restart starts from the newest verified root and keeps
+//! rejecting rolled-back versions), and the verified targets as the set of (sha256, length)
+//! that are admissible, with their Foundries-style `custom.tags`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,9 +20,19 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tough::{async_trait, ExpirationEnforcement, IntoVec, RepositoryLoader, TargetName};
+use tough::async_trait;
 use tough::{Transport, TransportError, TransportErrorKind, TransportStream};
 use url::Url;
+
+mod meta;
+mod updater;
+pub use meta::TargetFile;
+pub use updater::Repository;
+
+/// Whether `bytes` are the target `t` describes (its length and every hash).
+pub fn target_matches(bytes: &[u8], t: &TargetFile) -> bool {
+    meta::check_file("target", bytes, Some(t.length), &t.hashes).is_ok()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TufError {
@@ -179,30 +192,26 @@ impl Client {
         move |source| TufError::Io { repo: self.name.clone(), what, source }
     }
 
-    /// The root to start from: the newest one verified before (in the datastore), else the
-    /// one shipped out of band.
-    fn trusted_root(&self) -> Result<Vec<u8>, TufError> {
-        let stored = self.datastore.join("root.json");
-        let path = if stored.exists() { stored } else { self.initial_root.clone() };
-        std::fs::read(&path).map_err(self.io(format!("reading the trusted root {}", path.display())))
-    }
-
-    /// Runs the TUF client workflow against the repository.
-    pub async fn load(&self) -> Result<tough::Repository, TufError> {
+    /// Runs the TUF client workflow against the repository, starting from the newest root
+    /// verified before (in the datastore), else the one shipped out of band.
+    pub async fn load(&self) -> Result<Repository, TufError> {
         std::fs::create_dir_all(&self.datastore).map_err(self.io(format!("creating {}", self.datastore.display())))?;
-        let root = self.trusted_root()?;
+        let stored = self.datastore.join("root.json");
+        if !stored.exists() {
+            let root = std::fs::read(&self.initial_root)
+                .map_err(self.io(format!("reading the trusted root {}", self.initial_root.display())))?;
+            std::fs::write(&stored, root).map_err(self.io(format!("writing {}", stored.display())))?;
+        }
         let metadata = url_of(&self.name, &self.metadata_url)?;
         let targets = url_of(&self.name, &self.targets_url)?;
-        let load = RepositoryLoader::new(&root, metadata, targets)
-            .transport(Fetch::new(self.fetch_timeout))
-            .datastore(&self.datastore)
-            .expiration_enforcement(ExpirationEnforcement::Safe)
-            .load();
+        let now = jiff::Timestamp::now().as_second();
+        let fetch = Fetch::new(self.fetch_timeout);
+        let mut repo = Repository::open(&self.name, &self.datastore, metadata, targets, fetch, now)?;
         // Each fetch has the limit, and so has the whole refresh (root, timestamp, snapshot,
         // targets): a repository that trickles cannot hold it either.
         let secs = self.fetch_timeout.as_secs();
-        match tokio::time::timeout(self.fetch_timeout, load).await {
-            Ok(r) => r.map_err(|e| TufError::Verify { repo: self.name.clone(), message: error_chain(&e) }),
+        match tokio::time::timeout(self.fetch_timeout, repo.refresh()).await {
+            Ok(r) => r.map(|()| repo),
             Err(_) => Err(TufError::Verify {
                 repo: self.name.clone(),
                 message: format!("the repository did not answer within {secs} s (tuf.fetch_timeout_secs)"),
@@ -212,24 +221,17 @@ impl Client {
 
     /// Refreshes and lists the verified targets.
     pub async fn refresh(&self) -> Result<Verified, TufError> {
-        let repo = self.load().await?;
-        Ok(verified(&self.name, &repo))
+        let mut repo = self.load().await?;
+        verified(&self.name, &mut repo).await
     }
 
-    /// The verified targets of a loaded repository.
-    pub fn refresh_from(&self, repo: &tough::Repository) -> Verified {
-        verified(&self.name, repo)
-    }
-
-    /// Downloads one target, checked against its length and sha256.
-    pub async fn fetch_target(&self, repo: &tough::Repository, name: &str) -> Result<Vec<u8>, TufError> {
-        let target = |message: String| TufError::Target { repo: self.name.clone(), target: name.into(), message };
-        let tn = TargetName::new(name).map_err(|e| target(e.to_string()))?;
-        let stream = repo.read_target(&tn).await.map_err(|e| target(error_chain(&e)))?;
-        let Some(stream) = stream else {
+    /// Downloads one target, found by the specification's search and checked against its
+    /// length and every hash listed.
+    pub async fn fetch_target(&self, repo: &mut Repository, name: &str) -> Result<Vec<u8>, TufError> {
+        let Some((_, t)) = repo.find(name).await? else {
             return Err(TufError::NoTarget { repo: self.name.clone(), target: name.into() });
         };
-        stream.into_vec().await.map_err(|e| target(error_chain(&e)))
+        repo.download_target(name, &t).await
     }
 }
 
@@ -257,41 +259,42 @@ fn readable(text: &str) -> String {
     format!("{}{}{}", &text[..start], &text[hex_start..hex_start + hex_len], &text[end..])
 }
 
-fn verified(name: &str, repo: &tough::Repository) -> Verified {
-    let secs = |t: jiff::Timestamp| t.as_second().max(0) as u64;
-    let expires = [
-        secs(repo.root().signed.expires),
-        secs(repo.timestamp().signed.expires),
-        secs(repo.snapshot().signed.expires),
-        secs(repo.targets().signed.expires),
-    ]
-    .into_iter()
-    .min()
-    .unwrap_or(0);
+/// What a loaded repository verified; its targets as the gateway admits them (those with a
+/// sha256, which is how an image is matched).
+async fn verified(name: &str, repo: &mut Repository) -> Result<Verified, TufError> {
     let targets = repo
         .all_targets()
-        .map(|(n, t)| TargetInfo {
-            name: n.raw().to_owned(),
-            length: t.length,
-            sha256: hex::encode(&*t.hashes.sha256),
-            tags: t
-                .custom
-                .get("tags")
-                .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
-                .unwrap_or_default(),
-            version: t.custom.get("version").and_then(|v| v.as_str()).map(str::to_owned),
+        .await?
+        .into_iter()
+        .filter_map(|(n, t)| {
+            Some(TargetInfo {
+                name: n,
+                length: t.length,
+                sha256: t.hashes.get("sha256")?.to_ascii_lowercase(),
+                tags: t
+                    .custom
+                    .get("tags")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default(),
+                version: t.custom.get("version").and_then(|v| v.as_str()).map(str::to_owned),
+            })
         })
         .collect();
-    Verified {
+    let (ts, snap, top) = match (repo.timestamp(), repo.snapshot(), repo.top_targets()) {
+        (Some(ts), Some(s), Some(t)) => (ts, s, t),
+        _ => return Err(TufError::Verify { repo: name.into(), message: "the refresh did not complete".into() }),
+    };
+    let expires = [repo.root().expires, ts.expires, snap.expires, top.expires].into_iter().min().unwrap_or(0);
+    Ok(Verified {
         repo: name.into(),
-        root_version: repo.root().signed.version.get(),
-        timestamp_version: repo.timestamp().signed.version.get(),
-        snapshot_version: repo.snapshot().signed.version.get(),
-        targets_version: repo.targets().signed.version.get(),
-        expires,
+        root_version: repo.root().version,
+        timestamp_version: ts.version,
+        snapshot_version: snap.version,
+        targets_version: top.version,
+        expires: expires.max(0) as u64,
         targets,
-    }
+    })
 }
 
 /// The two repositories a gateway trusts, and what they verified last.

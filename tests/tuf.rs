@@ -173,3 +173,44 @@ async fn a_ci_device_updates_from_ci_targets_and_only_from_them() {
     assert_eq!(code, 404);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_production_wave_of_a_target_signed_only_by_a_delegated_role_updates_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = test_config(dir.path());
+    // The production repository's top-level targets role lists nothing itself: it delegates
+    // board-a/* to the role board-a, which also signs a board-b path it was not delegated.
+    let url = |what: &str| format!("file://{}/", tuf_fixtures().join("repos/delegated").join(what).display());
+    c.tuf.production_root = tuf_fixtures().join("delegated-root.json");
+    c.tuf.production_metadata_url = url("metadata");
+    c.tuf.production_targets_url = url("targets");
+    let gw = TestGateway::start(c).await;
+    let base = gw.admin.clone();
+    let (_, tuf) = admin(&base, Method::GET, "/api/v1/tuf", None, None).await;
+    let targets = &tuf["repositories"][0]["verified"]["targets"];
+    let names: Vec<&str> = targets.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["board-a/fw-4.0.bin"], "only the delegated path is trusted: {tuf}");
+
+    // The target outside board-a's paths is refused, with the reason.
+    add_image(&base, "fw", "9.0", target_bytes("delegated", "board-b/fw-9.0.bin")).await;
+    let (code, v) = post(&base, "/api/v1/waves", json!({"name": "w9", "version": "9.0", "tag": "release"})).await;
+    assert_eq!(code, 422, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("not a verified production target"), "{v}");
+
+    // The delegated target goes to production devices over MQTT.
+    add_image(&base, "fw", "4.0", target_bytes("delegated", "board-a/fw-4.0.bin")).await;
+    for id in ["prod-1", "prod-2"] {
+        register(&base, id, true).await;
+    }
+    let (code, w) = post(&base, "/api/v1/waves", json!({"name": "w4", "version": "4.0", "tag": "release"})).await;
+    assert_eq!(code, 201, "{w}");
+    let (code, r) = post(&base, "/api/v1/waves/w4/rollout", json!({})).await;
+    assert_eq!((code, r["staged"].as_u64()), (200, Some(2)), "{r}");
+    for id in ["prod-1", "prod-2"] {
+        let mut dev = SimDevice::connect(gw.mqtt, id, Form::Named, "3.0", None).await;
+        assert_eq!(dev.run(None).await, Ended::Updated, "{id}");
+        assert_eq!(dev.running, "4.0");
+        dev.disconnect().await;
+    }
+    gw.stop().await;
+}

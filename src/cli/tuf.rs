@@ -1,11 +1,10 @@
 //! `fwgate tuf`: refresh the gateway's repositories, and a standalone TUF client with the
 //! command line of the public tuf-conformance suite, running the same code the gateway uses.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
 
 use crate::tuf::Client;
 
@@ -71,13 +70,6 @@ fn file_name(target: &str) -> String {
     target.replace('%', "%25").replace('/', "%2F")
 }
 
-fn matches(path: &Path, length: u64, sha256: &str) -> bool {
-    match std::fs::read(path) {
-        Ok(b) => b.len() as u64 == length && hex::encode(Sha256::digest(&b)) == sha256,
-        Err(_) => false,
-    }
-}
-
 pub async fn client_command(a: ClientArgs) -> Result<()> {
     match &a.command {
         ClientCommand::Init { root } => {
@@ -96,18 +88,17 @@ pub async fn client_command(a: ClientArgs) -> Result<()> {
             let base = a.target_base_url.as_deref().context("--target-base-url is required")?;
             let dir = a.target_dir.clone().context("--target-dir is required")?;
             let c = client(&a, Some(base))?;
-            let repo = c.load().await?;
-            let verified = c.refresh_from(&repo);
+            let mut repo = c.load().await?;
             std::fs::create_dir_all(&dir)?;
             for name in &a.target_names {
                 let path = dir.join(file_name(name));
-                let Some(t) = verified.targets.iter().find(|t| &t.name == name) else {
+                let Some((_, t)) = repo.find(name).await? else {
                     bail!("no target {name} in the repository");
                 };
-                if matches(&path, t.length, &t.sha256) {
+                if std::fs::read(&path).is_ok_and(|b| crate::tuf::target_matches(&b, &t)) {
                     continue; // verified before: cached
                 }
-                let bytes = c.fetch_target(&repo, name).await?;
+                let bytes = repo.download_target(name, &t).await?;
                 let tmp = dir.join(format!(".{}.part", file_name(name)));
                 std::fs::write(&tmp, &bytes)?;
                 std::fs::rename(&tmp, &path)?;

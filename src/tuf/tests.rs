@@ -68,8 +68,8 @@ fn every_defective_repository_is_refused_with_a_clear_error_and_poisons_nothing(
     }
 }
 
-/// What tough says when a repository offers older metadata than it verified before.
-const ROLLBACK: &str = "Found version 1 of timestamp metadata when we had previously fetched version 2";
+/// What the client says when a repository offers older metadata than it verified before.
+const ROLLBACK: &str = "timestamp: version 1 is older than the trusted 2";
 
 #[test]
 fn a_rolled_back_repository_is_refused_once_a_newer_one_was_seen() {
@@ -103,13 +103,13 @@ fn target_bytes_that_differ_in_hash_or_length_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let c = client("bad-target-bytes", dir.path());
     let rt = rt();
-    let repo = rt.block_on(c.load()).unwrap();
+    let mut repo = rt.block_on(c.load()).unwrap();
     for name in ["app-2.0.bin", "app-2.1.bin"] {
-        let err = rt.block_on(c.fetch_target(&repo, name)).unwrap_err();
+        let err = rt.block_on(c.fetch_target(&mut repo, name)).unwrap_err();
         assert!(matches!(err, TufError::Target { .. }), "{name}: {err}");
     }
-    assert!(matches!(rt.block_on(c.fetch_target(&repo, "nope.bin")), Err(TufError::NoTarget { .. })));
-    let good = rt.block_on(c.fetch_target(&repo, "beta-3.0.bin")).unwrap();
+    assert!(matches!(rt.block_on(c.fetch_target(&mut repo, "nope.bin")), Err(TufError::NoTarget { .. })));
+    let good = rt.block_on(c.fetch_target(&mut repo, "beta-3.0.bin")).unwrap();
     assert_eq!(good.len(), 2048);
 }
 
@@ -180,12 +180,22 @@ fn a_refresh_that_does_not_verify_changes_nothing() {
     let rt = rt();
     let before = rt.block_on(trust.refresh(PRODUCTION)).unwrap();
     let app = before.targets.iter().find(|t| t.name == "app-2.0.bin").unwrap().clone();
-    // The server now offers tampered metadata.
-    std::fs::remove_dir_all(served.join("metadata")).unwrap();
-    copy_dir(&fixtures().join("repos/tampered-target/metadata"), &served.join("metadata"));
+    let offer = |variant: &str| {
+        std::fs::remove_dir_all(served.join("metadata")).unwrap();
+        copy_dir(&fixtures().join("repos").join(variant).join("metadata"), &served.join("metadata"));
+    };
+    // The server now offers older metadata: refused, and the last verified state stays.
+    offer("rollback");
     assert!(matches!(rt.block_on(trust.refresh(PRODUCTION)), Err(TufError::Verify { .. })));
     assert_eq!(trust.verified(PRODUCTION).unwrap(), before, "the last verified state stays");
     assert_eq!(trust.admit(true, &app.sha256, app.length, Some("release"), 1_800_000_000), Ok(()));
+    // Tampered targets under an unchanged timestamp version are never fetched (as the
+    // reference client: the timestamp says nothing changed), so the verified state is the
+    // same and the tampered length is not admitted.
+    offer("tampered-target");
+    assert_eq!(rt.block_on(trust.refresh(PRODUCTION)).unwrap(), before);
+    let tampered = trust.admit(true, &app.sha256, app.length + 1, Some("release"), 1_800_000_000);
+    assert!(matches!(tampered, Err(Refusal::NotATarget { .. })), "{tampered:?}");
 }
 
 /// The fixture repositories are signed to expire on 2036-01-01 (`make_repos.py`'s `VALID`).

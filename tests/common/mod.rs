@@ -51,8 +51,10 @@ pub fn with_tuf(c: &mut Config, ci: bool) {
 
 /// The bytes of a fixture repository's target file.
 pub fn target_bytes(repo: &str, name: &str) -> Vec<u8> {
-    let dir = tuf_fixtures().join("repos").join(repo).join("targets");
-    let suffix = format!(".{name}");
+    // A target in a directory is stored there, as `<sha256>.<file name>` (consistent snapshots).
+    let (sub, file) = name.rsplit_once('/').unwrap_or(("", name));
+    let dir = tuf_fixtures().join("repos").join(repo).join("targets").join(sub);
+    let suffix = format!(".{file}");
     let file = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
