@@ -270,11 +270,20 @@ async fn show_image(
 pub struct ListQuery {
     pub after: Option<String>,
     pub limit: Option<usize>,
+    /// An RSQL device filter (`fleet::filter`).
+    pub filter: Option<String>,
 }
 
-async fn list_devices(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Json<Vec<Device>> {
+async fn list_devices(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<Device>>, AppError> {
     let limit = q.limit.unwrap_or(s.list_limit).clamp(1, s.list_limit);
-    Json(s.fleet.list(q.after.as_deref(), limit))
+    let Some(text) = q.filter else { return Ok(Json(s.fleet.list(q.after.as_deref(), limit))) };
+    let filter = crate::fleet::filter::Filter::parse(&text)
+        .map_err(|e| AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_filter", e))?;
+    let fleet = s.fleet.clone();
+    let after = q.after;
+    let found =
+        blocking(move || Ok::<_, AppError>(fleet.list_where(after.as_deref(), limit, |d| filter.matches(d)))).await?;
+    Ok(Json(found))
 }
 
 /// One device or a list of them.

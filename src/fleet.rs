@@ -10,6 +10,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+pub mod filter;
 pub mod select;
 
 use self::select::{DeviceFacts, FleetIndex, Idx, Rejection, Selection, MAX_TAGS};
@@ -319,6 +320,19 @@ impl Fleet {
         ids.sort_unstable();
         ids.truncate(limit);
         ids.iter().filter_map(|id| self.get(id)).collect()
+    }
+
+    /// Devices that `keep` accepts, in id order, at most `limit`, starting after `after`.
+    pub fn list_where(&self, after: Option<&str>, limit: usize, keep: impl Fn(&Device) -> bool) -> Vec<Device> {
+        let mut found: Vec<Device> = self
+            .devices
+            .iter()
+            .filter(|e| after.is_none_or(|a| e.key().as_str() > a) && keep(&e.device))
+            .map(|e| e.device.clone())
+            .collect();
+        found.sort_unstable_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        found.truncate(limit);
+        found
     }
 
     /// Records a Status from a known device. A changed running version is written at once;

@@ -558,3 +558,40 @@ async fn the_gateway_refreshes_its_production_repository_and_keeps_its_trust_acr
     let log = std::fs::read_to_string(&serve.log).unwrap();
     assert!(log.contains("TUF repository does not verify"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_list_takes_an_rsql_filter_and_names_where_a_bad_one_goes_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    for args in [
+        &["devices", "add", "f-1", "--tag", "release", "--group", "eu", "--hw", "nrf52", "--production"][..],
+        &["devices", "add", "f-2", "--tag", "release", "--group", "us", "--hw", "esp32"][..],
+        &["devices", "add", "g-3", "--tag", "beta", "--hw", "nrf52"][..],
+    ] {
+        let (ok, out) = serve.cli(args);
+        assert!(ok, "{out}");
+    }
+    // A device reports its running version over MQTT.
+    let mqtt = format!("127.0.0.1:{}", serve.mqtt).parse().unwrap();
+    let mut dev = SimDevice::connect(mqtt, "f-2", Form::Named, "2.10", None).await;
+    dev.send_status().await;
+    dev.next_payload(Duration::from_secs(5)).await;
+    dev.disconnect().await;
+
+    let listed = |filter: &str| {
+        let (ok, out) = serve.cli(&["devices", "list", "--filter", filter]);
+        assert!(ok, "{filter}: {out}");
+        let mut ids: Vec<String> =
+            out.lines().skip(1).filter_map(|l| l.split_whitespace().next().map(str::to_owned)).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed("tag==release;hardware==nrf52"), ["f-1"]);
+    assert_eq!(listed("hardware==nrf52,group==us"), ["f-1", "f-2", "g-3"]);
+    assert_eq!(listed("id==f-*;production==false"), ["f-2"]);
+    assert_eq!(listed("version=ge=2.9"), ["f-2"]);
+    let (ok, out) = serve.cli(&["devices", "list", "--filter", "tag==release;colour==red"]);
+    assert!(!ok && out.contains("filter position 13: unknown field \"colour\""), "{out}");
+    let (ok, out) = serve.cli(&["devices", "list", "--filter", "tag=release"]);
+    assert!(!ok && out.contains("filter position 3: expected an operator"), "{out}");
+}

@@ -27,6 +27,10 @@ pub enum DevicesCommand {
         after: Option<String>,
         #[arg(long)]
         limit: Option<usize>,
+        /// Only devices matching this RSQL filter, e.g. 'tag==release;hardware==nrf52' (see
+        /// the README's "Device filters").
+        #[arg(long)]
+        filter: Option<String>,
     },
     /// Assign an image (NAME@VERSION) to a device.
     Assign {
@@ -154,8 +158,11 @@ pub async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
             let v = c.send(c.http.post(c.url("/api/v1/devices")).json(&specs)).await?;
             out(&v, format!("{n} devices imported: {} added, {} updated", s(&v, "created"), s(&v, "updated")));
         }
-        DevicesCommand::List { after, limit } => {
+        DevicesCommand::List { after, limit, filter } => {
             let mut q: Vec<(&str, String)> = Vec::new();
+            if let Some(f) = filter {
+                q.push(("filter", f));
+            }
             if let Some(a) = after {
                 q.push(("after", a));
             }

@@ -389,10 +389,11 @@ impl Repository {
             if !seen.insert(role.clone()) || seen.len() > MAX_DELEGATIONS + 1 {
                 continue;
             }
-            if self.load_targets(&role, &delegator).await.is_err() && role != "targets" {
-                continue; // a role that does not verify admits nothing
-            }
-            let Body::Targets { targets, delegations } = &self.targets[&role].body else { unreachable!("targets") };
+            // A role that does not verify admits nothing.
+            let _ = self.load_targets(&role, &delegator).await;
+            let Some(Body::Targets { targets, delegations }) = self.targets.get(&role).map(|m| &m.body) else {
+                continue;
+            };
             paths.extend(targets.keys().cloned());
             if let Some(d) = delegations {
                 queue.extend(d.roles.iter().rev().map(|r| (r.name.clone(), role.clone())));
