@@ -247,9 +247,11 @@ impl Meta {
         let expires = expires(field(s, "expires", role)?, role)?;
         let body = match typ {
             "root" => {
-                let consistent_snapshot = field(s, "consistent_snapshot", role)?
-                    .as_bool()
-                    .ok_or_else(|| shape(role, "consistent_snapshot is not a boolean"))?;
+                // Optional, as the reference client reads it: absent is false.
+                let consistent_snapshot = match s.get("consistent_snapshot") {
+                    None => false,
+                    Some(v) => v.as_bool().ok_or_else(|| shape(role, "consistent_snapshot is not a boolean"))?,
+                };
                 let roles_v = obj(field(s, "roles", role)?, role, "roles")?;
                 let mut names: Vec<&str> = roles_v.keys().map(String::as_str).collect();
                 names.sort_unstable();

@@ -150,11 +150,18 @@ impl Repository {
     }
 
     fn persist(&self, role: &str, bytes: &[u8]) -> Result<(), TufError> {
+        // Two refreshes at once (the periodic one and an operator's) each write their own
+        // temporary file; the last rename wins, and both wrote verified metadata.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.dir.join(format!("{}.json", quote(role)));
-        let tmp = self.dir.join(format!(".{}.json.part", quote(role)));
+        let tmp = self.dir.join(format!(".{}.json.{}-{n}.part", quote(role), std::process::id()));
         let io = |source| TufError::Io { repo: self.name.clone(), what: format!("writing {}", path.display()), source };
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
     }
 
     /// Refreshes the top-level metadata: root chain, timestamp, snapshot, targets.
