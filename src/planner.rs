@@ -5,6 +5,7 @@
 //! Every transition is written to the store before it is acknowledged anywhere.
 
 mod admission;
+pub mod rollouts;
 pub mod waves;
 
 pub use admission::Denial;
