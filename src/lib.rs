@@ -10,9 +10,10 @@
 //! - [`fleet`]: the device registry, device credentials, and the compact index rollouts
 //!   select from.
 //! - [`planner`]: the per-device operation queue (assignments, outcome accounting,
-//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`].
-//! - [`tuf`]: the production and CI TUF repositories (via `tough`), and which images are
-//!   admissible for which class of device.
+//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`], and the
+//!   first parts of hawkBit-style [`planner::rollouts`].
+//! - [`tuf`]: the production and CI TUF repositories (fwgate's own client workflow, on
+//!   `tough`'s key schema), and which images are admissible for which class of device.
 //! - [`transport`]: the MQTT (fwgate's own listener) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
 //! - [`admin`]: the axum admin API, `/metrics`, probes.
