@@ -311,28 +311,21 @@ impl Fleet {
 
     /// Devices in id order, at most `limit`, starting after `after`.
     pub fn list(&self, after: Option<&str>, limit: usize) -> Vec<Device> {
+        self.list_where(after, limit, |_| true)
+    }
+
+    /// Devices that `keep` accepts, in id order, at most `limit`, starting after `after`.
+    /// Only the ids are gathered and sorted; the `limit` devices listed are then copied.
+    pub fn list_where(&self, after: Option<&str>, limit: usize, keep: impl Fn(&Device) -> bool) -> Vec<Device> {
         let mut ids: Vec<String> = self
             .devices
             .iter()
-            .filter(|e| after.is_none_or(|a| e.key().as_str() > a))
+            .filter(|e| after.is_none_or(|a| e.key().as_str() > a) && keep(&e.device))
             .map(|e| e.key().clone())
             .collect();
         ids.sort_unstable();
         ids.truncate(limit);
         ids.iter().filter_map(|id| self.get(id)).collect()
-    }
-
-    /// Devices that `keep` accepts, in id order, at most `limit`, starting after `after`.
-    pub fn list_where(&self, after: Option<&str>, limit: usize, keep: impl Fn(&Device) -> bool) -> Vec<Device> {
-        let mut found: Vec<Device> = self
-            .devices
-            .iter()
-            .filter(|e| after.is_none_or(|a| e.key().as_str() > a) && keep(&e.device))
-            .map(|e| e.device.clone())
-            .collect();
-        found.sort_unstable_by(|a, b| a.spec.id.cmp(&b.spec.id));
-        found.truncate(limit);
-        found
     }
 
     /// Records a Status from a known device. A changed running version is written at once;

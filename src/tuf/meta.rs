@@ -401,14 +401,21 @@ impl Succinct {
         let h = sha2::Sha256::digest(path.as_bytes());
         let first = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
         let bin = if self.bit_length == 32 { first } else { first >> (32 - self.bit_length) };
-        let bins = 1u64 << self.bit_length;
-        let width = format!("{:x}", bins - 1).len();
+        let width = self.suffix_width();
         format!("{}-{bin:0width$x}", self.name_prefix)
     }
 
     pub fn is_bin(&self, name: &str) -> bool {
         let Some(suffix) = name.strip_prefix(&self.name_prefix).and_then(|s| s.strip_prefix('-')) else { return false };
-        let width = format!("{:x}", (1u64 << self.bit_length) - 1).len();
-        suffix.len() == width && u64::from_str_radix(suffix, 16).is_ok_and(|b| b < (1u64 << self.bit_length))
+        suffix.len() == self.suffix_width() && u64::from_str_radix(suffix, 16).is_ok_and(|b| b < self.bins())
+    }
+
+    fn bins(&self) -> u64 {
+        1u64 << self.bit_length
+    }
+
+    /// Hex digits of a bin's number: those of the last bin's.
+    fn suffix_width(&self) -> usize {
+        format!("{:x}", self.bins() - 1).len()
     }
 }

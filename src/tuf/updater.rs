@@ -306,15 +306,10 @@ impl Repository {
     }
 
     fn update_targets(&mut self, bytes: &[u8], role: &str, delegator: &str) -> Result<(), MetaError> {
-        let snap = self.snapshot.as_ref().ok_or_else(|| MetaError::Repository("no snapshot".into()))?;
-        if snap.expired(self.now) {
+        if self.snapshot.as_ref().is_some_and(|s| s.expired(self.now)) {
             return Err(MetaError::Expired("snapshot".into()));
         }
-        let Body::Snapshot { meta } = &snap.body else { unreachable!("parsed as snapshot") };
-        let info = meta
-            .get(&format!("{role}.json"))
-            .ok_or_else(|| MetaError::Repository(format!("the snapshot does not list {role}")))?
-            .clone();
+        let info = self.listed(role)?;
         check_file(role, bytes, info.length, &info.hashes)?;
         let new = Meta::parse(bytes, "targets", role)?;
         let (keys, delegation) = self.delegation(role, delegator)?;
@@ -329,6 +324,15 @@ impl Repository {
         Ok(())
     }
 
+    /// What the trusted snapshot says of `role`'s metadata.
+    fn listed(&self, role: &str) -> Result<super::meta::MetaFile, MetaError> {
+        let snap = self.snapshot.as_ref().ok_or_else(|| MetaError::Repository("no snapshot".into()))?;
+        let Body::Snapshot { meta } = &snap.body else { unreachable!("parsed as snapshot") };
+        meta.get(&format!("{role}.json"))
+            .cloned()
+            .ok_or_else(|| MetaError::Repository(format!("{role} is delegated but not in the snapshot")))
+    }
+
     async fn load_targets(&mut self, role: &str, delegator: &str) -> Result<(), TufError> {
         if self.targets.contains_key(role) {
             return Ok(());
@@ -338,12 +342,7 @@ impl Repository {
                 return Ok(());
             }
         }
-        let snap = self.snapshot.as_ref().ok_or_else(|| self.err(MetaError::Repository("no snapshot".into())))?;
-        let Body::Snapshot { meta } = &snap.body else { unreachable!("parsed as snapshot") };
-        let info = meta
-            .get(&format!("{role}.json"))
-            .cloned()
-            .ok_or_else(|| self.err(MetaError::Repository(format!("{role} is delegated but not in the snapshot"))))?;
+        let info = self.listed(role).map_err(|e| self.err(e))?;
         let version = self.consistent().then_some(info.version);
         let bytes = self.required(role, version, info.length.unwrap_or(TARGETS_MAX)).await?;
         self.update_targets(&bytes, role, delegator).map_err(|e| self.err(e))?;
