@@ -1,4 +1,4 @@
-//! The admin HTTP API (JSON over axum): images, devices, assignment, waves, `/metrics`,
+//! The admin HTTP API (JSON over axum): images, devices, assignment, waves, rollouts, `/metrics`,
 //! `/livez`, `/readyz`. Every `/api/v1` route needs a bearer token — the admin token, or for
 //! reads the optional read-only one — and a Host header naming this gateway (a page in an
 //! operator's browser cannot reach it through DNS rebinding); probes and metrics stay open.
@@ -23,6 +23,7 @@ use crate::planner::{Operation, Planner, PlannerError};
 use crate::telemetry::Telemetry;
 
 mod guard;
+mod rollouts;
 use guard::guard;
 pub use guard::Authorized;
 
@@ -32,6 +33,7 @@ pub struct AppState {
     pub firmware: Arc<Firmware>,
     pub planner: Arc<Planner>,
     pub waves: Arc<Waves>,
+    pub rollouts: Arc<crate::planner::rollouts::Rollouts>,
     pub telemetry: Arc<Telemetry>,
     pub token: Arc<str>,
     /// May read `/api/v1`, not change it.
@@ -156,6 +158,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/tags/{tag}", get(show_tag))
         .route("/api/v1/tuf", get(tuf_status))
         .route("/api/v1/tuf/{repo}/refresh", post(tuf_refresh))
+        .merge(rollouts::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -303,12 +306,14 @@ async fn add_devices(
         OneOrMany::One(d) => vec![d],
         OneOrMany::Many(v) => v,
     };
-    let (fleet, waves) = (s.fleet.clone(), s.waves.clone());
+    let (fleet, waves, rollouts) = (s.fleet.clone(), s.waves.clone(), s.rollouts.clone());
     let out = blocking(move || {
         let ids: Vec<String> = specs.iter().map(|d| d.id.clone()).collect();
         let out = fleet.upsert(specs, now_secs())?;
-        // Devices joining a tag with a complete wave get its version.
+        // Devices joining a tag with a complete wave get its version, and ones matching a
+        // dynamic rollout's filter join it.
         waves.devices_changed(&ids, now_secs())?;
+        rollouts.devices_changed(&ids, now_secs())?;
         Ok::<_, AppError>(out)
     })
     .await?;

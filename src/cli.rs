@@ -13,12 +13,14 @@ use crate::fleet::DeviceSpec;
 mod devices;
 mod images;
 mod load;
+mod rollouts;
 mod tags;
 mod tuf;
 mod waves;
 
 pub use devices::{read_devices_csv, DevicesCommand};
 pub use images::ImagesCommand;
+pub use rollouts::RolloutsCommand;
 pub use waves::WavesCommand;
 
 const DEFAULT_CONFIG: &str = "config/fwgate.toml";
@@ -82,6 +84,14 @@ pub enum Command {
     Waves {
         #[command(subcommand)]
         command: WavesCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// hawkBit-style rollouts: the devices a filter matches, in groups that start one after
+    /// another while their success condition holds; too many failures pause the rollout.
+    Rollouts {
+        #[command(subcommand)]
+        command: RolloutsCommand,
         #[command(flatten)]
         remote: Remote,
     },
@@ -315,6 +325,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Images { command, remote } => images::images(command, &remote).await,
         Command::Devices { command, remote } => devices::devices(command, &remote).await,
         Command::Waves { command, remote } => waves::waves(command, &remote).await,
+        Command::Rollouts { command, remote } => rollouts::rollouts(command, &remote).await,
         Command::Tags { command, remote } => tags::tags(command, &remote).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,

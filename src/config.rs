@@ -38,7 +38,16 @@ pub struct Config {
     pub admin: AdminConfig,
     pub fleet: FleetConfig,
     pub tuf: TufConfig,
+    pub rollouts: RolloutsConfig,
     pub log: LogConfig,
+}
+
+/// hawkBit-style rollouts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutsConfig {
+    /// A new rollout waits for `rollouts approve` (or `deny`) before it may start.
+    pub approval_required: bool,
 }
 
 /// The TUF repositories whose targets production and CI devices may receive.

@@ -79,6 +79,24 @@ impl ImageMeta {
     }
 }
 
+/// The image of a version (and name) a device of `hardware` gets, among `images`: one naming its
+/// hardware wins over one for any hardware; several that fit equally are ambiguous.
+pub fn pick<'a>(images: &'a [Arc<ImageMeta>], hardware: Option<&str>) -> Result<&'a Arc<ImageMeta>, String> {
+    let named: Vec<&Arc<ImageMeta>> =
+        images.iter().filter(|m| hardware.is_some_and(|h| m.hardware.iter().any(|x| x == h))).collect();
+    let any: Vec<&Arc<ImageMeta>> = images.iter().filter(|m| m.hardware.is_empty()).collect();
+    let best = if named.is_empty() { any } else { named };
+    match best.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!("no image of this version for hardware {}", hardware.unwrap_or("(none)"))),
+        many => Err(format!(
+            "several images fit hardware {}: {}; name the image as NAME@VERSION",
+            hardware.unwrap_or("(none)"),
+            many.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// A version's place in the release order: semver, with `v` prefixes and one- or two-part
 /// numeric cores accepted (`2` and `2.0` are `2.0.0`, `v2.1-rc1` is `2.1.0-rc1`). `None`
 /// for versions with no order (e.g. `nightly`).

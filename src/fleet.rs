@@ -317,15 +317,17 @@ impl Fleet {
     /// Devices that `keep` accepts, in id order, at most `limit`, starting after `after`.
     /// Only the ids are gathered and sorted; the `limit` devices listed are then copied.
     pub fn list_where(&self, after: Option<&str>, limit: usize, keep: impl Fn(&Device) -> bool) -> Vec<Device> {
-        let mut ids: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|e| after.is_none_or(|a| e.key().as_str() > a) && keep(&e.device))
-            .map(|e| e.key().clone())
-            .collect();
-        ids.sort_unstable();
+        let mut ids = self.ids_where(|d| after.is_none_or(|a| d.spec.id.as_str() > a) && keep(d));
         ids.truncate(limit);
         ids.iter().filter_map(|id| self.get(id)).collect()
+    }
+
+    /// The ids of the devices that `keep` accepts, in id order. `keep` sees each device once,
+    /// one after another.
+    pub fn ids_where(&self, mut keep: impl FnMut(&Device) -> bool) -> Vec<String> {
+        let mut ids: Vec<String> = self.devices.iter().filter(|e| keep(&e.device)).map(|e| e.key().clone()).collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Records a Status from a known device. A changed running version is written at once;

@@ -56,6 +56,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::firmware::Firmware;
 use crate::fleet::Fleet;
+use crate::planner::rollouts::Rollouts;
 use crate::planner::waves::Waves;
 use crate::planner::Planner;
 use crate::store::Store;
@@ -119,6 +120,7 @@ pub struct Gateway {
     pub fleet: Arc<Fleet>,
     pub planner: Arc<Planner>,
     pub waves: Arc<Waves>,
+    pub rollouts: Arc<Rollouts>,
     pub firmware: Arc<Firmware>,
     pub dfu: Arc<Dfu>,
     store: Store,
@@ -187,6 +189,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         )
         .map_err(|e| load(&e))?,
     );
+    let rollouts = Arc::new(
+        Rollouts::open(
+            store.clone(),
+            fleet.clone(),
+            firmware.clone(),
+            planner.clone(),
+            config.rollouts.approval_required,
+            now,
+        )
+        .map_err(|e| load(&e))?,
+    );
+    // Outcomes are handled as they arrive, on the rollouts' own thread; it ends with `shutdown`.
+    rollouts.spawn(shutdown.clone());
     info!(
         data_dir = %dir.display(),
         images = firmware.list().len(),
@@ -208,6 +223,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         firmware: firmware.clone(),
         planner: planner.clone(),
         waves: waves.clone(),
+        rollouts: rollouts.clone(),
         telemetry: telemetry.clone(),
         token: token.clone().into(),
         read_token: (!config.admin.read_token.is_empty()).then(|| config.admin.read_token.clone().into()),
@@ -311,6 +327,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         fleet,
         planner,
         waves,
+        rollouts,
         firmware,
         dfu,
         store,

@@ -117,6 +117,11 @@ pub fn origin_kind(origin: &str) -> &str {
     origin.split_once(':').map_or(origin, |(kind, _)| kind)
 }
 
+/// A plan's name (a wave, a rollout): 1 to 64 letters, digits and `-_.`.
+pub(crate) fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 fn op_key(op: &Operation) -> String {
     format!("{}\0{}\0{:016x}", op.device, op.component, op.seq)
 }
@@ -145,6 +150,22 @@ fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, ()> {
         return Ok(Some(i));
     }
     Ok(mine().max_by_key(|(_, o)| o.seq).map(|(i, _)| i))
+}
+
+/// An operation that reached a final state, as told to the plans that watch their origins'
+/// outcomes ([`Planner::watch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub device: String,
+    pub origin: String,
+    pub seq: u64,
+    pub state: OpState,
+}
+
+impl Ended {
+    fn of(o: &Operation) -> Ended {
+        Ended { device: o.device.clone(), origin: o.origin.clone(), seq: o.seq, state: o.state }
+    }
 }
 
 /// What a transport needs to run one DFU step: the head operation and its image, hot.
@@ -190,6 +211,8 @@ pub struct Planner {
     held: DashMap<String, (u64, String)>,
     /// Operations that started waiting for trust, since start.
     holds: std::sync::atomic::AtomicU64,
+    /// Who is told when an operation of an origin kind ends (see [`Planner::watch`]).
+    watchers: std::sync::RwLock<Vec<(&'static str, std::sync::mpsc::Sender<Ended>)>>,
 }
 
 impl Planner {
@@ -237,6 +260,7 @@ impl Planner {
             allow_downgrade: false,
             held: DashMap::new(),
             holds: 0.into(),
+            watchers: Default::default(),
         })
     }
 
@@ -250,6 +274,31 @@ impl Planner {
 
     pub fn trust(&self) -> &Arc<Trust> {
         &self.trust
+    }
+
+    /// Tells the receiver of every operation of origin kind `kind` (e.g. `rollout`) that
+    /// reaches a final state — succeeded, failed, timed out, canceled (also when its device is
+    /// deleted) — once, after the state is written. Sending never blocks, so a watcher may
+    /// queue operations while it handles what it is told.
+    pub fn watch(&self, kind: &'static str) -> std::sync::mpsc::Receiver<Ended> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.watchers.write().unwrap_or_else(|e| e.into_inner()).push((kind, tx));
+        rx
+    }
+
+    /// Tells the watchers of each of `ended`'s kinds.
+    fn tell<'a>(&self, ended: impl IntoIterator<Item = &'a Operation>) {
+        let watchers = self.watchers.read().unwrap_or_else(|e| e.into_inner());
+        if watchers.is_empty() {
+            return;
+        }
+        for o in ended {
+            let kind = origin_kind(&o.origin);
+            for (_, tx) in watchers.iter().filter(|(k, _)| *k == kind) {
+                // A watcher that has gone away has nothing left to learn.
+                let _ = tx.send(Ended::of(o));
+            }
+        }
     }
 
     /// Assigns `image` (NAME@VERSION) to a device's component: an operation at the head of its
@@ -361,6 +410,10 @@ impl Planner {
             }
         }
         b.commit()?;
+        self.tell(
+            next.iter()
+                .filter(|o| o.state.is_terminal() && !current.iter().any(|c| c.seq == o.seq && c.state.is_terminal())),
+        );
         next.retain(|o| !drop.contains(&o.seq));
         next.sort_by(|a, b| (&a.component, a.seq).cmp(&(&b.component, b.seq)));
         // A queue is short and held for every device of a rollout: no spare capacity (a push
@@ -425,7 +478,12 @@ impl Planner {
         b.commit()?;
         self.ops.remove(device);
         self.held.remove(device);
-        Ok(ops.iter().filter(|o| !o.state.is_terminal()).count())
+        let mut open: Vec<Operation> = ops.into_iter().filter(|o| !o.state.is_terminal()).collect();
+        for o in &mut open {
+            o.state = OpState::Canceled;
+        }
+        self.tell(&open);
+        Ok(open.len())
     }
 
     /// Visits every operation (queued, in flight, recent history), device by device.
@@ -573,13 +631,16 @@ impl Planner {
             // either lands first (and the op is no longer silent) or sees TimedOut.
             let mut b = self.store.batch();
             let mut next = e.clone();
+            let mut ended = Vec::new();
             for op in next.iter_mut().filter(|o| timed_out(o.state, o.last_activity, now, self.op_timeout_secs)) {
                 op.end(OpState::TimedOut, format!("no Status for {} s", now - op.last_activity), now);
                 b.put_json(Cf::Ops, op_key(op).as_bytes(), &*op)?;
+                ended.push(op.seq);
                 n += 1;
             }
             if !b.is_empty() {
                 b.commit()?;
+                self.tell(next.iter().filter(|o| ended.contains(&o.seq)));
                 *e = next;
             }
         }

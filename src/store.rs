@@ -33,10 +33,13 @@ pub enum Cf {
     Meta,
     /// wave name → wave with its rollout history (JSON).
     Waves,
+    /// `r` \0 rollout name → rollout with its groups' states (JSON); `g` \0 rollout name \0
+    /// group number (4 hex digits) → the group's device ids (JSON).
+    Rollouts,
 }
 
 impl Cf {
-    const ALL: [Cf; 6] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves];
+    const ALL: [Cf; 7] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves, Cf::Rollouts];
 
     fn name(self) -> &'static str {
         match self {
@@ -46,6 +49,7 @@ impl Cf {
             Cf::Ops => "ops",
             Cf::Meta => "meta",
             Cf::Waves => "waves",
+            Cf::Rollouts => "rollouts",
         }
     }
 }

@@ -20,12 +20,12 @@ mod book;
 mod model;
 mod status;
 
-use book::{at_least, not_reached, pick, valid_name, Book, Members};
+use book::{at_least, not_reached, Book, Members};
 pub use model::*;
 
-use super::{Denial, Planner, PlannerError};
+use super::{valid_name, Denial, Planner, PlannerError};
 use crate::engine::OpState;
-use crate::firmware::{version_order, Firmware, ImageMeta};
+use crate::firmware::{pick, version_order, Firmware, ImageMeta};
 use crate::fleet::select::{Idx, Selection};
 use crate::fleet::{check_text, Fleet, FleetError, MAIN_COMPONENT};
 use crate::store::{Cf, Store, StoreError};

@@ -1,12 +1,10 @@
 //! Who is in which wave: the waves in memory, their members as bitsets over the fleet
 //! index, and the rules that decide whom a complete wave still has to reach.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-
 use super::{Wave, WaveState};
-use crate::firmware::{version_order, ImageMeta};
+use crate::firmware::version_order;
 use crate::fleet::select::{FleetIndex, Idx};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// A set of device positions (of the fleet index).
 #[derive(Debug, Default, Clone)]
@@ -102,26 +100,4 @@ pub(super) fn not_reached<'a>(x: &'a FleetIndex, wave: &'a Wave, book: &'a Book)
 pub(super) fn at_least(version: &str) -> impl Fn(&str) -> bool + '_ {
     let order = version_order(version);
     move |v| v == version || version_order(v).is_some_and(|o| Some(o) > order)
-}
-
-/// The image a device gets from a wave: of the wave's version (and name), fitting its
-/// hardware; an image naming the hardware wins over one for any hardware.
-pub(super) fn pick<'a>(images: &'a [Arc<ImageMeta>], hardware: Option<&str>) -> Result<&'a Arc<ImageMeta>, String> {
-    let named: Vec<&Arc<ImageMeta>> =
-        images.iter().filter(|m| hardware.is_some_and(|h| m.hardware.iter().any(|x| x == h))).collect();
-    let any: Vec<&Arc<ImageMeta>> = images.iter().filter(|m| m.hardware.is_empty()).collect();
-    let best = if named.is_empty() { any } else { named };
-    match best.as_slice() {
-        [one] => Ok(one),
-        [] => Err(format!("no image of this version for hardware {}", hardware.unwrap_or("(none)"))),
-        many => Err(format!(
-            "several images fit hardware {}: {}; init the wave with NAME@VERSION",
-            hardware.unwrap_or("(none)"),
-            many.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-        )),
-    }
-}
-
-pub(super) fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

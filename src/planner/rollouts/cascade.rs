@@ -1,0 +1,313 @@
+//! How a rollout moves by itself: outcomes counted as the planner reports them, a group's
+//! conditions evaluated on each (the error condition first), the next group started, devices
+//! handed out at the group's rate, and newcomers joining a dynamic rollout.
+
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use super::{
+    count, group_key, parse_origin, Book, Group, GroupState, Live, Progress, RolloutError, RolloutState, Rollouts,
+    SuccessAction, Verdict,
+};
+use crate::firmware::pick;
+use crate::fleet::MAIN_COMPONENT;
+use crate::planner::Ended;
+use crate::store::Cf;
+
+impl Rollouts {
+    /// Moves a starting or running rollout as far as its groups allow: evaluates the running
+    /// group, acts on its verdict, starts the next scheduled group, finishes the rollout when
+    /// none is left. Every change of state is written before the next group's operations are
+    /// queued.
+    pub(super) fn advance(&self, book: &mut Book, name: &str, now: u64) -> Result<(), RolloutError> {
+        let Some(live) = book.live.get_mut(name) else { return Ok(()) };
+        loop {
+            if !live.r.state.is_active() {
+                return Ok(());
+            }
+            // Groups whose turn is over keep handing out their rest at their rate: all of a
+            // group's devices get the update, as in hawkBit, whatever its conditions decided.
+            for g in 0..live.r.groups.len() {
+                if live.r.groups[g].state.is_done() {
+                    self.release(live, g, now)?;
+                }
+            }
+            if let Some(g) = live.r.groups.iter().position(|g| g.state == GroupState::Running) {
+                // Hand out what the rate allows before judging: a group is judged on its
+                // devices' outcomes, and an empty group succeeds at once.
+                self.release(live, g, now)?;
+                match live.r.groups[g].conditions.evaluate(&live.counts[g]) {
+                    Verdict::Pending => {
+                        if let Some(next) = live.r.state.advance(Progress::Started) {
+                            live.r.state = next;
+                            self.put(&live.r)?;
+                        }
+                        return Ok(());
+                    }
+                    Verdict::Error => {
+                        end_group(&mut live.r.groups[g], GroupState::Error, now);
+                        live.r.state = live.r.state.advance(Progress::PauseByCondition).expect("active");
+                        live.r.updated_at = now;
+                        self.put(&live.r)?;
+                        warn!(rollout = name, group = g + 1, counts = ?live.counts[g], "error condition met: rollout paused");
+                        return Ok(());
+                    }
+                    Verdict::Success => {
+                        end_group(&mut live.r.groups[g], GroupState::Finished, now);
+                        info!(rollout = name, group = g + 1, counts = ?live.counts[g], "group finished");
+                        if live.r.groups[g].conditions.success_action == SuccessAction::Pause {
+                            live.r.state = live.r.state.advance(Progress::PauseByCondition).expect("active");
+                            live.r.updated_at = now;
+                            self.put(&live.r)?;
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
+            }
+            match live.r.groups.iter().position(|g| g.state == GroupState::Scheduled) {
+                Some(g) => {
+                    live.r.groups[g].state = GroupState::Running;
+                    live.r.groups[g].started_at = Some(now);
+                    live.r.updated_at = now;
+                    // Written before a single operation of the group is queued: a crash in
+                    // between is finished by open, which hands out the rest.
+                    self.put(&live.r)?;
+                    info!(rollout = name, group = g + 1, devices = live.members[g].len(), "group started");
+                }
+                None => {
+                    // A dynamic rollout keeps running for devices that match later.
+                    let progress =
+                        if live.r.dynamic_group_size.is_some() { Progress::Started } else { Progress::AllGroupsDone };
+                    if let Some(next) = live.r.state.advance(progress) {
+                        live.r.state = next;
+                        live.r.updated_at = now;
+                        self.put(&live.r)?;
+                        if next == RolloutState::Finished {
+                            info!(rollout = name, "rollout finished");
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Hands a running group's devices to the planner: all of them, or as many as its rate
+    /// allows within the last minute.
+    fn release(&self, live: &mut Live, g: usize, now: u64) -> Result<(), RolloutError> {
+        let members = &live.members[g];
+        if live.released[g] >= members.len() {
+            return Ok(());
+        }
+        let mut allowance = usize::MAX;
+        if let Some(rate) = &live.r.rate {
+            let window = &mut live.window[g];
+            while window.front().is_some_and(|&t| t + 60 <= now) {
+                window.pop_front();
+            }
+            allowance = (rate.now(live.counts[g].succeeded) as usize).saturating_sub(window.len());
+        }
+        let images = match self.images(&live.r.image) {
+            Ok(i) => i,
+            Err(e) => {
+                error!(rollout = %live.r.name, error = %e, "the rollout's image is gone: nothing handed out");
+                return Ok(());
+            }
+        };
+        let origin = live.r.origin(g);
+        while allowance > 0 && live.released[g] < members.len() {
+            let id = &members[live.released[g]];
+            live.released[g] += 1;
+            let picked = match self.fleet.hardware(id) {
+                None => Err("the device was deleted".to_owned()),
+                Some(hw) => pick(&images, hw.as_deref()).map(Arc::clone),
+            };
+            match picked {
+                Ok(meta) => {
+                    self.planner.push(id, MAIN_COMPONENT, &meta, live.r.weight, &origin, now)?;
+                    allowance -= 1;
+                    if live.r.rate.is_some() {
+                        live.window[g].push_back(now);
+                    }
+                }
+                Err(why) => {
+                    // It cannot take part any more: it counts as canceled, so the group can end.
+                    warn!(rollout = %live.r.name, device = %id, why, "device left out of its group");
+                    count(&mut live.counts[g], crate::engine::OpState::Canceled);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one operation's outcome and, if its group's verdict changes, acts on it.
+    pub(super) fn on_outcome(&self, book: &mut Book, e: &Ended, now: u64) -> Result<(), RolloutError> {
+        let Some((name, g)) = parse_origin(&e.origin) else { return Ok(()) };
+        let Some(live) = book.live.get_mut(name) else { return Ok(()) };
+        let Some(c) = live.counts.get_mut(g) else { return Ok(()) };
+        count(c, e.state);
+        self.outcomes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let running = live.r.state.is_active() && live.r.groups[g].state == GroupState::Running;
+        if running && live.r.groups[g].conditions.evaluate(c) != Verdict::Pending {
+            let name = name.to_owned();
+            self.advance(book, &name, now)?;
+        }
+        Ok(())
+    }
+
+    /// Handles every outcome reported so far, then the timed work ([`Rollouts::tick`]).
+    /// Returns how many outcomes were handled. The gateway's worker ([`Rollouts::spawn`]) does
+    /// this as outcomes arrive; tests call it directly.
+    pub fn pump(&self, now: u64) -> Result<usize, RolloutError> {
+        let batch: Vec<Ended> = self.events.lock().unwrap_or_else(|e| e.into_inner()).try_iter().collect();
+        self.handle(&batch, now)?;
+        Ok(batch.len())
+    }
+
+    fn handle(&self, batch: &[Ended], now: u64) -> Result<(), RolloutError> {
+        let mut book = self.lock();
+        for e in batch {
+            self.on_outcome(&mut book, e, now)?;
+        }
+        self.tick(&mut book, now)
+    }
+
+    /// Starts ready rollouts whose start time has come and hands out what the rate now allows.
+    fn tick(&self, book: &mut Book, now: u64) -> Result<(), RolloutError> {
+        let due: Vec<String> = book
+            .live
+            .values()
+            .filter(|l| l.r.state == RolloutState::Ready && l.r.start_at.is_some_and(|t| t <= now))
+            .map(|l| l.r.name.clone())
+            .collect();
+        for name in due {
+            let live = book.live.get_mut(&name).expect("listed above");
+            live.r.state = RolloutState::Starting;
+            for g in live.r.groups.iter_mut().filter(|g| g.state == GroupState::Ready) {
+                g.state = GroupState::Scheduled;
+            }
+            info!(rollout = %name, "start time reached: rollout starting");
+            self.advance(book, &name, now)?;
+        }
+        let limited: Vec<String> = book
+            .live
+            .values()
+            .filter(|l| l.r.state.is_active() && l.r.rate.is_some())
+            .map(|l| l.r.name.clone())
+            .collect();
+        for name in limited {
+            self.advance(book, &name, now)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the rollouts' worker on its own thread until `stop`: outcomes are handled as they
+    /// arrive, timed work (start times, rates) once a second.
+    pub fn spawn(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("rollouts".into())
+            .spawn(move || {
+                while !stop.is_cancelled() {
+                    let batch: Vec<Ended> = {
+                        let rx = me.events.lock().unwrap_or_else(|e| e.into_inner());
+                        match rx.recv_timeout(Duration::from_secs(1)) {
+                            Ok(first) => std::iter::once(first).chain(rx.try_iter()).collect(),
+                            Err(RecvTimeoutError::Timeout) => Vec::new(),
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    };
+                    if let Err(e) = me.handle(&batch, crate::now_secs()) {
+                        // What was not acted on is acted on again at the next outcome, tick or
+                        // open: the counts are rebuilt from the operations.
+                        error!(error = %e, "rollouts: handling outcomes failed");
+                    }
+                }
+            })
+            .expect("a thread starts")
+    }
+
+    /// After devices were registered or changed: each that now matches a dynamic rollout's
+    /// filter and is not in it joins its trailing group (a new one when that is full or has
+    /// ended); a running rollout hands it out at once. Returns how many joined.
+    pub fn devices_changed(&self, ids: &[String], now: u64) -> Result<usize, RolloutError> {
+        let mut book = self.lock();
+        let names: Vec<String> = book
+            .live
+            .values()
+            .filter(|l| l.r.dynamic_group_size.is_some() && !l.r.state.is_final() && l.filter.is_some())
+            .map(|l| l.r.name.clone())
+            .collect();
+        let mut joined = 0;
+        for name in names {
+            let live = book.live.get_mut(&name).expect("listed above");
+            let size = live.r.dynamic_group_size.expect("dynamic") as usize;
+            let newcomers: Vec<String> = ids
+                .iter()
+                .filter(|id| !live.joined.as_ref().is_some_and(|j| j.contains(*id)))
+                .filter(|id| self.fleet.get(id).is_some_and(|d| live.filter.as_ref().is_some_and(|f| f.matches(&d))))
+                .cloned()
+                .collect();
+            if newcomers.is_empty() {
+                continue;
+            }
+            let mut touched = Vec::new();
+            for id in newcomers {
+                let open =
+                    live.r.groups.last().is_some_and(|g| g.dynamic && !g.state.is_done() && (g.total as usize) < size);
+                if !open {
+                    let conditions = live.r.groups.last().map(|g| g.conditions).unwrap_or_default();
+                    let state =
+                        if live.r.state == RolloutState::Ready || live.r.state == RolloutState::WaitingForApproval {
+                            GroupState::Ready
+                        } else {
+                            GroupState::Scheduled
+                        };
+                    live.r.groups.push(Group {
+                        name: format!("group-{}", live.r.groups.len() + 1),
+                        state,
+                        conditions,
+                        total: 0,
+                        dynamic: true,
+                        started_at: None,
+                        ended_at: None,
+                    });
+                    live.members.push(Vec::new());
+                    live.counts.push(Default::default());
+                    live.released.push(0);
+                    live.window.push(Default::default());
+                }
+                let g = live.r.groups.len() - 1;
+                live.members[g].push(id.clone());
+                live.counts[g].total += 1;
+                live.r.groups[g].total += 1;
+                if let Some(j) = live.joined.as_mut() {
+                    j.insert(id);
+                }
+                if !touched.contains(&g) {
+                    touched.push(g);
+                }
+                joined += 1;
+            }
+            live.r.updated_at = now;
+            let mut b = self.store.batch();
+            for &g in &touched {
+                b.put_json(Cf::Rollouts, &group_key(&name, g), &live.members[g])?;
+            }
+            b.put_json(Cf::Rollouts, &super::rollout_key(&name), &live.r)?;
+            b.commit()?;
+            info!(rollout = %name, devices = joined, "devices joined a dynamic rollout");
+            self.advance(&mut book, &name, now)?;
+        }
+        Ok(joined)
+    }
+}
+
+fn end_group(g: &mut Group, state: GroupState, now: u64) {
+    g.state = state;
+    g.ended_at = Some(now);
+}
