@@ -10,20 +10,21 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::firmware::{Expected, Firmware, FirmwareError, ImageMeta};
 use crate::fleet::{Device, DeviceSpec, Fleet, FleetError, Upserted, MAIN_COMPONENT};
-use crate::planner::waves::{
-    InitRequest, RolloutReport, RolloutRequest, Wave, WaveError, WaveState, WaveStatus, Waves,
-};
+use crate::planner::waves::Waves;
 use crate::planner::{Operation, Planner, PlannerError};
 use crate::telemetry::Telemetry;
 
 mod guard;
 mod rollouts;
+mod waves;
 use guard::guard;
 pub use guard::Authorized;
 
@@ -47,6 +48,15 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The MQTT device secret, when device authentication is on.
     pub device_secret: Option<Arc<str>>,
+}
+
+/// An error as the API answers it (the OpenAPI document's name for [`AppError`]'s body).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a person.
+    pub error: String,
+    /// What kind of error, for a program: invalid, not_found, conflict, unauthorized, …
+    pub kind: String,
 }
 
 /// An operator error, as JSON `{"error": "...", "kind": "..."}` with a fitting status.
@@ -115,58 +125,82 @@ impl From<PlannerError> for AppError {
     }
 }
 
-impl From<WaveError> for AppError {
-    fn from(e: WaveError) -> Self {
-        let (status, kind) = match e {
-            WaveError::Planner(p) => return p.into(),
-            WaveError::Fleet(f) => return f.into(),
-            WaveError::InvalidName(_)
-            | WaveError::BadLimit(_)
-            | WaveError::Unordered(_)
-            | WaveError::NotProduction { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-            WaveError::NotFound(_) | WaveError::NoImage(_) => (StatusCode::NOT_FOUND, "not_found"),
-            WaveError::NotAdmissible { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_admissible"),
-            WaveError::LabelMismatch { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "label_mismatch"),
-            WaveError::Exists(_)
-            | WaveError::ActiveWave { .. }
-            | WaveError::NotNewer { .. }
-            | WaveError::NotActive { .. }
-            | WaveError::CancelComplete(..)
-            | WaveError::TooManyRollouts(_) => (StatusCode::CONFLICT, "conflict"),
-            WaveError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        AppError::new(status, kind, e)
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fwgate admin API", description = "Images, devices, waves, rollouts, TUF. Every /api/v1 route \
+        needs Authorization: Bearer <token> (GET also the read-only token)."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags((name = "images"), (name = "devices"), (name = "waves"), (name = "rollouts"), (name = "tuf"),
+        (name = "openapi"), (name = "probes", description = "open: no token"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
+        api.components.get_or_insert_with(Default::default).add_security_scheme("bearer", scheme);
     }
 }
 
-pub fn app(state: AppState) -> Router {
+/// The router and the OpenAPI document of every route in it, made from the same handlers.
+pub fn router_and_doc(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let image_limit = state.max_image_bytes + 1;
     let request_limit = state.max_request_bytes;
-    Router::new()
-        .route("/api/v1/images", get(list_images).post(add_image).layer(DefaultBodyLimit::max(image_limit)))
-        .route("/api/v1/images/{name}/{version}", get(show_image))
-        .route("/api/v1/devices", get(list_devices).post(add_devices))
-        .route("/api/v1/devices/{id}", get(show_device).delete(delete_device))
-        .route("/api/v1/devices/{id}/assignment", put(assign))
-        .route("/api/v1/devices/{id}/token", post(device_token))
-        .route("/api/v1/waves", get(list_waves).post(init_wave))
-        .route("/api/v1/waves/{name}", get(show_wave))
-        .route("/api/v1/waves/{name}/rollout", post(rollout_wave))
-        .route("/api/v1/waves/{name}/complete", post(complete_wave))
-        .route("/api/v1/waves/{name}/cancel", post(cancel_wave))
-        .route("/api/v1/waves/{name}/status", get(wave_status))
-        .route("/api/v1/tags/{tag}", get(show_tag))
-        .route("/api/v1/tuf", get(tuf_status))
-        .route("/api/v1/tuf/{repo}/refresh", post(tuf_refresh))
+    let images = OpenApiRouter::new().routes(routes!(list_images, add_image)).layer(DefaultBodyLimit::max(image_limit));
+    let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(images)
+        .routes(routes!(show_image))
+        .routes(routes!(list_devices, add_devices))
+        .routes(routes!(show_device, delete_device))
+        .routes(routes!(assign))
+        .routes(routes!(device_token))
+        .merge(waves::routes())
         .merge(rollouts::routes())
+        .routes(routes!(tuf_status))
+        .routes(routes!(tuf_refresh))
+        .routes(routes!(openapi_json))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard))
-        .route("/livez", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(request_limit))
-        .with_state(state)
+        .split_for_parts();
+    let (probes, probes_doc) =
+        OpenApiRouter::new().routes(routes!(livez)).routes(routes!(readyz)).routes(routes!(metrics)).split_for_parts();
+    doc.merge(probes_doc);
+    // The probes need no token: an empty requirement overrides the document's.
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if !path.starts_with("/api/") {
+            if let Some(op) = item.get.as_mut() {
+                op.security = Some(vec![utoipa::openapi::security::SecurityRequirement::default()]);
+            }
+        }
+    }
+    let router = api.merge(probes).layer(DefaultBodyLimit::max(request_limit)).with_state(state.clone());
+    (router.layer(axum::Extension(OpenApiJson(Arc::from(doc.to_json().unwrap_or_default())))), doc)
 }
 
+pub fn app(state: AppState) -> Router {
+    router_and_doc(state).0
+}
+
+/// The document, as `GET /api/v1/openapi.json` serves it.
+#[derive(Clone)]
+struct OpenApiJson(Arc<str>);
+
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "openapi",
+    responses((status = 200, description = "this document (OpenAPI 3.1)", body = Object)))]
+async fn openapi_json(axum::Extension(doc): axum::Extension<OpenApiJson>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], doc.0.to_string())
+}
+
+#[utoipa::path(get, path = "/livez", tag = "probes", responses((status = 200, description = "alive", body = String)))]
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses((status = 200, description = "every listener is up", body = String), (status = 503, body = String)))]
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     if s.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready\n")
@@ -175,6 +209,8 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "probes",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     for (state, n) in s.planner.counts() {
         s.telemetry.set_operations(state.as_str(), n as i64);
@@ -185,11 +221,13 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.telemetry.render())
 }
 
+#[utoipa::path(get, path = "/api/v1/images", tag = "images", responses((status = 200, body = Vec<ImageMeta>)))]
 async fn list_images(State(s): State<AppState>) -> Json<Vec<ImageMeta>> {
     Json(s.firmware.list().iter().map(|m| (**m).clone()).collect())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AddImage {
     pub name: String,
@@ -205,23 +243,28 @@ pub struct AddImage {
     pub hardware: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-pub struct Added<T> {
+/// An uploaded image's metadata, and whether the upload created it.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AddedImage {
     pub created: bool,
     #[serde(flatten)]
-    pub item: T,
+    pub item: ImageMeta,
 }
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+#[utoipa::path(post, path = "/api/v1/images", tag = "images", params(AddImage),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the image bytes"),
+    responses((status = 201, body = AddedImage), (status = 200, description = "the same bytes exist", body = AddedImage),
+        (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn add_image(
     _auth: Authorized,
     State(s): State<AppState>,
     Query(q): Query<AddImage>,
     body: Bytes,
-) -> Result<(StatusCode, Json<Added<ImageMeta>>), AppError> {
+) -> Result<(StatusCode, Json<AddedImage>), AppError> {
     let hardware: Vec<String> = q
         .hardware
         .as_deref()
@@ -255,9 +298,12 @@ async fn add_image(
     let (meta, created) =
         blocking(move || fw.add_expecting(&q.name, &q.version, hardware, body, expected.as_ref(), now_secs())).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(Added { created, item: (*meta).clone() })))
+    Ok((status, Json(AddedImage { created, item: (*meta).clone() })))
 }
 
+#[utoipa::path(get, path = "/api/v1/images/{name}/{version}", tag = "images",
+    params(("name" = String, Path), ("version" = String, Path)),
+    responses((status = 200, body = ImageMeta), (status = 404, body = ErrorBody)))]
 async fn show_image(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
@@ -268,7 +314,8 @@ async fn show_image(
         .ok_or_else(|| FirmwareError::NotFound(format!("{name}@{version}")).into())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     pub after: Option<String>,
@@ -277,6 +324,8 @@ pub struct ListQuery {
     pub filter: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", params(ListQuery),
+    responses((status = 200, description = "in id order", body = Vec<Device>), (status = 422, body = ErrorBody)))]
 async fn list_devices(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<Vec<Device>>, AppError> {
     let limit = q.limit.unwrap_or(s.list_limit).clamp(1, s.list_limit);
     let Some(text) = q.filter else { return Ok(Json(s.fleet.list(q.after.as_deref(), limit))) };
@@ -290,13 +339,15 @@ async fn list_devices(State(s): State<AppState>, Query(q): Query<ListQuery>) -> 
 }
 
 /// One device or a list of them.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     One(DeviceSpec),
     Many(Vec<DeviceSpec>),
 }
 
+#[utoipa::path(post, path = "/api/v1/devices", tag = "devices", request_body = OneOrMany,
+    responses((status = 200, body = Upserted), (status = 400, body = ErrorBody)))]
 async fn add_devices(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -320,6 +371,8 @@ async fn add_devices(
     Ok(Json(out))
 }
 
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path)),
+    responses((status = 200, description = "{deleted, unfinished_operations}", body = Object), (status = 404, body = ErrorBody)))]
 async fn delete_device(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -334,14 +387,14 @@ async fn delete_device(
 }
 
 /// A device with its operations, as `devices show` prints it.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeviceView {
     #[serde(flatten)]
     pub device: Device,
     pub operations: Vec<OperationView>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OperationView {
     #[serde(flatten)]
     pub op: Operation,
@@ -357,6 +410,8 @@ impl From<Operation> for OperationView {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", params(("id" = String, Path)),
+    responses((status = 200, body = DeviceView), (status = 404, body = ErrorBody)))]
 async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, AppError> {
     let device = s.fleet.get(&id).ok_or_else(|| FleetError::NotFound(id.clone()))?;
     let now = now_secs();
@@ -369,7 +424,7 @@ async fn show_device(State(s): State<AppState>, Path(id): Path<String>) -> Resul
     Ok(Json(DeviceView { device, operations }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AssignBody {
     /// NAME@VERSION.
@@ -378,6 +433,9 @@ pub struct AssignBody {
     pub component: Option<String>,
 }
 
+#[utoipa::path(put, path = "/api/v1/devices/{id}/assignment", tag = "devices", params(("id" = String, Path)),
+    request_body = AssignBody,
+    responses((status = 200, body = OperationView), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn assign(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -393,6 +451,9 @@ async fn assign(
     Ok(Json(op.into()))
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/token", tag = "devices", params(("id" = String, Path)),
+    responses((status = 200, description = "{device, token}: the device's MQTT password", body = Object),
+        (status = 409, body = ErrorBody)))]
 async fn device_token(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -417,101 +478,8 @@ async fn blocking<T: Send + 'static, E: Into<AppError> + Send + 'static>(
         .map_err(Into::into)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WaveQuery {
-    pub status: Option<String>,
-    pub tag: Option<String>,
-}
-
-async fn list_waves(State(s): State<AppState>, Query(q): Query<WaveQuery>) -> Result<Json<Vec<Wave>>, AppError> {
-    let state = match q.status.as_deref() {
-        None => None,
-        Some("active") => Some(WaveState::Active),
-        Some("complete") => Some(WaveState::Complete),
-        Some("canceled") => Some(WaveState::Canceled),
-        Some(other) => {
-            return Err(AppError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                format!("unknown wave status {other:?}: active, complete or canceled"),
-            ))
-        }
-    };
-    Ok(Json(s.waves.list(state, q.tag.as_deref())))
-}
-
-async fn init_wave(
-    _auth: Authorized,
-    State(s): State<AppState>,
-    Json(req): Json<InitRequest>,
-) -> Result<(StatusCode, Json<Wave>), AppError> {
-    let dry = req.dry_run;
-    let waves = s.waves.clone();
-    let w = blocking(move || waves.init(req, now_secs())).await?;
-    Ok((if dry { StatusCode::OK } else { StatusCode::CREATED }, Json(w)))
-}
-
-async fn show_wave(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Wave>, AppError> {
-    s.waves.get(&name).map(Json).ok_or_else(|| WaveError::NotFound(name).into())
-}
-
-async fn rollout_wave(
-    _auth: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-    Json(req): Json<RolloutRequest>,
-) -> Result<Json<RolloutReport>, AppError> {
-    let waves = s.waves.clone();
-    Ok(Json(blocking(move || waves.rollout(&name, req, now_secs())).await?))
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct WaveChange {
-    pub wave: Wave,
-    /// Devices staged by a complete, operations withdrawn by a cancel.
-    pub operations: usize,
-}
-
-async fn complete_wave(
-    _auth: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<WaveChange>, AppError> {
-    let waves = s.waves.clone();
-    let (wave, operations) = blocking(move || waves.complete(&name, now_secs())).await?;
-    Ok(Json(WaveChange { wave, operations }))
-}
-
-async fn cancel_wave(
-    _auth: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<WaveChange>, AppError> {
-    let waves = s.waves.clone();
-    let (wave, operations) = blocking(move || waves.cancel(&name, now_secs())).await?;
-    Ok(Json(WaveChange { wave, operations }))
-}
-
-async fn wave_status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<WaveStatus>, AppError> {
-    let waves = s.waves.clone();
-    Ok(Json(blocking(move || waves.status(&name, now_secs())).await?))
-}
-
-async fn show_tag(State(s): State<AppState>, Path(tag): Path<String>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({
-        "tag": tag,
-        "production_versions": s.waves.production_versions(&tag, true),
-        "ci_versions": s.waves.production_versions(&tag, false),
-        "production": s.waves.version_sources(&tag, true),
-        "ci": s.waves.version_sources(&tag, false),
-        "active_waves": s.waves.list(Some(crate::planner::waves::WaveState::Active), Some(&tag))
-            .iter()
-            .map(|w| serde_json::json!({"wave": w.name, "version": w.version, "production": w.production}))
-            .collect::<Vec<_>>(),
-    }))
-}
-
+#[utoipa::path(get, path = "/api/v1/tuf", tag = "tuf",
+    responses((status = 200, description = "what each configured repository verified", body = Object)))]
 async fn tuf_status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let trust = s.planner.trust();
     let repos: Vec<serde_json::Value> = trust
@@ -522,6 +490,9 @@ async fn tuf_status(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"repositories": repos}))
 }
 
+#[utoipa::path(post, path = "/api/v1/tuf/{repo}/refresh", tag = "tuf",
+    params(("repo" = String, Path, description = "production or ci")),
+    responses((status = 200, body = crate::tuf::Verified), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn tuf_refresh(
     _auth: Authorized,
     State(s): State<AppState>,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::protocol::{Command, Status};
 
 /// Where one (device, component, image) update stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OpState {
     /// Assigned; the device has not asked for it yet.

@@ -48,7 +48,7 @@ pub struct Expected {
 }
 
 /// What the gateway knows of an image; the bytes live in chunks and in the hot cache.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageMeta {
     pub name: String,
     pub version: String,

@@ -39,7 +39,7 @@ pub enum FleetError {
 pub const MAIN_COMPONENT: &str = "main";
 
 /// What an operator says about a device.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
     pub id: String,
@@ -54,13 +54,14 @@ pub struct DeviceSpec {
 }
 
 /// A device as the registry holds it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Device {
     #[serde(flatten)]
     pub spec: DeviceSpec,
     /// Running version per component, as last reported. A sorted vector, not a tree: most
     /// devices report one component, and a tree node costs ~500 bytes per device.
     #[serde(default, serialize_with = "as_map")]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub running: LiteMap<String, String>,
     /// Unix seconds of the last Status, if any.
     #[serde(default)]
@@ -104,7 +105,7 @@ impl DeviceSpec {
 }
 
 /// Outcome of an upsert batch.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Upserted {
     pub created: usize,
     pub updated: usize,

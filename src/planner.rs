@@ -60,7 +60,7 @@ fn default_origin() -> String {
 }
 
 /// One (device, component, image) update, in its device's queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Operation {
     /// Unique and increasing: FIFO order among equal weights.
     #[serde(default)]

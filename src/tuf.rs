@@ -69,7 +69,7 @@ impl RepoConfig {
 }
 
 /// A verified target as the gateway uses it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TargetInfo {
     pub name: String,
     pub length: u64,
@@ -82,7 +82,7 @@ pub struct TargetInfo {
 }
 
 /// What one successful refresh established.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Verified {
     pub repo: String,
     pub root_version: u64,

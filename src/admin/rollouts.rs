@@ -2,11 +2,12 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{blocking, now_secs, AppError, AppState, Authorized};
+use super::{blocking, now_secs, AppError, AppState, Authorized, ErrorBody};
 use crate::planner::rollouts::{Action, CreateRequest, Rollout, RolloutError, RolloutStatus};
 
 impl From<RolloutError> for AppError {
@@ -30,16 +31,17 @@ impl From<RolloutError> for AppError {
     }
 }
 
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/rollouts", get(list).post(create))
-        .route("/api/v1/rollouts/{name}", get(show).delete(delete))
-        .route("/api/v1/rollouts/{name}/status", get(status))
-        .route("/api/v1/rollouts/{name}/retry", post(retry))
-        .route("/api/v1/rollouts/{name}/{action}", post(act))
+pub(super) fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(show, delete))
+        .routes(routes!(status))
+        .routes(routes!(retry))
+        .routes(routes!(act))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Deleted rollouts too.
@@ -47,10 +49,15 @@ pub struct ListQuery {
     pub deleted: bool,
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", params(ListQuery),
+    responses((status = 200, description = "in creation order", body = Vec<Rollout>)))]
 async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Json<Vec<Rollout>> {
     Json(s.rollouts.list(q.deleted))
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", request_body = CreateRequest,
+    responses((status = 201, description = "ready, or waiting for approval", body = Rollout),
+        (status = 409, body = ErrorBody), (status = 422, description = "invalid, bad_filter or not_admissible", body = ErrorBody)))]
 async fn create(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -60,17 +67,21 @@ async fn create(
     Ok((StatusCode::CREATED, Json(blocking(move || rollouts.create(req, now_secs())).await?)))
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts/{name}", tag = "rollouts", params(("name" = String, Path)),
+    responses((status = 200, body = Rollout), (status = 404, body = ErrorBody)))]
 async fn show(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<Rollout>, AppError> {
     s.rollouts.get(&name).map(Json).ok_or_else(|| RolloutError::NotFound(name).into())
 }
 
+#[utoipa::path(get, path = "/api/v1/rollouts/{name}/status", tag = "rollouts", params(("name" = String, Path)),
+    responses((status = 200, description = "a row per group", body = RolloutStatus), (status = 404, body = ErrorBody)))]
 async fn status(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<RolloutStatus>, AppError> {
     let rollouts = s.rollouts.clone();
     Ok(Json(blocking(move || rollouts.status(&name)).await?))
 }
 
 /// An approval's or a denial's remark.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActBody {
     #[serde(default)]
@@ -80,6 +91,12 @@ pub struct ActBody {
 /// Longest remark kept.
 const MAX_REMARK: usize = 1024;
 
+#[utoipa::path(post, path = "/api/v1/rollouts/{name}/{action}", tag = "rollouts",
+    params(("name" = String, Path),
+        ("action" = String, Path, description = "approve, deny, start, pause, resume, stop or trigger-next-group")),
+    request_body(content = Option<ActBody>, description = "a remark, for approve and deny"),
+    responses((status = 200, body = Rollout), (status = 404, body = ErrorBody),
+        (status = 409, description = "illegal_transition: the action names the state that refuses it", body = ErrorBody)))]
 async fn act(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -116,6 +133,8 @@ async fn act(
     Ok(Json(blocking(move || rollouts.act(&name, action, remark, now_secs())).await?))
 }
 
+#[utoipa::path(delete, path = "/api/v1/rollouts/{name}", tag = "rollouts", params(("name" = String, Path)),
+    responses((status = 200, body = Rollout), (status = 404, body = ErrorBody)))]
 async fn delete(
     _auth: Authorized,
     State(s): State<AppState>,
@@ -125,6 +144,9 @@ async fn delete(
     Ok(Json(blocking(move || rollouts.act(&name, Action::Delete, None, now_secs())).await?))
 }
 
+#[utoipa::path(post, path = "/api/v1/rollouts/{name}/retry", tag = "rollouts", params(("name" = String, Path)),
+    responses((status = 201, description = "a rollout of the devices that failed", body = Rollout),
+        (status = 409, body = ErrorBody)))]
 async fn retry(
     _auth: Authorized,
     State(s): State<AppState>,

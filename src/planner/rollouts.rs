@@ -257,7 +257,7 @@ impl Rollouts {
             return Err(RolloutError::NoDevices);
         }
         let members = if specs.is_empty() {
-            split_evenly(&ids, n_groups)
+            split_evenly(ids, n_groups)
         } else {
             let devices: Vec<_> = ids.iter().filter_map(|id| self.fleet.get(id)).collect();
             split_defined(&devices, &specs)

@@ -164,11 +164,13 @@ impl Rollouts {
     /// this as outcomes arrive; tests call it directly.
     pub fn pump(&self, now: u64) -> Result<usize, RolloutError> {
         let batch: Vec<Ended> = self.events.lock().unwrap_or_else(|e| e.into_inner()).try_iter().collect();
-        self.handle(&batch, now)?;
+        self.handle_outcomes(&batch, now)?;
         Ok(batch.len())
     }
 
-    fn handle(&self, batch: &[Ended], now: u64) -> Result<(), RolloutError> {
+    /// Counts each outcome, acts on what its group's verdict calls for, then does the timed
+    /// work: what the worker does with each batch it receives (public for the benchmarks).
+    pub fn handle_outcomes(&self, batch: &[Ended], now: u64) -> Result<(), RolloutError> {
         let mut book = self.lock();
         for e in batch {
             self.on_outcome(&mut book, e, now)?;
@@ -221,7 +223,7 @@ impl Rollouts {
                             Err(RecvTimeoutError::Disconnected) => return,
                         }
                     };
-                    if let Err(e) = me.handle(&batch, crate::now_secs()) {
+                    if let Err(e) = me.handle_outcomes(&batch, crate::now_secs()) {
                         // What was not acted on is acted on again at the next outcome, tick or
                         // open: the counts are rebuilt from the operations.
                         error!(error = %e, "rollouts: handling outcomes failed");

@@ -7,7 +7,7 @@ use crate::fleet::filter::Filter;
 use crate::fleet::Device;
 
 /// What happens when a group's success condition is met.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum SuccessAction {
     /// The next group starts.
@@ -18,7 +18,7 @@ pub enum SuccessAction {
 }
 
 /// How many failed devices stop the whole rollout: more than this many (strictly).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ErrorThreshold {
     /// A percentage of the group's devices.
@@ -42,7 +42,7 @@ impl ErrorThreshold {
 }
 
 /// A group's conditions; hawkBit's defaults are 50% and 50%.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Conditions {
     /// Percentage of the group's devices that must have finished successfully.
     pub success_percent: u8,
@@ -57,7 +57,7 @@ impl Default for Conditions {
 }
 
 /// Where a group's devices are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counts {
     pub total: u64,
     /// Updated and verified.
@@ -127,17 +127,16 @@ impl Conditions {
 }
 
 /// `devices` (sorted by id) into `n` groups whose sizes differ by at most one, the larger
-/// ones first: the same split every time for the same devices.
-pub fn split_evenly(devices: &[String], n: usize) -> Vec<Vec<String>> {
+/// ones first: the same split every time for the same devices. The ids are moved, not copied.
+pub fn split_evenly(mut devices: Vec<String>, n: usize) -> Vec<Vec<String>> {
     let n = n.max(1);
     let (base, extra) = (devices.len() / n, devices.len() % n);
     let mut out = Vec::with_capacity(n);
-    let mut at = 0;
-    for g in 0..n {
+    for g in (0..n).rev() {
         let size = base + usize::from(g < extra);
-        out.push(devices[at..at + size].to_vec());
-        at += size;
+        out.push(devices.split_off(devices.len() - size));
     }
+    out.reverse();
     out
 }
 
@@ -237,11 +236,11 @@ mod tests {
     #[test]
     fn groups_split_evenly_and_deterministically() {
         let ids: Vec<String> = (0..10).map(|i| format!("d-{i:02}")).collect();
-        let g = split_evenly(&ids, 3);
+        let g = split_evenly(ids.clone(), 3);
         assert_eq!(g.iter().map(Vec::len).collect::<Vec<_>>(), [4, 3, 3]);
         assert_eq!(g.concat(), ids, "every device once, in order");
-        assert_eq!(split_evenly(&ids, 3), g);
-        assert_eq!(split_evenly(&ids[..2], 4).iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 0, 0]);
+        assert_eq!(split_evenly(ids.clone(), 3), g);
+        assert_eq!(split_evenly(ids[..2].to_vec(), 4).iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 0, 0]);
     }
 
     #[test]

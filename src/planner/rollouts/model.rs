@@ -50,7 +50,7 @@ pub enum RolloutError {
 /// At most `per_minute` of a group's devices get their operation in any minute; with `factor`,
 /// the rate is multiplied by it after every `every` successes of the group (AWS IoT Jobs'
 /// exponential rollout).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rate {
     pub per_minute: u32,
@@ -84,7 +84,7 @@ impl Rate {
 }
 
 /// One deployment group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Group {
     /// `group-1`, `group-2`, …
     pub name: String,
@@ -101,7 +101,7 @@ pub struct Group {
     pub ended_at: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rollout {
     pub name: String,
     /// The RSQL filter that chose its devices (empty for a retry, which names them).
@@ -153,7 +153,7 @@ pub(crate) fn parse_origin(origin: &str) -> Option<(&str, usize)> {
 
 /// An explicit group: a sub-filter and/or a percentage of the devices not in an earlier
 /// group, with its own conditions where given.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GroupDef {
     #[serde(default)]
@@ -169,7 +169,7 @@ pub struct GroupDef {
 }
 
 /// `POST /api/v1/rollouts`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     pub name: String,
@@ -221,7 +221,8 @@ impl CreateRequest {
 }
 
 /// `rollouts status`: a row per group.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = RolloutGroupStatus)]
 pub struct GroupStatus {
     pub name: String,
     pub state: GroupState,
@@ -237,7 +238,7 @@ pub struct GroupStatus {
     pub toward_error: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutStatus {
     pub name: String,
     pub state: RolloutState,

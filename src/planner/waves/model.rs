@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::{WaveError, ORIGIN_PREFIX};
 use crate::fleet::select::{Limit, Rejection};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WaveState {
     Active,
@@ -33,7 +33,7 @@ pub(super) fn class(production: bool) -> &'static str {
 }
 
 /// One `rollout` (or the `complete`) as the wave's history keeps it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutRecord {
     pub at: u64,
     #[serde(default)]
@@ -50,7 +50,7 @@ pub struct RolloutRecord {
     pub rejected: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Wave {
     pub name: String,
     pub tag: String,
@@ -86,7 +86,7 @@ impl Wave {
 }
 
 /// `waves init`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitRequest {
     pub name: String,
@@ -107,7 +107,7 @@ fn yes() -> bool {
 }
 
 /// `--limit` as given: a count or text (`20`, `10%`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum LimitArg {
     Count(u64),
@@ -115,7 +115,7 @@ pub enum LimitArg {
 }
 
 /// `--uuids` as given: a list, or text with any of `,` `;` `|` and white space between ids.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum UuidsArg {
     List(Vec<String>),
@@ -123,7 +123,7 @@ pub enum UuidsArg {
 }
 
 /// `waves rollout`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutRequest {
     #[serde(default)]
@@ -176,7 +176,7 @@ pub fn split_uuids(text: &str) -> Vec<String> {
 }
 
 /// A device a rollout did not stage, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Refused {
     pub device: String,
     pub reason: String,
@@ -192,7 +192,7 @@ pub(super) fn rejection_text(r: Rejection) -> &'static str {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutReport {
     pub wave: String,
     pub dry_run: bool,
@@ -210,7 +210,7 @@ pub struct RolloutReport {
 }
 
 /// A production version of a tag and the complete wave that made it one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionSource {
     pub version: String,
     pub wave: String,
@@ -218,7 +218,8 @@ pub struct VersionSource {
 }
 
 /// Counts for one group, as `waves status` prints them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[schema(as = WaveGroupStatus)]
 pub struct GroupStatus {
     pub group: String,
     pub total: usize,
@@ -228,7 +229,7 @@ pub struct GroupStatus {
     pub online: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WaveStatus {
     pub name: String,
     pub tag: String,
