@@ -10,13 +10,13 @@
 //! - [`fleet`]: the device registry, device credentials, and the compact index rollouts
 //!   select from.
 //! - [`planner`]: the per-device operation queue (assignments, outcome accounting,
-//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`], and the
-//!   first parts of hawkBit-style [`planner::rollouts`].
+//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`] and
+//!   hawkBit-style [`planner::rollouts`], which the queue tells of every outcome.
 //! - [`tuf`]: the production and CI TUF repositories (fwgate's own client workflow, on
 //!   `tough`'s key schema), and which images are admissible for which class of device.
 //! - [`transport`]: the MQTT (fwgate's own listener) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
-//! - [`admin`]: the axum admin API, `/metrics`, probes.
+//! - [`admin`]: the axum admin API and its OpenAPI document, `/metrics`, probes.
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
 //! - [`loadgen`]: simulated devices (DFU device logic, a CoAP client) for tests, load runs and
 //!   benchmarks; it knows the gateway only through the wire.
@@ -125,6 +125,7 @@ pub struct Gateway {
     pub dfu: Arc<Dfu>,
     store: Store,
     tasks: JoinSet<()>,
+    rollouts_worker: Option<std::thread::JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -201,7 +202,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         .map_err(|e| load(&e))?,
     );
     // Outcomes are handled as they arrive, on the rollouts' own thread; it ends with `shutdown`.
-    rollouts.spawn(shutdown.clone());
+    let rollouts_worker = rollouts.spawn(shutdown.clone());
     info!(
         data_dir = %dir.display(),
         images = firmware.list().len(),
@@ -332,6 +333,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         dfu,
         store,
         tasks,
+        rollouts_worker: Some(rollouts_worker),
         shutdown,
     })
 }
@@ -379,6 +381,12 @@ impl Gateway {
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
             warn!("background tasks did not stop within 10 s");
+        }
+        // The rollouts' worker notices the shutdown within its poll interval.
+        if let Some(worker) = self.rollouts_worker.take() {
+            if tokio::task::spawn_blocking(move || worker.join()).await.is_err() {
+                error!("the rollouts worker panicked");
+            }
         }
         if let Err(e) = self.fleet.flush_last_seen() {
             error!(error = %e, "final last-seen flush failed");

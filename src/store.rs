@@ -34,7 +34,7 @@ pub enum Cf {
     /// wave name → wave with its rollout history (JSON).
     Waves,
     /// `r` \0 rollout name → rollout with its groups' states (JSON); `g` \0 rollout name \0
-    /// group number (4 hex digits) → the group's device ids (JSON).
+    /// group index (4 hex digits) → the group's device ids, one per line.
     Rollouts,
 }
 

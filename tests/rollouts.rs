@@ -374,6 +374,12 @@ async fn a_sigkill_in_the_middle_of_group_2_loses_nothing_and_counts_nothing_twi
     assert!(rows.iter().all(|(_, ok, failed, total)| (ok, failed, total) == (&2, &0, &2)), "{rows:?}");
     let (ok, out) = serve.cli(&["rollouts", "status", "k"]);
     assert!(ok && out.contains("group-2") && out.contains("finished"), "{out}");
+    let (ok, out) = serve.cli(&["rollouts", "list"]);
+    assert!(ok && out.lines().any(|l| l.starts_with("k ") && l.contains("finished")), "{out}");
+    let (ok, out) = serve.cli(&["rollouts", "show", "k"]);
+    assert!(ok && out.contains("group-3") && out.contains("tag==release"), "{out}");
+    let (ok, out) = serve.cli(&["rollouts", "pause", "k"]);
+    assert!(!ok && out.contains("cannot pause a rollout that is finished"), "{out}");
     // Killed again after it finished: it stays finished with the same counts.
     serve.kill();
     let serve = Serve::start(dir.path()).await;

@@ -88,6 +88,21 @@ fn group_key(name: &str, group: usize) -> Vec<u8> {
     format!("g\0{name}\0{group:04x}").into_bytes()
 }
 
+/// A group's device ids as stored: one per line (an id has no white space), which writes a
+/// million ids several times faster than a JSON array.
+fn encode_members(ids: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ids.iter().map(|i| i.len() + 1).sum());
+    for id in ids {
+        out.extend_from_slice(id.as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn decode_members(bytes: &[u8]) -> Vec<String> {
+    bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| String::from_utf8_lossy(l).into_owned()).collect()
+}
+
 impl Rollouts {
     /// Loads rollouts, rebuilds each group's counts from the operations, and finishes what a
     /// crash interrupted.
@@ -116,7 +131,9 @@ impl Rollouts {
             }
             let mut members = Vec::with_capacity(r.groups.len());
             for g in 0..r.groups.len() {
-                members.push(store.get_json::<Vec<String>>(Cf::Rollouts, &group_key(&r.name, g))?.unwrap_or_default());
+                members.push(
+                    store.get(Cf::Rollouts, &group_key(&r.name, g))?.map(|v| decode_members(&v)).unwrap_or_default(),
+                );
             }
             book.live.insert(r.name.clone(), Live::new(r, members));
         }
@@ -356,7 +373,7 @@ impl Rollouts {
             .expect("a new rollout is creating");
         let mut b = self.store.batch();
         for (g, m) in members.iter().enumerate() {
-            b.put_json(Cf::Rollouts, &group_key(&r.name, g), m)?;
+            b.put(Cf::Rollouts, &group_key(&r.name, g), &encode_members(m));
         }
         b.put_json(Cf::Rollouts, &rollout_key(&r.name), &*r)?;
         b.commit()?;

@@ -17,6 +17,9 @@ use crate::fleet::MAIN_COMPONENT;
 use crate::planner::Ended;
 use crate::store::Cf;
 
+/// How long the worker waits for an outcome before it does its timed work anyway.
+const POLL: Duration = Duration::from_millis(200);
+
 impl Rollouts {
     /// Moves a starting or running rollout as far as its groups allow: evaluates the running
     /// group, acts on its verdict, starts the next scheduled group, finishes the rollout when
@@ -208,7 +211,8 @@ impl Rollouts {
     }
 
     /// Runs the rollouts' worker on its own thread until `stop`: outcomes are handled as they
-    /// arrive, timed work (start times, rates) once a second.
+    /// arrive, timed work (start times, rates) at least every [`POLL`], which is also how soon
+    /// it notices `stop`.
     pub fn spawn(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) -> std::thread::JoinHandle<()> {
         let me = self.clone();
         std::thread::Builder::new()
@@ -217,7 +221,7 @@ impl Rollouts {
                 while !stop.is_cancelled() {
                     let batch: Vec<Ended> = {
                         let rx = me.events.lock().unwrap_or_else(|e| e.into_inner());
-                        match rx.recv_timeout(Duration::from_secs(1)) {
+                        match rx.recv_timeout(POLL) {
                             Ok(first) => std::iter::once(first).chain(rx.try_iter()).collect(),
                             Err(RecvTimeoutError::Timeout) => Vec::new(),
                             Err(RecvTimeoutError::Disconnected) => return,
@@ -298,7 +302,7 @@ impl Rollouts {
             live.r.updated_at = now;
             let mut b = self.store.batch();
             for &g in &touched {
-                b.put_json(Cf::Rollouts, &group_key(&name, g), &live.members[g])?;
+                b.put(Cf::Rollouts, &group_key(&name, g), &super::encode_members(&live.members[g]));
             }
             b.put_json(Cf::Rollouts, &super::rollout_key(&name), &live.r)?;
             b.commit()?;

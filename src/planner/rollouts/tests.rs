@@ -7,6 +7,7 @@ use crate::fleet::{DeviceSpec, MAIN_COMPONENT};
 struct World {
     dir: tempfile::TempDir,
     fleet: Arc<Fleet>,
+    firmware: Arc<Firmware>,
     planner: Arc<Planner>,
     rollouts: Rollouts,
 }
@@ -19,14 +20,14 @@ fn open_at(dir: tempfile::TempDir, approval: bool) -> World {
     if firmware.list().is_empty() {
         firmware.add("app", "2.1", vec![], Bytes::from_static(b"0123456789"), 0).unwrap();
     }
-    let rollouts = Rollouts::open(store, fleet.clone(), firmware, planner.clone(), approval, 0).unwrap();
-    World { dir, fleet, planner, rollouts }
+    let rollouts = Rollouts::open(store, fleet.clone(), firmware.clone(), planner.clone(), approval, 0).unwrap();
+    World { dir, fleet, firmware, planner, rollouts }
 }
 
 /// Closes everything (the store last) and opens it again, as a restart does.
 fn reopen(w: World) -> World {
-    let World { dir, fleet, planner, rollouts } = w;
-    drop((rollouts, planner, fleet));
+    let World { dir, fleet, firmware, planner, rollouts } = w;
+    drop((rollouts, planner, firmware, fleet));
     open_at(dir, false)
 }
 
@@ -312,13 +313,20 @@ fn retry_makes_a_rollout_of_the_devices_that_failed() {
 }
 
 #[test]
-fn stop_cancels_what_is_queued_and_delete_keeps_the_name() {
+fn stop_cancels_what_is_queued_and_in_flight_and_delete_keeps_the_name() {
     let w = world(4, false);
     create(&w, "r", 2, "50%");
     w.rollouts.act("r", Action::Start, None, 2).unwrap();
+    // d00 is mid-transfer: its operation ends too, and its next Status is answered SYNC.
+    let op = w.planner.operation("d00", MAIN_COMPONENT).unwrap();
+    w.planner.record("d00", op.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 2).unwrap();
     let r = w.rollouts.act("r", Action::Stop, None, 3).unwrap();
     assert_eq!(r.state, RolloutState::Stopped);
     assert!(queued(&w, "r", 1).is_empty());
+    assert_eq!(w.planner.operations_of("d00")[0].state, OpState::Canceled);
+    w.rollouts.pump(3).unwrap();
+    assert_eq!(w.rollouts.status("r").unwrap().groups[0].counts.canceled, 2);
+    assert!(w.rollouts.act("r", Action::Resume, None, 3).is_err());
     let r = w.rollouts.act("r", Action::Delete, None, 4).unwrap();
     assert_eq!(r.state, RolloutState::Deleted);
     assert!(w.rollouts.list(false).is_empty());
@@ -359,4 +367,49 @@ fn creation_refuses_what_devices_may_not_receive_and_bad_definitions() {
         bad(CreateRequest { name: "x".into(), error: Some("5 %%".into()), ..req.clone() }).contains("error threshold")
     );
     assert!(bad(CreateRequest { name: "bad name".into(), ..req }).contains("invalid rollout name"));
+}
+
+#[test]
+fn a_ready_rollout_with_a_start_time_starts_by_itself_then() {
+    let w = world(2, false);
+    let req = CreateRequest {
+        name: "later".into(),
+        filter: "tag==release".into(),
+        image: "app@2.1".into(),
+        start_at: Some(100),
+        ..Default::default()
+    };
+    w.rollouts.create(req, 1).unwrap();
+    w.rollouts.pump(99).unwrap();
+    assert_eq!(states(&w, "later"), (RolloutState::Ready, vec![GroupState::Ready]));
+    w.rollouts.pump(100).unwrap();
+    assert_eq!(states(&w, "later"), (RolloutState::Running, vec![Run]));
+    assert_eq!(queued(&w, "later", 1), ["d00", "d01"]);
+}
+
+#[test]
+fn explicit_groups_take_sub_filters_and_percentages_and_each_image_fits_its_hardware() {
+    let w = world(8, false);
+    // Per-hardware images of one version, as waves pick them.
+    w.firmware.add("esp", "3.0", vec!["esp32".into()], Bytes::from_static(b"esp image"), 0).unwrap();
+    w.firmware.add("nrf", "3.0", vec!["nrf52".into()], Bytes::from_static(b"nrf image"), 0).unwrap();
+    let req = CreateRequest {
+        name: "hw".into(),
+        filter: "tag==release".into(),
+        image: "3.0".into(),
+        group_defs: vec![
+            GroupDef { filter: Some("hardware==esp32".into()), percent: Some(50), ..Default::default() },
+            GroupDef { percent: Some(50), success: Some(90), ..Default::default() },
+            GroupDef::default(),
+        ],
+        ..Default::default()
+    };
+    let r = w.rollouts.create(req, 1).unwrap();
+    assert_eq!(r.groups.iter().map(|g| g.total).collect::<Vec<_>>(), [2, 3, 3]);
+    assert_eq!(r.groups[1].conditions.success_percent, 90);
+    w.rollouts.act("hw", Action::Start, None, 2).unwrap();
+    assert_eq!(queued(&w, "hw", 1), ["d01", "d03"], "half of the four esp32 devices");
+    for d in ["d01", "d03"] {
+        assert_eq!(w.planner.operation(d, MAIN_COMPONENT).unwrap().image, "esp@3.0");
+    }
 }
