@@ -102,6 +102,7 @@ fn registry(devices: u64) -> World {
                 groups: vec![format!("region-{}", n % 10)],
                 production: false,
                 hardware: None,
+                inventory: None,
             })
             .collect();
         fleet.upsert(specs, NOW).expect("register");

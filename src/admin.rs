@@ -87,6 +87,7 @@ impl From<FirmwareError> for AppError {
             FirmwareError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             FirmwareError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             FirmwareError::NotExpected { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "not_a_target"),
+            FirmwareError::BadIdentity(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             FirmwareError::Damaged(_) | FirmwareError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, kind, e)
@@ -154,6 +155,7 @@ pub fn router_and_doc(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (api, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(images)
         .routes(routes!(show_image))
+        .routes(routes!(set_identity))
         .routes(routes!(list_devices, add_devices))
         .routes(routes!(show_device, delete_device))
         .routes(routes!(assign))
@@ -312,6 +314,21 @@ async fn show_image(
         .get(&name, &version)
         .map(|m| Json((*m).clone()))
         .ok_or_else(|| FirmwareError::NotFound(format!("{name}@{version}")).into())
+}
+
+#[utoipa::path(put, path = "/api/v1/images/{name}/{version}/identity", tag = "images",
+    params(("name" = String, Path), ("version" = String, Path)),
+    request_body(content = crate::firmware::ImageIdentity, description = "a FAS imagefile; fields FAS has and fwgate does not use are ignored"),
+    responses((status = 200, body = ImageMeta), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn set_identity(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    Json(identity): Json<crate::firmware::ImageIdentity>,
+) -> Result<Json<ImageMeta>, AppError> {
+    let firmware = s.firmware.clone();
+    let meta = blocking(move || firmware.set_identity(&name, &version, identity)).await?;
+    Ok(Json((*meta).clone()))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -26,6 +26,8 @@ pub enum FirmwareError {
     Invalid { field: &'static str, message: &'static str },
     #[error("no image {0}")]
     NotFound(String),
+    #[error("identity: {0}")]
+    BadIdentity(String),
     #[error("image {0} is damaged in the store: chunks do not match its sha256")]
     Damaged(String),
     #[error(
@@ -47,6 +49,31 @@ pub struct Expected {
     pub sha256: String,
 }
 
+/// A FAS image's identity: what it is for and what a device reports when it runs it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageIdentity {
+    #[serde(default)]
+    pub device_type: String,
+    #[serde(default)]
+    pub manufacturer: String,
+    #[serde(default, alias = "model")]
+    pub models: Vec<String>,
+    pub target: String,
+    #[serde(default, alias = "tag")]
+    pub tags: Vec<String>,
+    /// Exactly what the device reports for the target when it runs this image.
+    pub firmware_version: String,
+    /// The image's place in the release order.
+    #[serde(default)]
+    pub semantic_firmware_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling_speed_seconds: Option<u64>,
+    /// Seconds an update to this image may take (FAS's `timeLimit` hint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_limit: Option<u64>,
+}
+
 /// What the gateway knows of an image; the bytes live in chunks and in the hot cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ImageMeta {
@@ -60,6 +87,10 @@ pub struct ImageMeta {
     pub chunk_bytes: u32,
     /// Unix seconds.
     pub created_at: u64,
+    /// What FAS-style actions need to know of it (`PUT …/identity`); images without one serve
+    /// waves, rollouts and assignments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<ImageIdentity>,
 }
 
 impl ImageMeta {
@@ -183,6 +214,9 @@ pub struct Firmware {
     cfg: FirmwareConfig,
     index: DashMap<String, Arc<ImageMeta>>,
     hot: HotCache,
+    /// Identity changes one at a time: the check for a second `default` image and the write
+    /// are one step.
+    identities: Mutex<()>,
 }
 
 impl Firmware {
@@ -199,7 +233,7 @@ impl Firmware {
             clock: AtomicU64::new(0),
             admit: Mutex::new(()),
         };
-        Ok(Firmware { store, cfg, index, hot })
+        Ok(Firmware { store, cfg, index, hot, identities: Mutex::new(()) })
     }
 
     /// Stores an image. The same name@version with the same bytes is accepted again
@@ -267,6 +301,7 @@ impl Firmware {
             hardware,
             chunk_bytes: self.cfg.chunk_bytes,
             created_at: now,
+            identity: None,
         };
         let mut batch = self.store.batch();
         for (i, chunk) in data.chunks(self.cfg.chunk_bytes as usize).enumerate() {
@@ -286,6 +321,60 @@ impl Firmware {
         }
         self.hot.insert(digest, data);
         Ok((meta, true))
+    }
+
+    /// Gives an image its FAS identity (replacing one it had). Refused when a target or firmware
+    /// version is missing, or when another image of the same device type, manufacturer, model,
+    /// target and version is already tagged `default`.
+    pub fn set_identity(
+        &self,
+        name: &str,
+        version: &str,
+        identity: ImageIdentity,
+    ) -> Result<Arc<ImageMeta>, FirmwareError> {
+        let id = format!("{name}@{version}");
+        let bad = |m: String| Err(FirmwareError::BadIdentity(m));
+        if identity.target.trim().is_empty() || identity.firmware_version.trim().is_empty() {
+            return bad("target and firmwareVersion are required".into());
+        }
+        let texts = [&identity.device_type, &identity.manufacturer, &identity.target, &identity.firmware_version];
+        if texts.into_iter().chain(&identity.models).chain(&identity.tags).any(|t| t.len() > 128) {
+            return bad("each field at most 128 characters".into());
+        }
+        if identity.models.len() > 64 || identity.tags.len() > 64 {
+            return bad("at most 64 models and 64 tags".into());
+        }
+        let _one_at_a_time = self.identities.lock().unwrap_or_else(|e| e.into_inner());
+        let default = |i: &ImageIdentity| i.tags.iter().any(|t| t.eq_ignore_ascii_case("default"));
+        if default(&identity) {
+            let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+            let clash = self.index.iter().find(|e| {
+                e.key() != &id
+                    && e.identity.as_ref().is_some_and(|o| {
+                        default(o)
+                            && same(&o.device_type, &identity.device_type)
+                            && same(&o.manufacturer, &identity.manufacturer)
+                            && same(&o.target, &identity.target)
+                            && o.firmware_version == identity.firmware_version
+                            && (o.models.is_empty() && identity.models.is_empty()
+                                || o.models.iter().any(|m| identity.models.iter().any(|n| same(m, n))))
+                    })
+            });
+            if let Some(other) = clash {
+                return bad(format!(
+                    "image {} is already tagged default for this device type, manufacturer, model, target and version",
+                    other.key()
+                ));
+            }
+        }
+        let mut meta = (*self.get(name, version).ok_or_else(|| FirmwareError::NotFound(id.clone()))?).clone();
+        meta.identity = Some(identity);
+        let mut batch = self.store.batch();
+        batch.put_json(Cf::Images, &meta_key(name, version), &meta)?;
+        batch.commit()?;
+        let meta = Arc::new(meta);
+        self.index.insert(id, meta.clone());
+        Ok(meta)
     }
 
     pub fn get(&self, name: &str, version: &str) -> Option<Arc<ImageMeta>> {
@@ -454,6 +543,7 @@ mod tests {
             hardware: vec!["nrf52".into()],
             chunk_bytes: 1024,
             created_at: 0,
+            identity: None,
         };
         assert!(m.fits_hardware(Some("nrf52")));
         assert!(!m.fits_hardware(Some("esp32")));

@@ -51,6 +51,22 @@ pub struct DeviceSpec {
     pub production: bool,
     #[serde(default)]
     pub hardware: Option<String>,
+    /// What the hardware says it is, for FAS-style actions (boxed: most fleets have none, and
+    /// the registry holds a million of these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<Box<Inventory>>,
+}
+
+/// A device's FAS inventory: its type, manufacturer and model (FAS's field names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Inventory {
+    #[serde(default)]
+    pub device_type: Option<String>,
+    #[serde(default)]
+    pub manufacturer: Option<String>,
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// A device as the registry holds it.
@@ -92,6 +108,13 @@ impl DeviceSpec {
         }
         if let Some(h) = &self.hardware {
             check_text("hardware", h)?;
+        }
+        if let Some(i) = &self.inventory {
+            for (field, v) in [("deviceType", &i.device_type), ("manufacturer", &i.manufacturer), ("model", &i.model)] {
+                if let Some(v) = v {
+                    check_text(field, v)?;
+                }
+            }
         }
         if self.groups.len() > 32 {
             return Err(FleetError::Invalid {

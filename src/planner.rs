@@ -4,6 +4,7 @@
 //!
 //! Every transition is written to the store before it is acknowledged anywhere.
 
+pub mod actions;
 mod admission;
 pub mod rollouts;
 pub mod waves;

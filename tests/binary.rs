@@ -595,3 +595,63 @@ async fn devices_list_takes_an_rsql_filter_and_names_where_a_bad_one_goes_wrong(
     let (ok, out) = serve.cli(&["devices", "list", "--filter", "tag=release"]);
     assert!(!ok && out.contains("filter position 3: expected an operator"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fas_inventory_and_image_identities_go_in_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let (ok, out) = serve.cli(&[
+        "devices",
+        "add",
+        "x0c0s1b0",
+        "--device-type",
+        "nodeBMC",
+        "--manufacturer",
+        "intel",
+        "--model",
+        "s2600",
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = serve.cli(&["devices", "show", "x0c0s1b0", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(ok);
+    assert_eq!(v["inventory"], serde_json::json!({"deviceType": "nodeBMC", "manufacturer": "intel", "model": "s2600"}));
+
+    // The seed's imagefile, FAS's fields fwgate does not use included.
+    let meta = |fw: &str| {
+        serde_json::json!({"imageID": "3fa8", "deviceType": "nodeBMC", "manufacturer": "intel",
+            "model": ["s2600", "s2600_REV_a"], "target": "BIOS", "tag": ["recovery", "default"],
+            "firmwareVersion": fw, "semanticFirmwareVersion": "v1.2.252", "pollingSpeedSeconds": 30,
+            "s3URL": "s3://firmware/f1.iso", "needManualReboot": true})
+    };
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (bin, json) = (write("bios.bin", "bios image".into()), write("bios.json", meta("f1.123").to_string()));
+    let (ok, out) = serve.cli(&["images", "add", &bin, "--name", "bios", "--version", "1.2.252", "--meta", &json]);
+    assert!(ok && out.contains("identity: target BIOS, firmwareVersion f1.123"), "{out}");
+    // A second image tagged default for the same hardware, target and version is refused, and
+    // says the bytes were kept without an identity.
+    let other = write("copy.bin", "another build".into());
+    let (ok, out) = serve.cli(&["images", "add", &other, "--name", "bios-b", "--version", "1.2.252", "--meta", &json]);
+    assert!(!ok && out.contains("image bios@1.2.252 is already tagged default"), "{out}");
+    assert!(out.contains("the image was stored, its identity was not"), "{out}");
+    // A file that is not an imagefile is refused before anything is uploaded.
+    let bad = write("bad.json", r#"{"deviceType": "nodeBMC"}"#.into());
+    let (ok, out) = serve.cli(&["images", "add", &other, "--name", "bios-c", "--version", "1", "--meta", &bad]);
+    assert!(!ok && out.contains("is not a FAS imagefile") && out.contains("target"), "{out}");
+    let (ok, out) = serve.cli(&["images", "list", "--json"]);
+    assert!(ok);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ided: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["identity"].is_object())
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ided, ["bios"]);
+    assert!(!list.as_array().unwrap().iter().any(|i| i["name"] == "bios-c"), "nothing uploaded");
+}

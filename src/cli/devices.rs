@@ -1,6 +1,7 @@
 //! `fwgate devices`: register, import, list, show, assign, delete.
 
 use super::*;
+use crate::fleet::Inventory;
 use crate::shown;
 
 #[derive(Subcommand)]
@@ -17,9 +18,19 @@ pub enum DevicesCommand {
         production: bool,
         #[arg(long = "hw")]
         hardware: Option<String>,
+        /// FAS inventory: the device type (e.g. nodeBMC).
+        #[arg(long)]
+        device_type: Option<String>,
+        /// FAS inventory: the manufacturer (e.g. intel).
+        #[arg(long)]
+        manufacturer: Option<String>,
+        /// FAS inventory: the model (e.g. s2600).
+        #[arg(long)]
+        model: Option<String>,
     },
-    /// Register devices from a CSV file with header id,tag,groups,production,hardware
-    /// (groups separated by ';'; only id is required). All or nothing.
+    /// Register devices from a CSV file with header id,tag,groups,production,hardware,
+    /// deviceType,manufacturer,model (groups separated by ';'; only id is required). All or
+    /// nothing.
     Import { file: PathBuf },
     /// List devices, in id order.
     List {
@@ -49,6 +60,18 @@ pub enum DevicesCommand {
     Token { id: String },
 }
 
+const COLUMNS: [&str; 8] = ["id", "tag", "groups", "production", "hardware", "deviceType", "manufacturer", "model"];
+
+/// A FAS inventory from its three optional parts; none given, none.
+fn inventory(
+    device_type: Option<String>,
+    manufacturer: Option<String>,
+    model: Option<String>,
+) -> Option<Box<Inventory>> {
+    (device_type.is_some() || manufacturer.is_some() || model.is_some())
+        .then(|| Box::new(Inventory { device_type, manufacturer, model }))
+}
+
 /// Reads the CSV of `devices import`; errors name the line.
 pub fn read_devices_csv(path: &Path) -> Result<Vec<DeviceSpec>> {
     let mut r = csv::ReaderBuilder::new()
@@ -59,8 +82,8 @@ pub fn read_devices_csv(path: &Path) -> Result<Vec<DeviceSpec>> {
     let col = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let id_col = col("id").ok_or_else(|| anyhow!("{}: the header has no `id` column", path.display()))?;
     for h in headers.iter() {
-        if !["id", "tag", "groups", "production", "hardware"].contains(&h.to_ascii_lowercase().as_str()) {
-            bail!("{}: unknown column `{h}` (expected id,tag,groups,production,hardware)", path.display());
+        if !COLUMNS.iter().any(|c| c.eq_ignore_ascii_case(h)) {
+            bail!("{}: unknown column `{h}` (expected {})", path.display(), COLUMNS.join(","));
         }
     }
     let mut out = Vec::new();
@@ -81,6 +104,7 @@ pub fn read_devices_csv(path: &Path) -> Result<Vec<DeviceSpec>> {
                 .unwrap_or_default(),
             production,
             hardware: get(col("hardware")),
+            inventory: inventory(get(col("deviceType")), get(col("manufacturer")), get(col("model"))),
         };
         spec.validate().with_context(|| format!("{}:{line}", path.display()))?;
         out.push(spec);
@@ -147,8 +171,15 @@ pub async fn devices(cmd: DevicesCommand, remote: &Remote) -> Result<()> {
         }
     };
     match cmd {
-        DevicesCommand::Add { id, tag, groups, production, hardware } => {
-            let spec = DeviceSpec { id, tag, groups, production, hardware };
+        DevicesCommand::Add { id, tag, groups, production, hardware, device_type, manufacturer, model } => {
+            let spec = DeviceSpec {
+                id,
+                tag,
+                groups,
+                production,
+                hardware,
+                inventory: inventory(device_type, manufacturer, model),
+            };
             let v = c.send(c.http.post(c.url("/api/v1/devices")).json(&spec)).await?;
             out(&v, format!("{} {}", spec.id, if v["created"] == 1 { "added" } else { "updated" }));
         }
@@ -231,6 +262,13 @@ mod tests {
         assert_eq!(v[0].groups, ["eu", "canary"]);
         assert!(v[0].production);
         assert_eq!(v[1], DeviceSpec { id: "dev-2".into(), ..Default::default() });
+        std::fs::write(&p, "id,deviceType,Manufacturer,model\nx0c0s1b0,nodeBMC,intel,s2600\n").unwrap();
+        let v = read_devices_csv(&p).unwrap();
+        let inv = v[0].inventory.as_deref().unwrap();
+        assert_eq!(
+            (inv.device_type.as_deref(), inv.manufacturer.as_deref(), inv.model.as_deref()),
+            (Some("nodeBMC"), Some("intel"), Some("s2600"))
+        );
         std::fs::write(&p, "id,production\ndev-1,maybe\n").unwrap();
         assert!(read_devices_csv(&p).unwrap_err().to_string().contains(":2: production"));
         std::fs::write(&p, "id,colour\ndev-1,red\n").unwrap();

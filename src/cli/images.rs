@@ -20,6 +20,11 @@ pub enum ImagesCommand {
         /// The repository of --target: production (default) or ci.
         #[arg(long)]
         repo: Option<String>,
+        /// A FAS imagefile JSON (deviceType, manufacturer, models, target, tags,
+        /// firmwareVersion, semanticFirmwareVersion, …) giving the image its identity for
+        /// FAS-style actions.
+        #[arg(long)]
+        meta: Option<PathBuf>,
     },
     /// List images.
     List,
@@ -28,8 +33,20 @@ pub enum ImagesCommand {
 pub async fn images(cmd: ImagesCommand, remote: &Remote) -> Result<()> {
     let c = Client::new(remote);
     match cmd {
-        ImagesCommand::Add { file, name, version, hardware, target, repo } => {
+        ImagesCommand::Add { file, name, version, hardware, target, repo, meta } => {
             let data = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
+            // Read before the upload, so a bad file changes nothing.
+            let identity: Option<crate::firmware::ImageIdentity> = match &meta {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                    Some(
+                        serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not a FAS imagefile", path.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let ident_path = format!("/api/v1/images/{name}/{version}/identity");
             let mut q = vec![("name", name), ("version", version)];
             if let Some(t) = target {
                 q.push(("target", t));
@@ -40,7 +57,15 @@ pub async fn images(cmd: ImagesCommand, remote: &Remote) -> Result<()> {
             if !hardware.is_empty() {
                 q.push(("hardware", hardware.join(",")));
             }
-            let v = c.send(c.http.post(c.url("/api/v1/images")).query(&q).body(data)).await?;
+            let mut v = c.send(c.http.post(c.url("/api/v1/images")).query(&q).body(data)).await?;
+            if let Some(identity) = identity {
+                let created = v["created"].clone();
+                v = c
+                    .send(c.http.put(c.url(&ident_path)).json(&identity))
+                    .await
+                    .context("the image was stored, its identity was not: fix the file and run the command again")?;
+                v["created"] = created;
+            }
             if remote.json {
                 println!("{v:#}");
             } else {
@@ -52,6 +77,19 @@ pub async fn images(cmd: ImagesCommand, remote: &Remote) -> Result<()> {
                     s(&v, "length"),
                     s(&v, "sha256")
                 );
+                let i = &v["identity"];
+                if i.is_object() {
+                    let tags: Vec<&str> =
+                        i["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                    println!(
+                        "identity: target {}, firmwareVersion {}, deviceType {}, manufacturer {}, tags {}",
+                        s(i, "target"),
+                        s(i, "firmwareVersion"),
+                        s(i, "deviceType"),
+                        s(i, "manufacturer"),
+                        tags.join(",")
+                    );
+                }
             }
         }
         ImagesCommand::List => {

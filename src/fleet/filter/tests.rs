@@ -9,6 +9,7 @@ fn device(id: &str, tag: Option<&str>, groups: &[&str], production: bool, hw: Op
             groups: groups.iter().map(|g| g.to_string()).collect(),
             production,
             hardware: hw.map(Into::into),
+            inventory: None,
         },
         running: Default::default(),
         last_seen: None,

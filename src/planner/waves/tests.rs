@@ -36,6 +36,7 @@ fn device(id: &str, tag: &str, groups: &[&str], production: bool) -> DeviceSpec 
         groups: groups.iter().map(|g| g.to_string()).collect(),
         production,
         hardware: None,
+        inventory: None,
     }
 }
 
