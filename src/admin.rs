@@ -22,6 +22,7 @@ use crate::planner::waves::Waves;
 use crate::planner::{Operation, Planner, PlannerError};
 use crate::telemetry::Telemetry;
 
+mod actions;
 mod guard;
 mod rollouts;
 mod waves;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub planner: Arc<Planner>,
     pub waves: Arc<Waves>,
     pub rollouts: Arc<crate::planner::rollouts::Rollouts>,
+    pub actions: Arc<crate::planner::actions::Actions>,
     pub telemetry: Arc<Telemetry>,
     pub token: Arc<str>,
     /// May read `/api/v1`, not change it.
@@ -132,7 +134,7 @@ impl From<PlannerError> for AppError {
         needs Authorization: Bearer <token> (GET also the read-only token)."),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    tags((name = "images"), (name = "devices"), (name = "waves"), (name = "rollouts"), (name = "tuf"),
+    tags((name = "images"), (name = "devices"), (name = "waves"), (name = "rollouts"), (name = "actions"), (name = "tuf"),
         (name = "openapi"), (name = "probes", description = "open: no token"))
 )]
 struct ApiDoc;
@@ -162,6 +164,7 @@ pub fn router_and_doc(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(device_token))
         .merge(waves::routes())
         .merge(rollouts::routes())
+        .merge(actions::routes())
         .routes(routes!(tuf_status))
         .routes(routes!(tuf_refresh))
         .routes(routes!(openapi_json))

@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::fleet::DeviceSpec;
 
+mod actions;
 mod devices;
 mod images;
 mod load;
@@ -92,6 +93,14 @@ pub enum Command {
     Rollouts {
         #[command(subcommand)]
         command: RolloutsCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// FAS-style firmware actions over devices with several targets: filter → plan → execute
+    /// (a dry run unless the action says otherwise).
+    Actions {
+        #[command(subcommand)]
+        command: actions::ActionsCommand,
         #[command(flatten)]
         remote: Remote,
     },
@@ -326,6 +335,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Devices { command, remote } => devices::devices(command, &remote).await,
         Command::Waves { command, remote } => waves::waves(command, &remote).await,
         Command::Rollouts { command, remote } => rollouts::rollouts(command, &remote).await,
+        Command::Actions { command, remote } => actions::actions(command, &remote).await,
         Command::Tags { command, remote } => tags::tags(command, &remote).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,

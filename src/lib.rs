@@ -10,8 +10,9 @@
 //! - [`fleet`]: the device registry, device credentials, and the compact index rollouts
 //!   select from.
 //! - [`planner`]: the per-device operation queue (assignments, outcome accounting,
-//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`] and
-//!   hawkBit-style [`planner::rollouts`], which the queue tells of every outcome.
+//!   time-outs) and the plans that feed it: Foundries-style [`planner::waves`],
+//!   hawkBit-style [`planner::rollouts`] and FAS-style [`planner::actions`], which the queue
+//!   tells of every outcome.
 //! - [`tuf`]: the production and CI TUF repositories (fwgate's own client workflow, on
 //!   `tough`'s key schema), and which images are admissible for which class of device.
 //! - [`transport`]: the MQTT (fwgate's own listener) and CoAP (UDP) shells around one shared DFU
@@ -121,11 +122,13 @@ pub struct Gateway {
     pub planner: Arc<Planner>,
     pub waves: Arc<Waves>,
     pub rollouts: Arc<Rollouts>,
+    pub actions: Arc<planner::actions::Actions>,
     pub firmware: Arc<Firmware>,
     pub dfu: Arc<Dfu>,
     store: Store,
     tasks: JoinSet<()>,
-    rollouts_worker: Option<std::thread::JoinHandle<()>>,
+    /// The plans' worker threads (rollouts, actions), joined on shutdown.
+    workers: Vec<std::thread::JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -201,8 +204,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         )
         .map_err(|e| load(&e))?,
     );
-    // Outcomes are handled as they arrive, on the rollouts' own thread; it ends with `shutdown`.
-    let rollouts_worker = rollouts.spawn(shutdown.clone());
+    let actions = Arc::new(
+        planner::actions::Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now)
+            .map_err(|e| load(&e))?,
+    );
+    // Outcomes are handled as they arrive, on each plan's own thread; they end with `shutdown`.
+    let workers = vec![rollouts.spawn(shutdown.clone()), actions.spawn(shutdown.clone())];
     info!(
         data_dir = %dir.display(),
         images = firmware.list().len(),
@@ -225,6 +232,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         planner: planner.clone(),
         waves: waves.clone(),
         rollouts: rollouts.clone(),
+        actions: actions.clone(),
         telemetry: telemetry.clone(),
         token: token.clone().into(),
         read_token: (!config.admin.read_token.is_empty()).then(|| config.admin.read_token.clone().into()),
@@ -329,11 +337,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         planner,
         waves,
         rollouts,
+        actions,
         firmware,
         dfu,
         store,
         tasks,
-        rollouts_worker: Some(rollouts_worker),
+        workers,
         shutdown,
     })
 }
@@ -382,10 +391,10 @@ impl Gateway {
         if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
             warn!("background tasks did not stop within 10 s");
         }
-        // The rollouts' worker notices the shutdown within its poll interval.
-        if let Some(worker) = self.rollouts_worker.take() {
-            if tokio::task::spawn_blocking(move || worker.join()).await.is_err() {
-                error!("the rollouts worker panicked");
+        // The plans' workers notice the shutdown within their poll interval.
+        for worker in std::mem::take(&mut self.workers) {
+            if !matches!(tokio::task::spawn_blocking(move || worker.join()).await, Ok(Ok(()))) {
+                error!("a plan's worker panicked");
             }
         }
         if let Err(e) = self.fleet.flush_last_seen() {

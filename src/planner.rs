@@ -169,6 +169,46 @@ impl Ended {
     }
 }
 
+/// How long a plan's worker waits for an outcome before it does its timed work anyway, and so
+/// how soon it notices a shutdown.
+pub const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The outcomes reported so far: waits up to `wait` for the first. `None` once the planner
+/// is gone.
+pub(crate) fn next_batch(
+    events: &std::sync::Mutex<std::sync::mpsc::Receiver<Ended>>,
+    wait: std::time::Duration,
+) -> Option<Vec<Ended>> {
+    let rx = events.lock().unwrap_or_else(|e| e.into_inner());
+    match rx.recv_timeout(wait) {
+        Ok(first) => Some(std::iter::once(first).chain(rx.try_iter()).collect()),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Some(Vec::new()),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => None,
+    }
+}
+
+/// Runs a plan's worker on its own thread until `stop`: `step(POLL)` handles one batch of
+/// outcomes (waiting up to POLL for it) and its timed work; `None` ends the worker, an error
+/// is logged and the worker goes on.
+pub(crate) fn spawn_worker(
+    name: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+    step: impl Fn(std::time::Duration) -> Option<Result<(), String>> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while !stop.is_cancelled() {
+                match step(POLL) {
+                    None => return,
+                    Some(Err(e)) => tracing::error!(error = %e, "{name}: handling outcomes failed"),
+                    Some(Ok(())) => {}
+                }
+            }
+        })
+        .expect("a thread starts")
+}
+
 /// What a transport needs to run one DFU step: the head operation and its image, hot.
 pub struct ActiveOp {
     pub seq: u64,
@@ -178,6 +218,9 @@ pub struct ActiveOp {
     /// Whether a device may resume at the offset it reports: the bytes it holds are this
     /// image's (the last bytes served to this component were of the same sha256).
     pub resume: bool,
+    /// The version the device reports once it runs the image: the image's label, or what a
+    /// FAS identity says it reports (`firmwareVersion`).
+    pub version: String,
 }
 
 /// The answer to "what should this device's component get now".
@@ -360,6 +403,22 @@ impl Planner {
         origin: &str,
         now: u64,
     ) -> Result<Operation, PlannerError> {
+        self.push_expecting(device, component, meta, &meta.version, weight, origin, now)
+    }
+
+    /// [`Planner::push`], where the device reports `version` (not the image's label) once it
+    /// runs the image — a FAS image's `firmwareVersion`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push_expecting(
+        &self,
+        device: &str,
+        component: &str,
+        meta: &ImageMeta,
+        version: &str,
+        weight: u16,
+        origin: &str,
+        now: u64,
+    ) -> Result<Operation, PlannerError> {
         let mut ops = self.ops.entry(device.to_owned()).or_default();
         let op = Operation {
             seq: self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -368,7 +427,7 @@ impl Planner {
             weight: weight.min(ASSIGN_WEIGHT),
             origin: origin.into(),
             image: meta.id(),
-            version: meta.version.clone(),
+            version: version.to_owned(),
             length: meta.length,
             state: OpState::Pending,
             offset: 0,
@@ -521,7 +580,7 @@ impl Planner {
     /// with the reason): production devices get only verified production targets, whatever
     /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
-        let (seq, state, meta, resume) = {
+        let (seq, state, meta, resume, version) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             let o = match head(&ops, component) {
                 Err(()) => return Ok(Lookup::Wait),
@@ -539,7 +598,7 @@ impl Planner {
                     .and_then(|p| p.digest.as_deref())
             });
             let resume = held == Some(meta.sha256.as_str());
-            (o.seq, o.state, meta, resume)
+            (o.seq, o.state, meta, resume, o.version.clone())
         };
         if let Some(d) = self.refusal(device, component, state, &meta, now) {
             if d.transient && !state.is_terminal() {
@@ -556,7 +615,19 @@ impl Planner {
             self.held.remove(device);
         }
         let image = self.firmware.bytes(&meta)?;
-        Ok(Lookup::Active(ActiveOp { seq, state, meta, image, resume }))
+        Ok(Lookup::Active(ActiveOp { seq, state, meta, image, resume, version }))
+    }
+
+    /// Ends operation `seq` of a device as timed out, saying why, unless it has ended already
+    /// (a plan's own time limit; a transfer under way is answered SYNC at its next Status).
+    /// Returns whether it ended it.
+    pub fn expire(&self, device: &str, seq: u64, why: &str, now: u64) -> Result<bool, PlannerError> {
+        let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
+        let Some(at) = ops.iter().position(|o| o.seq == seq && !o.state.is_terminal()) else { return Ok(false) };
+        let mut next = ops.clone();
+        next[at].end(OpState::TimedOut, why.to_owned(), now);
+        self.commit(&mut ops, next)?;
+        Ok(true)
     }
 
     /// Fails operation `seq` of a device (if it is still in `from`), saying why.

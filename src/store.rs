@@ -36,10 +36,12 @@ pub enum Cf {
     /// `r` \0 rollout name → rollout with its groups' states (JSON); `g` \0 rollout name \0
     /// group index (4 hex digits) → the group's device ids, one per line.
     Rollouts,
+    /// action id → FAS-style action with its plan (JSON).
+    Actions,
 }
 
 impl Cf {
-    const ALL: [Cf; 7] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves, Cf::Rollouts];
+    const ALL: [Cf; 8] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves, Cf::Rollouts, Cf::Actions];
 
     fn name(self) -> &'static str {
         match self {
@@ -50,6 +52,7 @@ impl Cf {
             Cf::Meta => "meta",
             Cf::Waves => "waves",
             Cf::Rollouts => "rollouts",
+            Cf::Actions => "actions",
         }
     }
 }

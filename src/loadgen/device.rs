@@ -77,6 +77,8 @@ pub struct DfuDevice {
     /// The image the device last swapped to (with `keep_images`), and its sha256.
     pub last_image: Vec<u8>,
     pub last_sha256: Option<[u8; 32]>,
+    /// The firmware target (DFU `component`) this exchange updates; `None` is `main`.
+    pub component: Option<String>,
 }
 
 impl DfuDevice {
@@ -93,6 +95,7 @@ impl DfuDevice {
             swaps: Vec::new(),
             last_image: Vec::new(),
             last_sha256: None,
+            component: None,
         }
     }
 
@@ -104,7 +107,13 @@ impl DfuDevice {
     /// The Status this device sends now.
     pub fn status_bytes(&self) -> Vec<u8> {
         let update = self.download.as_ref().map(|d| UpdateProgress { version: d.version.as_str(), offset: d.len });
-        let s = Status { mtu: Some(self.mtu), window: self.window, update, ..Status::new(&self.running) };
+        let s = Status {
+            mtu: Some(self.mtu),
+            window: self.window,
+            update,
+            component: self.component.as_deref(),
+            ..Status::new(&self.running)
+        };
         let mut out = Vec::new();
         s.encode(self.form, &mut out);
         out

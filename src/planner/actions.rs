@@ -1,14 +1,16 @@
 //! Cray FAS-style firmware actions (`../shared/seeds/003_…`, issue 14): filter → plan →
 //! execute over devices with several firmware targets (a FAS target is a DFU `component`), one
-//! operation per xname at a time. Built so far: the action as FAS users write it ([`model`])
-//! and the filter and plan phases ([`plan`]), pure. Not yet: images and devices carrying their
-//! FAS identity, execution through the operation queue, snapshots, the API and the CLI.
+//! operation per xname at a time: the action as FAS users write it ([`model`]), the filter and
+//! plan phases ([`plan`]), and the execute phase through the operation queue ([`run`]). Not
+//! yet: snapshots, the API and the CLI, the gateway's worker for actions.
 
 pub mod model;
 pub mod plan;
+pub mod run;
 
 pub use model::*;
 pub use plan::{plan, PlanError};
+pub use run::{Action, ActionError, ActionState, Actions};
 
 use crate::firmware::ImageMeta;
 use crate::fleet::Device;
@@ -38,3 +40,6 @@ impl ImageRecord {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod run_tests;

@@ -117,7 +117,7 @@ impl Dfu {
         {
             // The bytes the device holds are not this image's (the operation's image changed
             // since they were served): its offset means nothing here, start again at 0.
-            if status.update.as_ref().is_some_and(|u| u.version == a.meta.version && u.offset > 0) {
+            if status.update.as_ref().is_some_and(|u| u.version == a.version && u.offset > 0) {
                 status.update = None;
                 self.telemetry.transfer_restart("image_changed");
                 debug!(device, transport, image = %a.meta.id(), "transfer restarted at 0: other bytes served before");
@@ -125,7 +125,7 @@ impl Dfu {
         }
         let op = active
             .as_ref()
-            .map(|a| (a.state, Target { version: &a.meta.version, image: &a.image, sha256: a.meta.digest() }));
+            .map(|a| (a.state, Target { version: &a.version, image: &a.image, sha256: a.meta.digest() }));
         let step = engine::handle_status(&self.engine, &status, op);
         if let Some(a) = &active {
             if step.transition.is_some() || step.progress.is_some() {

@@ -221,6 +221,6 @@ pub struct PlannedOperation {
     #[serde(rename = "fromImageID", skip_serializing_if = "Option::is_none")]
     pub from_image_id: Option<String>,
     /// Why it is in this state (noSolution, noOperation, blocked, failed at planning).
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub state_helper: String,
 }

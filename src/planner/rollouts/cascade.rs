@@ -2,9 +2,7 @@
 //! conditions evaluated on each (the error condition first), the next group started, devices
 //! handed out at the group's rate, and newcomers joining a dynamic rollout.
 
-use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tracing::{error, info, warn};
 
@@ -16,9 +14,6 @@ use crate::firmware::pick;
 use crate::fleet::MAIN_COMPONENT;
 use crate::planner::Ended;
 use crate::store::Cf;
-
-/// How long the worker waits for an outcome before it does its timed work anyway.
-const POLL: Duration = Duration::from_millis(200);
 
 impl Rollouts {
     /// Moves a starting or running rollout as far as its groups allow: evaluates the running
@@ -211,30 +206,15 @@ impl Rollouts {
     }
 
     /// Runs the rollouts' worker on its own thread until `stop`: outcomes are handled as they
-    /// arrive, timed work (start times, rates) at least every [`POLL`], which is also how soon
-    /// it notices `stop`.
+    /// arrive, timed work (start times, rates) at least every [`crate::planner::POLL`].
     pub fn spawn(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) -> std::thread::JoinHandle<()> {
         let me = self.clone();
-        std::thread::Builder::new()
-            .name("rollouts".into())
-            .spawn(move || {
-                while !stop.is_cancelled() {
-                    let batch: Vec<Ended> = {
-                        let rx = me.events.lock().unwrap_or_else(|e| e.into_inner());
-                        match rx.recv_timeout(POLL) {
-                            Ok(first) => std::iter::once(first).chain(rx.try_iter()).collect(),
-                            Err(RecvTimeoutError::Timeout) => Vec::new(),
-                            Err(RecvTimeoutError::Disconnected) => return,
-                        }
-                    };
-                    if let Err(e) = me.handle_outcomes(&batch, crate::now_secs()) {
-                        // What was not acted on is acted on again at the next outcome, tick or
-                        // open: the counts are rebuilt from the operations.
-                        error!(error = %e, "rollouts: handling outcomes failed");
-                    }
-                }
-            })
-            .expect("a thread starts")
+        // What was not acted on is acted on again at the next outcome, tick or open: the
+        // counts are rebuilt from the operations.
+        crate::planner::spawn_worker("rollouts", stop, move |wait| {
+            let batch = crate::planner::next_batch(&me.events, wait)?;
+            Some(me.handle_outcomes(&batch, crate::now_secs()).map_err(|e| e.to_string()))
+        })
     }
 
     /// After devices were registered or changed: each that now matches a dynamic rollout's

@@ -1,0 +1,403 @@
+//! FAS's execute phase: an action's operations through the operation queue, one action
+//! running at a time (the others `blocked`, first come first served), one transfer per xname
+//! at a time (the queue's own rule), the action's time limit, abort.
+//!
+//! The action record and its plan are written once, when it is created; where each operation
+//! stands is the planner's record of it (origin `action:ID`, the target as its component), so
+//! a restart loses nothing and counts nothing twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::model::{ActionRequest, ImageRecord, OperationState, PlannedOperation, Xname};
+use super::plan::{plan, PlanError};
+use crate::engine::OpState;
+use crate::firmware::Firmware;
+use crate::fleet::Fleet;
+use crate::planner::{Ended, Planner, PlannerError, ASSIGN_WEIGHT};
+use crate::store::{Cf, Store, StoreError};
+
+const ORIGIN_PREFIX: &str = "action:";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ActionState {
+    New,
+    Configured,
+    /// Waiting for the running action to end.
+    Blocked,
+    Running,
+    Completed,
+    AbortSignaled,
+    Aborted,
+}
+
+impl ActionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionState::New => "new",
+            ActionState::Configured => "configured",
+            ActionState::Blocked => "blocked",
+            ActionState::Running => "running",
+            ActionState::Completed => "completed",
+            ActionState::AbortSignaled => "abortSignaled",
+            ActionState::Aborted => "aborted",
+        }
+    }
+}
+
+/// An action as stored: its request, its plan, where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Action {
+    #[serde(rename = "actionID")]
+    pub action_id: String,
+    pub state: ActionState,
+    /// Planned and reported, nothing changed.
+    pub dryrun: bool,
+    pub request: ActionRequest,
+    /// The plan, as made at creation (live states: [`Actions::operations`]).
+    pub operations: Vec<PlannedOperation>,
+    pub create_time: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<u64>,
+    pub order: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("no action {0}")]
+    NotFound(String),
+    #[error("action {id} is {state}: only a blocked or running action can be aborted")]
+    NotAbortable { id: String, state: &'static str },
+    #[error(transparent)]
+    Planner(#[from] PlannerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn origin(id: &str) -> String {
+    format!("{ORIGIN_PREFIX}{id}")
+}
+
+/// The FAS state of a pushed operation, from the planner's state of it.
+fn live_state(op: &crate::planner::Operation, sibling_in_flight: bool) -> OperationState {
+    match op.state {
+        OpState::Pending if sibling_in_flight => OperationState::Blocked,
+        OpState::Pending => OperationState::Configured,
+        OpState::Downloading => OperationState::InProgress,
+        OpState::Swapping => OperationState::Verifying,
+        OpState::Succeeded => OperationState::Succeeded,
+        OpState::Failed | OpState::TimedOut => OperationState::Failed,
+        OpState::Canceled => OperationState::Aborted,
+    }
+}
+
+#[derive(Default)]
+struct Book {
+    actions: BTreeMap<String, Action>,
+    /// Per running action, how many of its pushed operations have not ended.
+    open: HashMap<String, usize>,
+}
+
+pub struct Actions {
+    store: Store,
+    fleet: Arc<Fleet>,
+    firmware: Arc<Firmware>,
+    planner: Arc<Planner>,
+    book: Mutex<Book>,
+    events: Mutex<Receiver<Ended>>,
+}
+
+impl Actions {
+    /// Loads actions, counts what each running one still waits for from the operations, and
+    /// moves on what a crash interrupted (an ended action's successor, an abort).
+    pub fn open(
+        store: Store,
+        fleet: Arc<Fleet>,
+        firmware: Arc<Firmware>,
+        planner: Arc<Planner>,
+        now: u64,
+    ) -> Result<Actions, ActionError> {
+        let events = planner.watch("action");
+        let mut book = Book::default();
+        for a in store.load_all::<Action>(Cf::Actions)? {
+            book.actions.insert(a.action_id.clone(), a);
+        }
+        let actions = Actions { store, fleet, firmware, planner, book: Mutex::new(book), events: Mutex::new(events) };
+        let mut book = actions.lock();
+        let running: Vec<String> = book
+            .actions
+            .values()
+            .filter(|a| matches!(a.state, ActionState::Running | ActionState::AbortSignaled))
+            .map(|a| a.action_id.clone())
+            .collect();
+        for id in running {
+            let open = actions.unfinished(&id);
+            book.open.insert(id.clone(), open);
+            if book.actions[&id].state == ActionState::AbortSignaled {
+                actions.abort_now(&mut book, &id, now)?;
+            }
+        }
+        actions.settle(&mut book, now)?;
+        drop(book);
+        Ok(actions)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, a: &Action) -> Result<(), ActionError> {
+        let mut b = self.store.batch();
+        b.put_json(Cf::Actions, a.action_id.as_bytes(), a)?;
+        b.commit()?;
+        Ok(())
+    }
+
+    /// How many of an action's operations in the planner have not ended.
+    fn unfinished(&self, id: &str) -> usize {
+        let origin = origin(id);
+        let mut n = 0;
+        self.planner.scan(|o| {
+            if o.origin == origin && !o.state.is_terminal() {
+                n += 1;
+            }
+        });
+        n
+    }
+
+    /// Plans an action over the registry and the images with a FAS identity; a dry run ends
+    /// there (completed, its plan the answer), a live one runs now or waits for the running
+    /// one.
+    pub fn create(&self, req: ActionRequest, now: u64) -> Result<Action, ActionError> {
+        let images: Vec<ImageRecord> = self.firmware.list().iter().filter_map(|m| ImageRecord::of(m)).collect();
+        let devices = self.fleet.list(None, usize::MAX).iter().map(Xname::of).collect::<Vec<_>>();
+        let operations = plan(&req, devices, &images)?;
+        let mut book = self.lock();
+        let order = book.actions.values().map(|a| a.order).max().unwrap_or(0) + 1;
+        let dryrun = !req.command.override_dryrun;
+        let mut a = Action {
+            action_id: new_id(),
+            state: if dryrun { ActionState::Completed } else { ActionState::Configured },
+            dryrun,
+            request: req,
+            operations,
+            create_time: now,
+            start_time: None,
+            end_time: dryrun.then_some(now),
+            order,
+        };
+        if !dryrun && book.actions.values().any(|o| matches!(o.state, ActionState::Running | ActionState::Blocked)) {
+            a.state = ActionState::Blocked;
+        }
+        self.put(&a)?;
+        info!(action = %a.action_id, operations = a.operations.len(), dryrun, state = a.state.as_str(), "action created");
+        let id = a.action_id.clone();
+        book.actions.insert(id.clone(), a);
+        self.settle(&mut book, now)?;
+        Ok(book.actions[&id].clone())
+    }
+
+    /// Starts the oldest waiting action when none runs, and ends a running one whose
+    /// operations have all ended (then starts the next).
+    fn settle(&self, book: &mut Book, now: u64) -> Result<(), ActionError> {
+        loop {
+            if let Some(id) =
+                book.actions.values().find(|a| a.state == ActionState::Running).map(|a| a.action_id.clone())
+            {
+                if book.open.get(&id).copied().unwrap_or(0) > 0 {
+                    return Ok(());
+                }
+                let a = book.actions.get_mut(&id).expect("listed");
+                a.state = ActionState::Completed;
+                a.end_time = Some(now);
+                let a = a.clone();
+                self.put(&a)?;
+                book.open.remove(&id);
+                info!(action = %id, "action completed");
+                continue;
+            }
+            let next = book
+                .actions
+                .values()
+                .filter(|a| matches!(a.state, ActionState::Configured | ActionState::Blocked))
+                .min_by_key(|a| a.order)
+                .map(|a| a.action_id.clone());
+            let Some(id) = next else { return Ok(()) };
+            self.start(book, &id, now)?;
+        }
+    }
+
+    /// Runs an action: its state written first, then every operation that may run queued (the
+    /// queue lets one transfer per device go at a time, so siblings wait their turn).
+    fn start(&self, book: &mut Book, id: &str, now: u64) -> Result<(), ActionError> {
+        let a = book.actions.get_mut(id).expect("caller checked");
+        a.state = ActionState::Running;
+        a.start_time = Some(now);
+        let a = a.clone();
+        self.put(&a)?;
+        let origin = origin(id);
+        let mut pushed = 0;
+        for op in
+            a.operations.iter().filter(|o| matches!(o.state, OperationState::Configured | OperationState::Blocked))
+        {
+            let Some(image) = op.to_image_id.as_deref() else { continue };
+            let (name, version) = image.split_once('@').unwrap_or((image, ""));
+            let Some(meta) = self.firmware.get(name, version) else {
+                warn!(action = id, image, "the planned image is gone: operation not queued");
+                continue;
+            };
+            let expect = op.to_firmware_version.as_deref().unwrap_or(&meta.version);
+            if !self.fleet.contains(&op.xname) {
+                warn!(action = id, xname = %op.xname, "the device was deleted: operation not queued");
+                continue;
+            }
+            self.planner.push_expecting(&op.xname, &op.target, &meta, expect, ASSIGN_WEIGHT, &origin, now)?;
+            pushed += 1;
+        }
+        book.open.insert(id.to_owned(), pushed);
+        info!(action = id, operations = pushed, "action running");
+        Ok(())
+    }
+
+    /// Counts ended operations; an action whose last one ended completes and the next starts.
+    /// Then ends the operations of a running action whose time limit has passed.
+    pub fn handle_outcomes(&self, batch: &[Ended], now: u64) -> Result<(), ActionError> {
+        let mut book = self.lock();
+        for e in batch {
+            if let Some(n) = e.origin.strip_prefix(ORIGIN_PREFIX).and_then(|id| book.open.get_mut(id)) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let late: Vec<(String, u64)> = book
+            .actions
+            .values()
+            .filter(|a| a.state == ActionState::Running)
+            .filter(|a| a.start_time.is_some_and(|t| now >= t + a.request.command.time_limit))
+            .map(|a| (a.action_id.clone(), a.request.command.time_limit))
+            .collect();
+        for (id, limit) in late {
+            let origin = origin(&id);
+            let mut open = Vec::new();
+            self.planner.scan(|o| {
+                if o.origin == origin && !o.state.is_terminal() {
+                    open.push((o.device.clone(), o.seq));
+                }
+            });
+            // Each one ended here is reported like any other ending, and counted when that
+            // report is handled.
+            for (device, seq) in open {
+                self.planner.expire(&device, seq, &format!("the action's time limit of {limit} s passed"), now)?;
+            }
+        }
+        self.settle(&mut book, now)
+    }
+
+    /// Handles what the planner reported so far (the gateway's worker does this as outcomes
+    /// arrive; tests call it).
+    pub fn pump(&self, now: u64) -> Result<usize, ActionError> {
+        let batch: Vec<Ended> = self.events.lock().unwrap_or_else(|e| e.into_inner()).try_iter().collect();
+        self.handle_outcomes(&batch, now)?;
+        Ok(batch.len())
+    }
+
+    /// Runs the actions' worker on its own thread until `stop`: outcomes handled as they
+    /// arrive, time limits checked at least every [`crate::planner::POLL`].
+    pub fn spawn(self: &Arc<Self>, stop: tokio_util::sync::CancellationToken) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        crate::planner::spawn_worker("actions", stop, move |wait| {
+            let batch = crate::planner::next_batch(&me.events, wait)?;
+            Some(me.handle_outcomes(&batch, crate::now_secs()).map_err(|e| e.to_string()))
+        })
+    }
+
+    /// Aborts a blocked or running action: what has not started is withdrawn, devices
+    /// mid-transfer are told SYNC at their next Status.
+    pub fn abort(&self, id: &str, now: u64) -> Result<Action, ActionError> {
+        let mut book = self.lock();
+        let a = book.actions.get_mut(id).ok_or_else(|| ActionError::NotFound(id.into()))?;
+        if !matches!(a.state, ActionState::Blocked | ActionState::Running | ActionState::Configured) {
+            return Err(ActionError::NotAbortable { id: id.into(), state: a.state.as_str() });
+        }
+        a.state = ActionState::AbortSignaled;
+        let a = a.clone();
+        self.put(&a)?;
+        self.abort_now(&mut book, id, now)?;
+        self.settle(&mut book, now)?;
+        Ok(book.actions[id].clone())
+    }
+
+    fn abort_now(&self, book: &mut Book, id: &str, now: u64) -> Result<(), ActionError> {
+        let origin = origin(id);
+        let n = self.planner.cancel_origins(|o| o == origin, now)?;
+        let a = book.actions.get_mut(id).expect("caller checked");
+        a.state = ActionState::Aborted;
+        a.end_time = Some(now);
+        let a = a.clone();
+        self.put(&a)?;
+        book.open.remove(id);
+        info!(action = id, operations = n, "action aborted");
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Action> {
+        self.lock().actions.get(id).cloned()
+    }
+
+    /// Actions in creation order.
+    pub fn list(&self) -> Vec<Action> {
+        let mut v: Vec<Action> = self.lock().actions.values().cloned().collect();
+        v.sort_by_key(|a| a.order);
+        v
+    }
+
+    /// An action's operations as they stand now: planned states for what was never queued,
+    /// the planner's record for the rest (an operation waiting behind a sibling in flight is
+    /// `blocked`).
+    pub fn operations(&self, id: &str) -> Result<Vec<PlannedOperation>, ActionError> {
+        let a = self.get(id).ok_or_else(|| ActionError::NotFound(id.into()))?;
+        if a.dryrun || a.start_time.is_none() {
+            return Ok(a.operations);
+        }
+        let origin = origin(id);
+        let mut out = a.operations;
+        for op in out.iter_mut().filter(|o| matches!(o.state, OperationState::Configured | OperationState::Blocked)) {
+            let ops = self.planner.operations_of(&op.xname);
+            let mine = ops.iter().filter(|o| o.origin == origin && o.component == op.target).max_by_key(|o| o.seq);
+            match mine {
+                Some(o) => {
+                    let busy = ops.iter().any(|s| s.state.in_flight() && s.seq != o.seq);
+                    op.state = live_state(o, busy);
+                    op.state_helper = o.detail.clone().unwrap_or_default();
+                }
+                // Never queued (its image or device went away), or its record aged out of
+                // the queue's history.
+                None if a.state == ActionState::Aborted => op.state = OperationState::Aborted,
+                None => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A random id shaped like FAS's UUIDs.
+fn new_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}

@@ -1,0 +1,190 @@
+//! The execute phase over a real registry, image store and operation queue (RocksDB in a temp
+//! dir); devices' outcomes recorded as the DFU engine records them.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::config::FirmwareConfig;
+use crate::engine::OpState;
+use crate::firmware::{Firmware, ImageIdentity};
+use crate::fleet::{DeviceSpec, Fleet, Inventory};
+use crate::planner::Planner;
+use crate::store::Store;
+
+struct World {
+    dir: tempfile::TempDir,
+    fleet: Arc<Fleet>,
+    planner: Arc<Planner>,
+    actions: Actions,
+}
+
+fn open_at(dir: tempfile::TempDir) -> World {
+    let store = Store::open(dir.path(), false).unwrap();
+    let fleet = Arc::new(Fleet::open(store.clone(), 100).unwrap());
+    let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).unwrap());
+    let planner = Arc::new(Planner::open(store.clone(), fleet.clone(), firmware.clone(), 3600, 0).unwrap());
+    if firmware.list().is_empty() {
+        for (target, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
+            let name = target.to_lowercase();
+            firmware.add(&name, v, vec![], Bytes::from(format!("{name} {v}")), 0).unwrap();
+            let identity = ImageIdentity {
+                device_type: "nodeBMC".into(),
+                target: target.into(),
+                tags: vec!["default".into()],
+                firmware_version: format!("{target}-{v}"),
+                semantic_firmware_version: format!("{v}.0.0"),
+                ..Default::default()
+            };
+            firmware.set_identity(&name, v, identity).unwrap();
+        }
+    }
+    let actions = Actions::open(store, fleet.clone(), firmware, planner.clone(), 0).unwrap();
+    World { dir, fleet, planner, actions }
+}
+
+fn reopen(w: World) -> World {
+    let World { dir, fleet, planner, actions } = w;
+    drop((actions, planner, fleet));
+    open_at(dir)
+}
+
+/// x1 and x2, nodeBMCs, each running BIOS-1 and BMC-1.
+fn world() -> World {
+    let w = open_at(tempfile::tempdir().unwrap());
+    for x in ["x1", "x2"] {
+        let inventory = Some(Box::new(Inventory { device_type: Some("nodeBMC".into()), ..Default::default() }));
+        w.fleet.upsert(vec![DeviceSpec { id: x.into(), inventory, ..Default::default() }], 0).unwrap();
+        w.fleet.observe(x, "BIOS", "BIOS-1", 0).unwrap();
+        w.fleet.observe(x, "BMC", "BMC-1", 0).unwrap();
+    }
+    w
+}
+
+fn live() -> ActionRequest {
+    serde_json::from_value(serde_json::json!({"command": {"version": "latest", "overrideDryrun": true}})).unwrap()
+}
+
+/// Runs a device's target through its transfer to `end`.
+fn run(w: &World, xname: &str, target: &str, end: OpState, now: u64) {
+    let op = w.planner.operation(xname, target).unwrap();
+    w.planner.record(xname, op.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, now).unwrap();
+    w.planner.record(xname, op.seq, OpState::Downloading, Some(end), None, None, now).unwrap();
+}
+
+fn states(w: &World, id: &str) -> Vec<(String, String, OperationState)> {
+    w.actions.operations(id).unwrap().into_iter().map(|o| (o.xname, o.target, o.state)).collect()
+}
+
+use OperationState::{Blocked, Configured, InProgress, Succeeded};
+
+#[test]
+fn a_dry_run_changes_nothing_and_lists_what_the_live_action_then_does() {
+    let w = world();
+    let dry = w.actions.create(serde_json::from_str("{}").unwrap(), 1).unwrap();
+    assert_eq!((dry.state, dry.dryrun), (ActionState::Completed, true));
+    assert!(w.planner.operations_of("x1").is_empty(), "nothing queued");
+    let planned: Vec<(String, String, Option<String>)> =
+        dry.operations.iter().map(|o| (o.xname.clone(), o.target.clone(), o.to_image_id.clone())).collect();
+    let a = w.actions.create(live(), 2).unwrap();
+    assert_eq!(a.state, ActionState::Running);
+    // The queue serves one transfer per device: the sibling waits while one is in flight.
+    let op = w.planner.operation("x1", "BIOS").unwrap();
+    w.planner.record("x1", op.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap();
+    assert!(matches!(w.planner.lookup("x1", "BMC", 3).unwrap(), crate::planner::Lookup::Wait));
+    let s = states(&w, &a.action_id);
+    assert_eq!(s[0].2, InProgress);
+    assert_eq!(s[1].2, Blocked);
+    assert_eq!((s[2].2, s[3].2), (Configured, Configured), "x2's targets are queued, neither started");
+    w.planner.record("x1", op.seq, OpState::Downloading, Some(OpState::Succeeded), None, None, 4).unwrap();
+    for (x, t) in [("x1", "BMC"), ("x2", "BIOS"), ("x2", "BMC")] {
+        run(&w, x, t, OpState::Succeeded, 5);
+    }
+    w.actions.pump(6).unwrap();
+    let a = w.actions.get(&a.action_id).unwrap();
+    assert_eq!(a.state, ActionState::Completed);
+    let done: Vec<(String, String, Option<String>)> = w
+        .actions
+        .operations(&a.action_id)
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.state == Succeeded)
+        .map(|o| (o.xname, o.target, o.to_image_id))
+        .collect();
+    assert_eq!(done, planned, "the dry run listed exactly what the live action did");
+    // What the device must report is the image's firmwareVersion, not its label.
+    assert!(w.planner.operations_of("x1").iter().all(|o| o.version.ends_with("-2")));
+}
+
+#[test]
+fn a_second_action_waits_for_the_first_and_abort_withdraws_what_has_not_started() {
+    let w = world();
+    let first = w.actions.create(live(), 1).unwrap();
+    let mut bios_only = live();
+    bios_only.target_filter.targets = vec!["BIOS".into()];
+    bios_only.command.overwrite_same_image = true;
+    let second = w.actions.create(bios_only, 2).unwrap();
+    assert_eq!(second.state, ActionState::Blocked);
+    // x1's BIOS is under way; abort: the rest is withdrawn, the transfer told SYNC.
+    let op = w.planner.operation("x1", "BIOS").unwrap();
+    w.planner.record("x1", op.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap();
+    let a = w.actions.abort(&first.action_id, 4).unwrap();
+    assert_eq!(a.state, ActionState::Aborted);
+    assert!(
+        states(&w, &first.action_id).iter().all(|s| s.2 == OperationState::Aborted),
+        "{:?}",
+        states(&w, &first.action_id)
+    );
+    // The second one starts at once.
+    assert_eq!(w.actions.get(&second.action_id).unwrap().state, ActionState::Running);
+    assert_eq!(states(&w, &second.action_id).len(), 2);
+    let e = w.actions.abort(&first.action_id, 5).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("action {} is aborted: only a blocked or running action can be aborted", first.action_id)
+    );
+}
+
+#[test]
+fn the_time_limit_fails_what_has_not_finished_and_a_wrong_version_fails_its_operation() {
+    let w = world();
+    let mut req = live();
+    req.command.time_limit = 100;
+    let a = w.actions.create(req, 10).unwrap();
+    run(&w, "x1", "BIOS", OpState::Failed, 20);
+    run(&w, "x1", "BMC", OpState::Succeeded, 30);
+    w.actions.pump(109).unwrap();
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Running);
+    w.actions.pump(110).unwrap();
+    w.actions.pump(110).unwrap();
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Completed);
+    let ops = w.actions.operations(&a.action_id).unwrap();
+    assert_eq!(ops[0].state, OperationState::Failed);
+    assert!(ops[0].state_helper.contains("BIOS-2"), "{}", ops[0].state_helper);
+    assert_eq!(ops[1].state, Succeeded);
+    assert!(ops[2..]
+        .iter()
+        .all(|o| o.state == OperationState::Failed && o.state_helper.contains("time limit of 100 s")));
+}
+
+#[test]
+fn after_a_restart_mid_action_nothing_is_lost_or_run_twice() {
+    let w = world();
+    let a = w.actions.create(live(), 1).unwrap();
+    run(&w, "x1", "BIOS", OpState::Succeeded, 2);
+    let pushed = w.planner.operations_of("x1").len() + w.planner.operations_of("x2").len();
+    let w = reopen(w);
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Running);
+    assert_eq!(
+        w.planner.operations_of("x1").len() + w.planner.operations_of("x2").len(),
+        pushed,
+        "nothing queued twice"
+    );
+    for (x, t) in [("x1", "BMC"), ("x2", "BIOS"), ("x2", "BMC")] {
+        run(&w, x, t, OpState::Succeeded, 3);
+    }
+    w.actions.pump(4).unwrap();
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Completed);
+    assert_eq!(states(&w, &a.action_id).iter().filter(|s| s.2 == Succeeded).count(), 4);
+}

@@ -1,0 +1,194 @@
+//! FAS-style actions end to end: a gateway in-process on ephemeral ports with RocksDB in a temp
+//! dir, images with FAS identities, and 100 xnames × 3 targets (BIOS, BMC, NIC) updated by one
+//! live action — half over CoAP asking for their three targets at once, half over MQTT.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fwgate::loadgen::coap::{ClientConfig, CoapClient};
+use fwgate::protocol::{Command, Form};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const TARGETS: [&str; 3] = ["BIOS", "BMC", "NIC"];
+
+async fn call(base: &str, method: Method, path: &str, body: Option<Value>) -> Value {
+    let (status, v) = admin(base, method, path, None, body).await;
+    assert!((200..300).contains(&status), "{path}: {status} {v}");
+    v
+}
+
+/// Images v1 and v2 of each target, both tagged default, for nodeBMCs.
+async fn images(base: &str) {
+    for target in TARGETS {
+        for v in ["1", "2"] {
+            let name = target.to_lowercase();
+            let seed = v.parse::<u64>().unwrap() * 10 + target.len() as u64;
+            add_image(base, &name, v, image(4096, seed)).await;
+            let identity = json!({"deviceType": "nodeBMC", "manufacturer": "intel", "models": ["s2600"],
+                "target": target, "tags": ["default"], "firmwareVersion": format!("{target}-{v}"),
+                "semanticFirmwareVersion": format!("{v}.0.0")});
+            call(base, Method::PUT, &format!("/api/v1/images/{name}/{v}/identity"), Some(identity)).await;
+        }
+    }
+}
+
+fn coap_cfg() -> ClientConfig {
+    ClientConfig { ack_timeout: Duration::from_millis(500), max_retransmit: 4, ..ClientConfig::default() }
+}
+
+/// One target of an xname over CoAP, asking again while the gateway says WAIT: when its first
+/// WRITE and its SWAP arrived, and how many WAITs it was told.
+async fn coap_target(gw: std::net::SocketAddr, xname: String, target: &'static str) -> ((Instant, Instant), u32) {
+    let mut c = CoapClient::connect(gw, coap_cfg()).await.unwrap();
+    let mut dev = DfuDevice::new(&xname, Form::Packed, &format!("{target}-1"));
+    dev.component = Some(target.into());
+    let (mut first, mut swap, mut waits) = (None, None, 0);
+    for _ in 0..5000 {
+        let reply = c.post_status(&xname, &dev.status_bytes()).await.unwrap();
+        match Command::decode(&reply).unwrap().0 {
+            Command::Write { .. } => {
+                first.get_or_insert_with(Instant::now);
+            }
+            Command::Swap { .. } => swap = Some(Instant::now()),
+            Command::Wait { .. } => waits += 1,
+            _ => {}
+        }
+        match dev.apply(&reply).unwrap() {
+            None => {}
+            Some(Ended::Updated) => {
+                assert_eq!(dev.running, format!("{target}-2"));
+                return ((first.expect("a WRITE"), swap.expect("a SWAP")), waits);
+            }
+            Some(Ended::Waited) | Some(Ended::Synced) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Some(other) => panic!("{xname}/{target}: {other:?}"),
+        }
+    }
+    panic!("{xname}/{target}: not updated after 5000 Status messages")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_live_action_updates_100_xnames_times_3_targets_one_transfer_per_xname_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let tg = TestGateway::start(test_config(dir.path())).await;
+    let base = tg.admin.clone();
+    images(&base).await;
+    let xnames: Vec<String> = (0..100).map(|i| format!("x0c0s{i}b0")).collect();
+    let devices: Vec<Value> = xnames
+        .iter()
+        .map(|x| json!({"id": x, "inventory": {"deviceType": "nodeBMC", "manufacturer": "Intel", "model": "s2600"}}))
+        .collect();
+    call(&base, Method::POST, "/api/v1/devices", Some(Value::Array(devices))).await;
+    // Each xname reports what its three targets run (over CoAP; the transport does not matter).
+    let mut c = CoapClient::connect(tg.coap(), coap_cfg()).await.unwrap();
+    for x in &xnames {
+        for t in TARGETS {
+            let mut dev = DfuDevice::new(x, Form::Packed, &format!("{t}-1"));
+            dev.component = Some(t.into());
+            c.post_status(x, &dev.status_bytes()).await.unwrap();
+        }
+    }
+
+    // The dry run: nothing changes, every operation listed.
+    let dry = call(&base, Method::POST, "/api/v1/actions", Some(json!({"command": {"version": "latest"}}))).await;
+    assert_eq!((dry["state"].as_str(), dry["dryrun"].as_bool()), (Some("completed"), Some(true)));
+    assert_eq!(dry["operationCounts"]["configured"], 100);
+    assert_eq!(dry["operationCounts"]["blocked"], 200, "two siblings of each xname wait");
+    assert!(device_state(&base, &xnames[0]).await["operations"].as_array().unwrap().is_empty());
+    let planned: Vec<(String, String, String)> = dry["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["xname"].as_str().unwrap().into(),
+                o["target"].as_str().unwrap().into(),
+                o["toImageID"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+
+    let live = json!({"command": {"version": "latest", "overrideDryrun": true, "description": "all to v2"}});
+    let a = call(&base, Method::POST, "/api/v1/actions", Some(live)).await;
+    assert_eq!(a["state"], "running");
+    let id = a["actionID"].as_str().unwrap().to_owned();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, x) in xnames.iter().enumerate() {
+        let x = x.clone();
+        if i % 2 == 0 {
+            // CoAP: all three targets at once; the gateway must serve one at a time.
+            let gw = tg.coap();
+            for t in TARGETS {
+                let x = x.clone();
+                tasks.spawn(async move { (x.clone(), coap_target(gw, x, t).await) });
+            }
+        } else {
+            // MQTT: one connection, the targets one after another.
+            let mqtt = tg.mqtt;
+            tasks.spawn(async move {
+                let mut d = SimDevice::connect(mqtt, &x, Form::Named, "", None).await;
+                let start = Instant::now();
+                for t in TARGETS {
+                    d.component = Some(t.into());
+                    d.running = format!("{t}-1");
+                    assert_eq!(d.run(None).await, Ended::Updated, "{x}/{t}");
+                }
+                d.disconnect().await;
+                (x, ((start, Instant::now()), 0))
+            });
+        }
+    }
+    let mut windows: BTreeMap<String, Vec<(Instant, Instant)>> = BTreeMap::new();
+    let mut waits = 0;
+    let deadline = tokio::time::timeout(Duration::from_secs(240), async {
+        while let Some(r) = tasks.join_next().await {
+            let (x, (w, n)) = r.expect("device task");
+            windows.entry(x).or_default().push(w);
+            waits += n;
+        }
+    });
+    deadline.await.expect("every device finished within 240 s");
+    // The devices' own record: no xname ever had two transfers at once (from its first WRITE
+    // to its SWAP), and the CoAP ones, asking for three targets at once, were told to wait.
+    assert!(waits > 0, "siblings were never made to wait: the check above would be empty");
+    assert_eq!(windows.values().filter(|w| w.len() == 3).count(), 50, "each CoAP xname updated 3 targets");
+    for (x, mut w) in windows {
+        w.sort();
+        for pair in w.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{x}: two transfers at once");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let s = call(&base, Method::GET, &format!("/api/v1/actions/{id}/status"), None).await;
+        if s["state"] == "completed" || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status["state"], "completed", "{status}");
+    assert_eq!(status["operationCounts"]["succeeded"], 300, "{status}");
+    // The dry run listed exactly what the live action did.
+    let ops = call(&base, Method::GET, &format!("/api/v1/actions/{id}/operations"), None).await;
+    let done: Vec<(String, String, String)> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["state"] == "succeeded")
+        .map(|o| {
+            (
+                o["xname"].as_str().unwrap().into(),
+                o["target"].as_str().unwrap().into(),
+                o["toImageID"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(done, planned);
+    let v = device_state(&base, "x0c0s0b0").await;
+    assert_eq!(v["running"], json!({"BIOS": "BIOS-2", "BMC": "BMC-2", "NIC": "NIC-2"}));
+    tg.stop().await;
+}
