@@ -25,6 +25,7 @@ use crate::telemetry::Telemetry;
 mod actions;
 mod guard;
 mod rollouts;
+mod snapshots;
 mod waves;
 use guard::guard;
 pub use guard::Authorized;
@@ -165,6 +166,7 @@ pub fn router_and_doc(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(waves::routes())
         .merge(rollouts::routes())
         .merge(actions::routes())
+        .merge(snapshots::routes())
         .routes(routes!(tuf_status))
         .routes(routes!(tuf_refresh))
         .routes(routes!(openapi_json))

@@ -15,6 +15,7 @@ mod devices;
 mod images;
 mod load;
 mod rollouts;
+mod snapshots;
 mod tags;
 mod tuf;
 mod waves;
@@ -101,6 +102,13 @@ pub enum Command {
     Actions {
         #[command(subcommand)]
         command: actions::ActionsCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// FAS snapshots: what every target runs, to restore later.
+    Snapshots {
+        #[command(subcommand)]
+        command: snapshots::SnapshotsCommand,
         #[command(flatten)]
         remote: Remote,
     },
@@ -336,6 +344,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Waves { command, remote } => waves::waves(command, &remote).await,
         Command::Rollouts { command, remote } => rollouts::rollouts(command, &remote).await,
         Command::Actions { command, remote } => actions::actions(command, &remote).await,
+        Command::Snapshots { command, remote } => snapshots::snapshots(command, &remote).await,
         Command::Tags { command, remote } => tags::tags(command, &remote).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,

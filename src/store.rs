@@ -38,10 +38,13 @@ pub enum Cf {
     Rollouts,
     /// action id → FAS-style action with its plan (JSON).
     Actions,
+    /// snapshot name → what each target of its xnames ran (JSON).
+    Snapshots,
 }
 
 impl Cf {
-    const ALL: [Cf; 8] = [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves, Cf::Rollouts, Cf::Actions];
+    const ALL: [Cf; 9] =
+        [Cf::Images, Cf::Chunks, Cf::Devices, Cf::Ops, Cf::Meta, Cf::Waves, Cf::Rollouts, Cf::Actions, Cf::Snapshots];
 
     fn name(self) -> &'static str {
         match self {
@@ -53,6 +56,7 @@ impl Cf {
             Cf::Waves => "waves",
             Cf::Rollouts => "rollouts",
             Cf::Actions => "actions",
+            Cf::Snapshots => "snapshots",
         }
     }
 }

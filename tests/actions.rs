@@ -192,3 +192,112 @@ async fn one_live_action_updates_100_xnames_times_3_targets_one_transfer_per_xna
     assert_eq!(v["running"], json!({"BIOS": "BIOS-2", "BMC": "BMC-2", "NIC": "NIC-2"}));
     tg.stop().await;
 }
+
+/// Runs each listed target of an xname over CoAP, one after another, from `{target}-{from}`
+/// until it runs `{target}-{to}` (asking again while told WAIT).
+async fn update(gw: std::net::SocketAddr, xname: &str, targets: &[&str], to: &str) {
+    let from = if to == "2" { "1" } else { "2" };
+    let mut c = CoapClient::connect(gw, coap_cfg()).await.unwrap();
+    for target in targets {
+        let mut dev = DfuDevice::new(xname, Form::Packed, &format!("{target}-{from}"));
+        dev.component = Some(target.to_string());
+        let mut done = false;
+        for _ in 0..5000 {
+            let reply = c.post_status(xname, &dev.status_bytes()).await.unwrap();
+            match dev.apply(&reply).unwrap() {
+                None => {}
+                Some(Ended::Updated) => {
+                    done = true;
+                    break;
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        assert!(done && dev.running == format!("{target}-{to}"), "{xname}/{target}: not updated to {to}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_action_loses_nothing_and_a_snapshot_restore_skips_a_deleted_device() {
+    use common::serve::Serve;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let coap: std::net::SocketAddr = ([127, 0, 0, 1], serve.coap).into();
+    let ok = |(ok, out): (bool, String)| {
+        assert!(ok, "{out}");
+        out
+    };
+    for (t, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
+        let bin = dir.path().join(format!("{t}-{v}.bin"));
+        std::fs::write(&bin, format!("{t} firmware {v}")).unwrap();
+        let meta = dir.path().join(format!("{t}-{v}.json"));
+        let identity = json!({"deviceType": "nodeBMC", "target": t, "tag": ["default"],
+            "firmwareVersion": format!("{t}-{v}"), "semanticFirmwareVersion": format!("{v}.0.0")});
+        std::fs::write(&meta, identity.to_string()).unwrap();
+        let name = t.to_lowercase();
+        ok(serve.cli(&[
+            "images",
+            "add",
+            bin.to_str().unwrap(),
+            "--name",
+            &name,
+            "--version",
+            v,
+            "--meta",
+            meta.to_str().unwrap(),
+        ]));
+    }
+    let xnames = ["x1", "x2", "x3", "x4"];
+    for x in xnames {
+        ok(serve.cli(&["devices", "add", x, "--device-type", "nodeBMC"]));
+        let mut c = CoapClient::connect(coap, coap_cfg()).await.unwrap();
+        for t in ["BIOS", "BMC"] {
+            let mut dev = DfuDevice::new(x, Form::Packed, &format!("{t}-1"));
+            dev.component = Some(t.into());
+            c.post_status(x, &dev.status_bytes()).await.unwrap();
+        }
+    }
+    let out = ok(serve.cli(&["snapshots", "create", "before"]));
+    assert!(out.contains("snapshot before: 4 xnames, 8 targets"), "{out}");
+    let file = dir.path().join("all.json");
+    std::fs::write(&file, json!({"command": {"version": "latest", "overrideDryrun": true}}).to_string()).unwrap();
+    let out = ok(serve.cli(&["actions", "create", file.to_str().unwrap()]));
+    assert!(out.contains("(running): 8 operations"), "{out}");
+    let id = out.split_whitespace().nth(1).unwrap().to_owned();
+    update(coap, "x1", &["BIOS", "BMC"], "2").await;
+    update(coap, "x2", &["BIOS"], "2").await;
+    serve.kill();
+
+    let serve = Serve::start(dir.path()).await;
+    let coap: std::net::SocketAddr = ([127, 0, 0, 1], serve.coap).into();
+    let out = ok(serve.cli(&["actions", "status", &id]));
+    assert!(out.contains("(running)") && out.contains("succeeded 3"), "after the restart: {out}");
+    update(coap, "x2", &["BMC"], "2").await;
+    for x in ["x3", "x4"] {
+        update(coap, x, &["BIOS", "BMC"], "2").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = ok(serve.cli(&["actions", "status", &id]));
+        if out.contains("(completed)") || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(out.contains("(completed): 8 operations: succeeded 8"), "each once, none twice: {out}");
+
+    // Restore the snapshot after x4 left: it is skipped and named.
+    ok(serve.cli(&["devices", "delete", "x4"]));
+    let out = ok(serve.cli(&["snapshots", "restore", "before"]));
+    assert!(out.contains("dry run") && out.contains("skipped x4"), "{out}");
+    let out = ok(serve.cli(&["snapshots", "restore", "before", "--live"]));
+    assert!(out.contains("(running)"), "{out}");
+    for x in ["x1", "x2", "x3"] {
+        update(coap, x, &["BIOS", "BMC"], "1").await;
+    }
+    for x in ["x1", "x2", "x3"] {
+        let (status, v) = admin(&serve.admin, Method::GET, &format!("/api/v1/devices/{x}"), None, None).await;
+        assert_eq!(status, 200);
+        assert_eq!(v["running"], json!({"BIOS": "BIOS-1", "BMC": "BMC-1"}), "{x} is back on its snapshot versions");
+    }
+}

@@ -18,7 +18,11 @@ impl From<ActionError> for AppError {
             ActionError::Planner(p) => return p.into(),
             ActionError::Plan(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ActionError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ActionError::NotAbortable { .. } => (StatusCode::CONFLICT, "conflict"),
+            ActionError::NotAbortable { .. } | ActionError::SnapshotExists(_) | ActionError::Expired(_) => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            ActionError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ActionError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "not_found"),
             ActionError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, kind, e)
@@ -52,7 +56,7 @@ fn counts(ops: &[PlannedOperation]) -> BTreeMap<&'static str, usize> {
     c
 }
 
-fn view(s: &AppState, id: &str) -> Result<ActionView, AppError> {
+pub(super) fn view(s: &AppState, id: &str) -> Result<ActionView, AppError> {
     let mut action = s.actions.get(id).ok_or_else(|| ActionError::NotFound(id.into()))?;
     action.operations = s.actions.operations(id)?;
     Ok(ActionView { operation_counts: counts(&action.operations), action })

@@ -1,16 +1,18 @@
 //! Cray FAS-style firmware actions (`../shared/seeds/003_…`, issue 14): filter → plan →
 //! execute over devices with several firmware targets (a FAS target is a DFU `component`), one
 //! operation per xname at a time: the action as FAS users write it ([`model`]), the filter and
-//! plan phases ([`plan`]), and the execute phase through the operation queue ([`run`]). Not
-//! yet: snapshots, the API and the CLI, the gateway's worker for actions.
+//! plan phases ([`plan`]), the execute phase through the operation queue ([`run`]), and
+//! snapshots and their restore ([`snapshot`]).
 
 pub mod model;
 pub mod plan;
 pub mod run;
+pub mod snapshot;
 
 pub use model::*;
 pub use plan::{plan, PlanError};
 pub use run::{Action, ActionError, ActionState, Actions};
+pub use snapshot::{Snapshot, SnapshotDevice, SnapshotRequest, SnapshotTarget};
 
 use crate::firmware::ImageMeta;
 use crate::fleet::Device;

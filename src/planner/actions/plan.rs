@@ -3,7 +3,10 @@
 //! it may not (restore not possible) — and at most one operation per xname free to start, its
 //! siblings `blocked`.
 
-use super::model::{ActionRequest, ImageRecord, OperationState, PlannedOperation, VersionChoice, Xname};
+use super::model::{
+    ActionRequest, ImageRecord, InventoryHardwareFilter, OperationState, PlannedOperation, StateComponentFilter,
+    VersionChoice, Xname,
+};
 use crate::firmware::version_order;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,7 +27,7 @@ fn same_opt(want: &Option<String>, have: &Option<String>) -> bool {
 
 /// Whether `img` is made for this xname's target: its target, and where the image names them,
 /// its device type, manufacturer and one of its models (FAS compares them without case).
-fn applies(img: &ImageRecord, x: &Xname, target: &str) -> bool {
+pub(super) fn applies(img: &ImageRecord, x: &Xname, target: &str) -> bool {
     let i = &img.identity;
     same(&i.target, target)
         && (i.device_type.is_empty() || x.device_type.as_deref().is_some_and(|d| same(d, &i.device_type)))
@@ -38,9 +41,7 @@ fn order(img: &ImageRecord) -> Option<semver::Version> {
 }
 
 /// Whether the xname passes the state component and inventory filters.
-fn selected(req: &ActionRequest, x: &Xname) -> bool {
-    let s = &req.state_component_filter;
-    let hw = &req.inventory_hardware_filter;
+pub(super) fn selected_by(s: &StateComponentFilter, hw: &InventoryHardwareFilter, x: &Xname) -> bool {
     (s.xnames.is_empty() || s.xnames.iter().any(|n| n == &x.xname))
         && (s.groups.is_empty() || s.groups.iter().any(|g| x.groups.contains(g)))
         && (s.device_types.is_empty()
@@ -68,7 +69,7 @@ pub fn plan(
     let targets = &req.target_filter.targets;
     let mut out = Vec::new();
     for x in devices {
-        if !selected(req, &x) {
+        if !selected_by(&req.state_component_filter, &req.inventory_hardware_filter, &x) {
             continue;
         }
         let first = out.len();
@@ -132,17 +133,22 @@ pub fn plan(
             }
             out.push(op);
         }
-        // At most one operation per xname at a time: the first free one, its siblings wait.
-        let mut free: Option<String> = None;
-        for op in out[first..].iter_mut().filter(|o| o.state == OperationState::Configured) {
-            match &free {
-                None => free = Some(op.target.clone()),
-                Some(t) => {
-                    op.state = OperationState::Blocked;
-                    op.state_helper = format!("waits for {t} on the same xname");
-                }
+        block_siblings(&mut out[first..]);
+    }
+    Ok(out)
+}
+
+/// At most one operation per xname at a time: of one xname's operations the first free one
+/// stays configured, its siblings wait behind it.
+pub(super) fn block_siblings(ops: &mut [PlannedOperation]) {
+    let mut free: Option<String> = None;
+    for op in ops.iter_mut().filter(|o| o.state == OperationState::Configured) {
+        match &free {
+            None => free = Some(op.target.clone()),
+            Some(t) => {
+                op.state = OperationState::Blocked;
+                op.state_helper = format!("waits for {t} on the same xname");
             }
         }
     }
-    Ok(out)
 }

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::model::{ActionRequest, ImageRecord, OperationState, PlannedOperation, Xname};
 use super::plan::{plan, PlanError};
+use super::snapshot::{capture, parse_time, restore_plan, Snapshot, SnapshotRequest};
 use crate::engine::OpState;
 use crate::firmware::Firmware;
 use crate::fleet::Fleet;
@@ -78,6 +79,14 @@ pub enum ActionError {
     NotFound(String),
     #[error("action {id} is {state}: only a blocked or running action can be aborted")]
     NotAbortable { id: String, state: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no snapshot {0}")]
+    NoSnapshot(String),
+    #[error("snapshot {0} already exists")]
+    SnapshotExists(String),
+    #[error("snapshot {0} has expired and may not be restored")]
+    Expired(String),
     #[error(transparent)]
     Planner(#[from] PlannerError),
     #[error(transparent)]
@@ -175,13 +184,28 @@ impl Actions {
         n
     }
 
+    /// The registry's xnames and the images with a FAS identity, as the planner reads them.
+    fn inputs(&self) -> (Vec<Xname>, Vec<ImageRecord>) {
+        let images: Vec<ImageRecord> = self.firmware.list().iter().filter_map(|m| ImageRecord::of(m)).collect();
+        let devices = self.fleet.list(None, usize::MAX).iter().map(Xname::of).collect::<Vec<_>>();
+        (devices, images)
+    }
+
     /// Plans an action over the registry and the images with a FAS identity; a dry run ends
     /// there (completed, its plan the answer), a live one runs now or waits for the running
     /// one.
     pub fn create(&self, req: ActionRequest, now: u64) -> Result<Action, ActionError> {
-        let images: Vec<ImageRecord> = self.firmware.list().iter().filter_map(|m| ImageRecord::of(m)).collect();
-        let devices = self.fleet.list(None, usize::MAX).iter().map(Xname::of).collect::<Vec<_>>();
+        let (devices, images) = self.inputs();
         let operations = plan(&req, devices, &images)?;
+        self.create_planned(req, operations, now)
+    }
+
+    fn create_planned(
+        &self,
+        req: ActionRequest,
+        operations: Vec<PlannedOperation>,
+        now: u64,
+    ) -> Result<Action, ActionError> {
         let mut book = self.lock();
         let order = book.actions.values().map(|a| a.order).max().unwrap_or(0) + 1;
         let dryrun = !req.command.override_dryrun;
@@ -205,6 +229,73 @@ impl Actions {
         book.actions.insert(id.clone(), a);
         self.settle(&mut book, now)?;
         Ok(book.actions[&id].clone())
+    }
+
+    /// Records what every target of the chosen xnames runs now.
+    pub fn snapshot(&self, req: SnapshotRequest, now: u64) -> Result<Snapshot, ActionError> {
+        if !crate::planner::valid_name(&req.name) {
+            return Err(ActionError::Invalid(format!(
+                "snapshot name {:?}: 1 to 64 of letters, digits and -_.",
+                req.name
+            )));
+        }
+        let expiration_time =
+            req.expiration_time.as_deref().map(parse_time).transpose().map_err(ActionError::Invalid)?;
+        if self.store.get(Cf::Snapshots, req.name.as_bytes())?.is_some() {
+            return Err(ActionError::SnapshotExists(req.name));
+        }
+        let (devices, images) = self.inputs();
+        let snap = Snapshot {
+            name: req.name.clone(),
+            capture_time: now,
+            expiration_time,
+            devices: capture(&req, devices, &images),
+        };
+        let mut b = self.store.batch();
+        b.put_json(Cf::Snapshots, snap.name.as_bytes(), &snap)?;
+        b.commit()?;
+        info!(snapshot = %snap.name, devices = snap.devices.len(), "snapshot taken");
+        Ok(snap)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>, ActionError> {
+        Ok(self.store.load_all::<Snapshot>(Cf::Snapshots)?)
+    }
+
+    pub fn get_snapshot(&self, name: &str) -> Result<Snapshot, ActionError> {
+        self.store.get_json(Cf::Snapshots, name.as_bytes())?.ok_or_else(|| ActionError::NoSnapshot(name.into()))
+    }
+
+    pub fn delete_snapshot(&self, name: &str) -> Result<(), ActionError> {
+        self.get_snapshot(name)?;
+        let mut b = self.store.batch();
+        b.delete(Cf::Snapshots, name.as_bytes());
+        b.commit()?;
+        Ok(())
+    }
+
+    /// An action that puts a snapshot back (a dry run unless `override_dryrun`), and the
+    /// xnames skipped because they were removed since.
+    pub fn restore(
+        &self,
+        name: &str,
+        override_dryrun: bool,
+        time_limit: Option<u64>,
+        now: u64,
+    ) -> Result<(Action, Vec<String>), ActionError> {
+        let snap = self.get_snapshot(name)?;
+        if snap.expiration_time.is_some_and(|t| t <= now) {
+            return Err(ActionError::Expired(name.into()));
+        }
+        let (devices, _) = self.inputs();
+        let (operations, skipped) = restore_plan(&snap, &devices);
+        let mut req = ActionRequest::default();
+        req.command.override_dryrun = override_dryrun;
+        req.command.time_limit = time_limit.unwrap_or(req.command.time_limit);
+        req.command.description = format!("restore snapshot {name}");
+        req.state_component_filter.xnames = snap.devices.iter().map(|d| d.xname.clone()).collect();
+        let a = self.create_planned(req, operations, now)?;
+        Ok((a, skipped))
     }
 
     /// Starts the oldest waiting action when none runs, and ends a running one whose

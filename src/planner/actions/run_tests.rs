@@ -77,6 +77,7 @@ fn states(w: &World, id: &str) -> Vec<(String, String, OperationState)> {
     w.actions.operations(id).unwrap().into_iter().map(|o| (o.xname, o.target, o.state)).collect()
 }
 
+use super::snapshot::{SnapshotRequest, SnapshotTarget};
 use OperationState::{Blocked, Configured, InProgress, Succeeded};
 
 #[test]
@@ -187,4 +188,62 @@ fn after_a_restart_mid_action_nothing_is_lost_or_run_twice() {
     w.actions.pump(4).unwrap();
     assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Completed);
     assert_eq!(states(&w, &a.action_id).iter().filter(|s| s.2 == Succeeded).count(), 4);
+}
+
+#[test]
+fn a_snapshot_restores_every_target_and_skips_a_device_deleted_since() {
+    let w = world();
+    let snap = w.actions.snapshot(SnapshotRequest { name: "before".into(), ..Default::default() }, 1).unwrap();
+    assert_eq!(snap.devices.len(), 2);
+    assert_eq!(
+        snap.devices[0].targets[0],
+        SnapshotTarget { name: "BIOS".into(), firmware_version: "BIOS-1".into(), image_id: Some("bios@1".into()) }
+    );
+    assert!(matches!(
+        w.actions.snapshot(SnapshotRequest { name: "before".into(), ..Default::default() }, 1),
+        Err(ActionError::SnapshotExists(_))
+    ));
+    // Everything to version 2, as the devices then report it.
+    let a = w.actions.create(live(), 2).unwrap();
+    for (x, t) in [("x1", "BIOS"), ("x1", "BMC"), ("x2", "BIOS"), ("x2", "BMC")] {
+        run(&w, x, t, OpState::Succeeded, 3);
+        w.fleet.observe(x, t, &format!("{t}-2"), 3).unwrap();
+    }
+    w.actions.pump(4).unwrap();
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Completed);
+    w.planner.forget("x2").unwrap();
+    w.fleet.delete("x2").unwrap();
+    // A dry run first, then live.
+    let (dry, skipped) = w.actions.restore("before", false, None, 5).unwrap();
+    assert!(dry.dryrun);
+    assert_eq!(skipped, ["x2"]);
+    let (a, _) = w.actions.restore("before", true, Some(600), 6).unwrap();
+    let planned: Vec<(String, OperationState, Option<String>)> =
+        a.operations.iter().map(|o| (o.target.clone(), o.state, o.to_image_id.clone())).collect();
+    assert_eq!(
+        planned,
+        [("BIOS".into(), Configured, Some("bios@1".into())), ("BMC".into(), Blocked, Some("bmc@1".into()))]
+    );
+    for t in ["BIOS", "BMC"] {
+        run(&w, "x1", t, OpState::Succeeded, 7);
+        w.fleet.observe("x1", t, &format!("{t}-1"), 7).unwrap();
+    }
+    w.actions.pump(8).unwrap();
+    assert_eq!(w.actions.get(&a.action_id).unwrap().state, ActionState::Completed);
+    assert_eq!(w.fleet.running("x1", "BIOS").as_deref(), Some("BIOS-1"));
+    assert!(w
+        .planner
+        .operations_of("x1")
+        .iter()
+        .filter(|o| o.origin == format!("action:{}", a.action_id))
+        .all(|o| o.version.ends_with("-1")));
+    // Expired snapshots are not restored.
+    let old = SnapshotRequest {
+        name: "old".into(),
+        expiration_time: Some("1970-01-01T00:00:10Z".into()),
+        ..Default::default()
+    };
+    w.actions.snapshot(old, 9).unwrap();
+    assert!(matches!(w.actions.restore("old", false, None, 11), Err(ActionError::Expired(_))));
+    assert!(matches!(w.actions.restore("nope", false, None, 11), Err(ActionError::NoSnapshot(_))));
 }
