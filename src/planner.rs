@@ -663,6 +663,23 @@ impl Planner {
         served: Option<&str>,
         now: u64,
     ) -> Result<bool, PlannerError> {
+        self.record_reported(device, seq, from, to, progress, served, None, now)
+    }
+
+    /// [`Planner::record`], with the version the device reported: a failure's reason names
+    /// both it and the version expected.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_reported(
+        &self,
+        device: &str,
+        seq: u64,
+        from: OpState,
+        to: Option<OpState>,
+        progress: Option<u32>,
+        served: Option<&str>,
+        reported: Option<&str>,
+        now: u64,
+    ) -> Result<bool, PlannerError> {
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
         let Some(at) = ops.iter().position(|o| o.seq == seq) else { return Ok(false) };
         if ops[at].state != from {
@@ -682,7 +699,10 @@ impl Planner {
                 op.digest = Some(d.to_owned());
             }
             if to == Some(OpState::Failed) {
-                op.detail = Some(format!("device came back on another version than {} after SWAP", op.version));
+                op.detail = Some(match reported {
+                    Some(r) => format!("device came back on {r} after SWAP, not on {}", op.version),
+                    None => format!("device came back on another version than {} after SWAP", op.version),
+                });
             }
             self.commit(&mut ops, next)?;
         } else {

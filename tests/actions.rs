@@ -188,6 +188,13 @@ async fn one_live_action_updates_100_xnames_times_3_targets_one_transfer_per_xna
         })
         .collect();
     assert_eq!(done, planned);
+    // Each operation by its id, as FAS's /operations/{id}.
+    let one = &ops[4];
+    let by_id =
+        call(&base, Method::GET, &format!("/api/v1/operations/{}", one["operationID"].as_str().unwrap()), None).await;
+    assert_eq!(&by_id, one);
+    let (status, _) = admin(&base, Method::GET, &format!("/api/v1/operations/{id}-9999"), None, None).await;
+    assert_eq!(status, 404);
     let v = device_state(&base, "x0c0s0b0").await;
     assert_eq!(v["running"], json!({"BIOS": "BIOS-2", "BMC": "BMC-2", "NIC": "NIC-2"}));
     tg.stop().await;

@@ -171,6 +171,8 @@ async fn a_three_group_rollout_cascades_pauses_on_errors_in_group_2_and_resumes_
     // Group 2: two devices roll back after SWAP — more than the threshold of 1: emergency stop.
     assert_eq!(gw.device("r3", Via::Mqtt, Outcome::RollsBack, len).await, Ended::Synced);
     assert_eq!(gw.device("r4", Via::Coap, Outcome::RollsBack, len).await, Ended::Synced);
+    let detail = gw.ops("r3").await[0]["detail"].as_str().unwrap().to_owned();
+    assert_eq!(detail, "device came back on 1.0.0 after SWAP, not on 2.1.0", "both versions named");
     let v = gw.wait_for("r1", "paused", &["finished", "error", "scheduled"]).await;
     assert_eq!(group_row(&v, 1), ("error".into(), 0, 2, 3));
     assert_eq!(v["groups"][1]["toward_error"], 100.0);

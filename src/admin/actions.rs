@@ -22,7 +22,7 @@ impl From<ActionError> for AppError {
                 (StatusCode::CONFLICT, "conflict")
             }
             ActionError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-            ActionError::NoSnapshot(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ActionError::NoSnapshot(_) | ActionError::NoOperation(_) => (StatusCode::NOT_FOUND, "not_found"),
             ActionError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         AppError::new(status, kind, e)
@@ -36,6 +36,7 @@ pub(super) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(status))
         .routes(routes!(operations))
         .routes(routes!(abort))
+        .routes(routes!(operation))
 }
 
 /// An action with its operations as they stand now and how many are in each state.
@@ -113,4 +114,10 @@ async fn operations(
 async fn abort(_auth: Authorized, State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Action>, AppError> {
     let actions = s.actions.clone();
     Ok(Json(blocking(move || actions.abort(&id, now_secs())).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "actions", params(("id" = String, Path, description = "ACTIONID-N")),
+    responses((status = 200, body = PlannedOperation), (status = 404, body = ErrorBody)))]
+async fn operation(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<PlannedOperation>, AppError> {
+    Ok(Json(s.actions.operation(&id)?))
 }

@@ -130,7 +130,17 @@ impl Dfu {
         if let Some(a) = &active {
             if step.transition.is_some() || step.progress.is_some() {
                 let served = Some(a.meta.sha256.as_str());
-                match self.planner.record(device, a.seq, a.state, step.transition, step.progress, served, now) {
+                let reported = Some(status.version);
+                match self.planner.record_reported(
+                    device,
+                    a.seq,
+                    a.state,
+                    step.transition,
+                    step.progress,
+                    served,
+                    reported,
+                    now,
+                ) {
                     Ok(true) => {}
                     // The operation moved on under us (a concurrent message or the sweeper):
                     // answering from the stale state could contradict it, so stay silent and

@@ -207,6 +207,9 @@ impl OperationState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlannedOperation {
+    /// `ACTIONID-N`, once the plan belongs to an action.
+    #[serde(rename = "operationID", default, skip_serializing_if = "String::is_empty")]
+    pub operation_id: String,
     pub xname: String,
     pub target: String,
     pub state: OperationState,

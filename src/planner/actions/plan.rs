@@ -104,6 +104,7 @@ pub fn plan(
                 .filter(|i| i.identity.firmware_version == *running && applies(i, &x, target))
                 .min_by(|a, b| a.id.cmp(&b.id));
             let mut op = PlannedOperation {
+                operation_id: String::new(),
                 xname: x.xname.clone(),
                 target: target.clone(),
                 state: OperationState::Configured,

@@ -83,6 +83,8 @@ pub enum ActionError {
     Invalid(String),
     #[error("no snapshot {0}")]
     NoSnapshot(String),
+    #[error("no operation {0}")]
+    NoOperation(String),
     #[error("snapshot {0} already exists")]
     SnapshotExists(String),
     #[error("snapshot {0} has expired and may not be restored")]
@@ -203,14 +205,18 @@ impl Actions {
     fn create_planned(
         &self,
         req: ActionRequest,
-        operations: Vec<PlannedOperation>,
+        mut operations: Vec<PlannedOperation>,
         now: u64,
     ) -> Result<Action, ActionError> {
         let mut book = self.lock();
         let order = book.actions.values().map(|a| a.order).max().unwrap_or(0) + 1;
         let dryrun = !req.command.override_dryrun;
+        let action_id = new_id();
+        for (i, op) in operations.iter_mut().enumerate() {
+            op.operation_id = format!("{action_id}-{i}");
+        }
         let mut a = Action {
-            action_id: new_id(),
+            action_id,
             state: if dryrun { ActionState::Completed } else { ActionState::Configured },
             dryrun,
             request: req,
@@ -438,6 +444,15 @@ impl Actions {
         book.open.remove(id);
         info!(action = id, operations = n, "action aborted");
         Ok(())
+    }
+
+    /// One operation as it stands now, by its id (`ACTIONID-N`).
+    pub fn operation(&self, operation_id: &str) -> Result<PlannedOperation, ActionError> {
+        let missing = || ActionError::NoOperation(operation_id.into());
+        let (action, n) = operation_id.rsplit_once('-').ok_or_else(missing)?;
+        let n: usize = n.parse().map_err(|_| missing())?;
+        let ops = self.operations(action).map_err(|_| missing())?;
+        ops.into_iter().nth(n).ok_or_else(missing)
     }
 
     pub fn get(&self, id: &str) -> Option<Action> {

@@ -108,6 +108,7 @@ pub fn restore_plan(snap: &Snapshot, current: &[Xname]) -> (Vec<PlannedOperation
         for t in &d.targets {
             let running = x.targets.iter().find(|(n, _)| n == &t.name).map(|(_, v)| v.clone()).unwrap_or_default();
             let mut op = PlannedOperation {
+                operation_id: String::new(),
                 xname: d.xname.clone(),
                 target: t.name.clone(),
                 state: OperationState::Configured,
