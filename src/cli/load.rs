@@ -10,6 +10,8 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{Client, Remote};
+
+mod targets;
 use crate::loadgen::mqtt::MqttDeviceConfig;
 use crate::loadgen::run::{Expected, LoadPlan, Report, Transport};
 use crate::protocol::Form;
@@ -104,6 +106,17 @@ pub struct LoadArgs {
     /// as --register names it, 2.0.0-<first 12 hex digits of its sha256>).
     #[arg(long, conflicts_with = "register")]
     expect_image: Option<PathBuf>,
+    /// Multi-target devices (FAS xnames), e.g. `BIOS,BMC,NIC` or `BIOS=1.2.0,BMC`: every
+    /// device has these firmware targets, each running the given version (default 1.0.0).
+    /// With --register, the run uploads one image per target, registers the devices with a
+    /// FAS inventory, and once all have reported starts one live FAS action that updates them
+    /// (one transfer per device at a time); the report adds the action's counts.
+    #[arg(long, value_delimiter = ',', requires = "register")]
+    targets: Vec<String>,
+    /// With --targets: a device fails once this many seconds pass without any of its
+    /// targets finishing an update.
+    #[arg(long, default_value_t = 120.0)]
+    patience: f64,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -166,8 +179,14 @@ async fn assigned(c: &Client, id: &str) -> Result<Expected> {
 
 fn print_summary(r: &Report) {
     let verdict = if r.failed == 0 && r.unfinished == 0 { "all verified" } else { "NOT all verified" };
+    let each = if r.targets.is_empty() {
+        String::new()
+    } else {
+        let names: Vec<&str> = r.targets.iter().map(|t| t.name.as_str()).collect();
+        format!(" × {} targets ({})", names.len(), names.join(", "))
+    };
     println!(
-        "{} devices over {:?}: {} ok, {} failed, {} unfinished — {verdict}",
+        "{} devices{each} over {:?}: {} ok, {} failed, {} unfinished — {verdict}",
         r.devices, r.transport, r.ok, r.failed, r.unfinished
     );
     println!("{:<28} {}", "blocks", r.blocks);
@@ -197,6 +216,19 @@ fn print_summary(r: &Report) {
         );
         println!("{:<28} {}", "  after", mib(rss.after_kib));
     }
+    if let Some(ready) = &r.ready {
+        println!("{:<28} {}", "before downloads", ready.note);
+        println!("{:<28} {:.1} s", "  from then to the last end", ready.seconds_after);
+    }
+    if let Some(a) = &r.action {
+        let counts = a["operationCounts"].as_object().cloned().unwrap_or_default();
+        let counts: Vec<String> = counts
+            .iter()
+            .filter(|(k, n)| *k != "total" && n.as_u64() != Some(0))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("{:<28} {} — {}", "action at the end", a["state"].as_str().unwrap_or("?"), counts.join(", "));
+    }
     for e in &r.errors {
         println!("error: {e}");
     }
@@ -224,7 +256,36 @@ pub async fn load(a: LoadArgs) -> Result<()> {
     if a.echo && a.transport != Transport::Mqtt {
         bail!("--echo measures the MQTT broker; use it with --transport mqtt");
     }
-    let expected = if a.echo {
+    let multi = !a.targets.is_empty();
+    if multi {
+        if a.transport == Transport::CoapBlock2 || a.echo {
+            bail!("--targets needs DFU over --transport mqtt or coap (Block2 and --echo have no firmware targets)");
+        }
+        if a.disconnect_at.is_some() || a.corrupt > 0.0 || a.image.is_some() {
+            bail!("--targets does not combine with --disconnect-at, --corrupt or --image yet");
+        }
+        if !(a.patience > 0.0 && a.patience <= 86_400.0) {
+            bail!("--patience must be in (0, 86400] seconds");
+        }
+    }
+    let action_id = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (targets, ready) = if multi {
+        let targets = targets::parse(&a.targets)?;
+        let (targets, tag, group) = targets::register(&c, &ids, &targets, a.image_kib * 1024, a.seed).await?;
+        eprintln!(
+            "registered {} devices with {} targets each, images tagged {tag}, group {group}",
+            ids.len(),
+            targets.len()
+        );
+        let ready = targets::start_action(&c, (&tag, &group), &targets, ids.len(), action_id.clone());
+        (targets, Some(ready))
+    } else {
+        (Vec::new(), None)
+    };
+    let expected = if multi {
+        // Each target has its own image; this one is not used.
+        Expected { version: String::new(), sha256: String::new(), length: 0 }
+    } else if a.echo {
         Expected { version: "echo".into(), sha256: String::new(), length: a.image_kib as u64 * 1024 }
     } else if a.register {
         let e = register(&c, &a, &ids).await?;
@@ -262,12 +323,18 @@ pub async fn load(a: LoadArgs) -> Result<()> {
         coap_ack_timeout: Duration::from_millis(if a.drop_pct > 0.0 { 200 } else { 2000 }),
         gateway_pid: a.gateway_pid,
         progress: !a.quiet,
-        sync_start: a.sync_start,
+        // Multi-target devices report first, and start together once the action exists.
+        sync_start: a.sync_start || multi,
         echo: a.echo,
+        targets,
+        patience: Duration::from_secs_f64(a.patience),
         spread: a.spread.unwrap_or(a.devices.div_ceil(20_000).min(254) as u8),
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let report = crate::loadgen::run::run(plan, command).await;
+    let mut report = crate::loadgen::run::run(plan, command, ready).await;
+    if let Some(id) = action_id.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        report.action = Some(targets::settled(&c, &id).await?);
+    }
     print_summary(&report);
     if let Some(path) = &a.report {
         let text = serde_json::to_string_pretty(&report)?;

@@ -2,7 +2,9 @@
 //! downloading its image over the chosen transport and verifying it, with faults injected
 //! as asked; a live progress bar, and a [`Report`] at the end.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +18,7 @@ use super::coap::{ClientConfig, ClientError, CoapClient};
 use super::device::{DeviceError, DfuDevice, Ended};
 use super::mqtt::{MqttDevice, MqttDeviceConfig, MqttError};
 use super::stats::{Percentiles, Stats};
+use super::targets::TargetPlan;
 use crate::protocol::Form;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -84,6 +87,24 @@ pub struct LoadPlan {
     /// MQTT: the echo benchmark instead of DFU — each device makes as many round trips as the
     /// image has blocks, each answered with `mtu` bytes by the gateway's `mqtt.echo`.
     pub echo: bool,
+    /// Multi-target devices: each device has these firmware targets, asked in turn over one
+    /// connection (empty: one image on `main`, checked against `expected`).
+    pub targets: Vec<TargetPlan>,
+    /// Multi-target: a device fails once this long passes without any of its targets
+    /// finishing an update.
+    pub patience: Duration,
+}
+
+/// Run once every device has connected (and, with targets, reported what each runs), before
+/// downloads start: `fwgate load` starts the FAS action there. Its note goes into the report;
+/// an error ends the run.
+pub type Ready = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send>;
+
+/// What the [`Ready`] step said, and how long the run took from it to the last device's end.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReadyReport {
+    pub note: String,
+    pub seconds_after: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +132,13 @@ pub struct Report {
     /// The gateway's resident set at named moments of the run (with `--gateway-pid`).
     pub gateway_rss: Option<RssMoments>,
     pub expected: Expected,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<TargetPlan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready: Option<ReadyReport>,
+    /// Multi-target: the action's state and operation counts at the end (filled by `fwgate load`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<serde_json::Value>,
     pub command: String,
 }
 
@@ -153,9 +181,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-struct Shared {
-    plan: LoadPlan,
-    stats: Stats,
+pub(super) struct Shared {
+    pub(super) plan: LoadPlan,
+    pub(super) stats: Stats,
     errors: std::sync::Mutex<Vec<String>>,
     /// With `sync_start`: devices that tried to connect (connected or not)...
     arrived: std::sync::atomic::AtomicUsize,
@@ -165,7 +193,7 @@ struct Shared {
 
 impl Shared {
     /// With `sync_start`, a device that tried to connect waits here for the whole fleet.
-    async fn wait_for_fleet(&self) {
+    pub(super) async fn wait_for_fleet(&self) {
         if !self.plan.sync_start {
             return;
         }
@@ -182,7 +210,7 @@ impl Shared {
     }
 }
 
-pub async fn run(plan: LoadPlan, command: String) -> Report {
+pub async fn run(plan: LoadPlan, command: String, mut ready: Option<Ready>) -> Report {
     let n = plan.devices.len();
     let shared = Arc::new(Shared {
         plan,
@@ -195,6 +223,7 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
     let before_connect = pid.and_then(rss_kib);
     let mut connected_idle = None;
     let mut released = !shared.plan.sync_start;
+    let mut ready_note: Option<(String, Instant)> = None;
     let bar = if shared.plan.progress { ProgressBar::new(n as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} devices  {msg}")
@@ -226,6 +255,18 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
                 tokio::time::sleep(SETTLE).await;
                 connected_idle = rss_kib(pid);
             }
+            if let Some(step) = ready.take() {
+                match step().await {
+                    Ok(note) => {
+                        bar.println(&note);
+                        ready_note = Some((note, Instant::now()));
+                    }
+                    Err(e) => {
+                        shared.error("run", e);
+                        break;
+                    }
+                }
+            }
             released = true;
             shared.go.send_replace(true);
         }
@@ -249,7 +290,8 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
             (last_blocks, last_tick) = (blocks, Instant::now());
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let end = Instant::now();
+    let seconds = (end - started).as_secs_f64();
     if let Some(pid) = pid {
         peak = peak.max(rss_kib(pid));
     }
@@ -293,6 +335,9 @@ pub async fn run(plan: LoadPlan, command: String) -> Report {
         errors: shared.errors.lock().map(|e| e.clone()).unwrap_or_default(),
         gateway_rss,
         expected: shared.plan.expected.clone(),
+        targets: shared.plan.targets.clone(),
+        ready: ready_note.map(|(note, at)| ReadyReport { note, seconds_after: (end - at).as_secs_f64() }),
+        action: None,
         command,
     }
 }
@@ -305,6 +350,8 @@ async fn device(s: &Shared, i: usize) {
     let result = match p.transport {
         // Nothing to verify but that every round trip was answered.
         Transport::Mqtt if p.echo => echo_device(s, i).await.map(|()| None),
+        // Each target verified against its own image.
+        _ if !p.targets.is_empty() => super::targets::device(s, i).await.map(|()| None),
         Transport::Mqtt => mqtt_device(s, i).await.map(Some),
         Transport::Coap => coap_device(s, i).await.map(Some),
         Transport::CoapBlock2 => block2_device(s, i).await.map(Some),
@@ -328,7 +375,7 @@ async fn device(s: &Shared, i: usize) {
     s.stats.finished(ok, started.elapsed());
 }
 
-fn new_device(p: &LoadPlan, i: usize) -> DfuDevice {
+pub(super) fn new_device(p: &LoadPlan, i: usize) -> DfuDevice {
     let mut d = DfuDevice::new(&p.devices[i], p.form, &p.running);
     d.mtu = p.mtu;
     d.window = p.window;
@@ -341,10 +388,10 @@ fn pause_point(p: &LoadPlan) -> Option<u32> {
 }
 
 /// Why a simulated device did not verify its update.
-struct Failure {
-    message: String,
+pub(super) struct Failure {
+    pub(super) message: String,
     /// The image it assembled did not match the checksum it was given.
-    checksum: bool,
+    pub(super) checksum: bool,
 }
 
 impl From<String> for Failure {
@@ -424,7 +471,7 @@ fn mqtt_target(p: &LoadPlan, i: usize) -> SocketAddr {
 
 /// Connects as a device does: a refused or timed-out attempt is retried after a growing
 /// pause, up to [`CONNECT_ATTEMPTS`] times.
-async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, Failure> {
+pub(super) async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, Failure> {
     let target = mqtt_target(&s.plan, i);
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1;
@@ -444,7 +491,7 @@ async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<MqttDevice, Fai
 
 const CONNECT_ATTEMPTS: u32 = 5;
 
-fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
+pub(super) fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
     ClientConfig {
         ack_timeout: p.coap_ack_timeout,
         max_retransmit: if p.drop_pct > 0.0 { 8 } else { 4 },
@@ -453,7 +500,7 @@ fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
     }
 }
 
-fn tally(s: &Shared, c: &CoapClient) {
+pub(super) fn tally(s: &Shared, c: &CoapClient) {
     Stats::add(&s.stats.retries, c.stats.retransmissions);
     Stats::add(&s.stats.drops, c.stats.lost_in + c.stats.lost_out);
 }
