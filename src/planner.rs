@@ -136,7 +136,8 @@ fn legacy_key(op: &Operation) -> String {
 /// else, unless another component of the device is in flight, the queued one of the highest
 /// weight, oldest first; else the latest finished one (so its outcome keeps being answered).
 /// `Err(())` when the component must wait for another one's transfer.
-fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, ()> {
+/// `Err` holds the queued operation that must wait for another component's transfer.
+fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, usize> {
     let mine = || ops.iter().enumerate().filter(move |(_, o)| o.component == component);
     if let Some((i, _)) = mine().find(|(_, o)| o.state.in_flight()) {
         return Ok(Some(i));
@@ -146,7 +147,7 @@ fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, ()> {
         .max_by(|(_, a), (_, b)| a.weight.cmp(&b.weight).then(b.seq.cmp(&a.seq)));
     if let Some((i, _)) = queued {
         if ops.iter().any(|o| o.state.in_flight()) {
-            return Err(());
+            return Err(i);
         }
         return Ok(Some(i));
     }
@@ -231,8 +232,9 @@ pub enum Lookup {
     /// its class, or a downgrade): the operation has failed with this reason.
     Refused(String),
     /// Queued, but another component of the device is being transferred: at most one
-    /// operation per device is in flight.
-    Wait,
+    /// operation per device is in flight. With the seconds the queued image asks a waiting
+    /// device to come back after (its FAS `pollingSpeedSeconds`), if it says.
+    Wait(Option<u32>),
     /// The head operation's image is not admissible for a passing reason (TUF metadata
     /// expired or not verified yet): the operation stays as it is and the device waits.
     Held(String),
@@ -575,6 +577,14 @@ impl Planner {
         OpState::ALL.iter().copied().zip(n).collect()
     }
 
+    /// How often a device waiting for an image should ask again, if the image's FAS identity
+    /// says (`pollingSpeedSeconds`).
+    fn polling_hint(&self, image: &str) -> Option<u32> {
+        let (name, version) = image.split_once('@').unwrap_or((image, ""));
+        let secs = self.firmware.get(name, version)?.identity.as_ref()?.polling_speed_seconds?;
+        Some(secs.clamp(1, u32::MAX as u64) as u32)
+    }
+
     /// The head operation and its image, ready for a DFU step. An image that may not reach the
     /// device is refused here, before a block of it is served (an unfinished operation fails
     /// with the reason): production devices get only verified production targets, whatever
@@ -583,7 +593,7 @@ impl Planner {
         let (seq, state, meta, resume, version) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             let o = match head(&ops, component) {
-                Err(()) => return Ok(Lookup::Wait),
+                Err(i) => return Ok(Lookup::Wait(self.polling_hint(&ops[i].image))),
                 Ok(None) => return Ok(Lookup::Nothing),
                 Ok(Some(i)) => &ops[i],
             };
@@ -776,7 +786,7 @@ mod tests {
         match p.lookup(device, component, 0).unwrap() {
             Lookup::Active(a) => a,
             Lookup::Refused(why) => panic!("{device}/{component}: refused: {why}"),
-            Lookup::Wait => panic!("{device}/{component}: wait"),
+            Lookup::Wait(_) => panic!("{device}/{component}: wait"),
             Lookup::Held(why) => panic!("{device}/{component}: held: {why}"),
             Lookup::Nothing => panic!("{device}/{component}: nothing"),
         }
@@ -831,7 +841,7 @@ mod tests {
         let bios = p.enqueue("d1", "bios", "app@2.0", 10, "wave-a", 3).unwrap().seq;
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, b, "weight first, then FIFO");
         p.record("d1", b, OpState::Pending, Some(OpState::Downloading), Some(0), None, 4).unwrap();
-        assert!(matches!(p.lookup("d1", "bios", 4).unwrap(), Lookup::Wait), "one transfer per device at a time");
+        assert!(matches!(p.lookup("d1", "bios", 4).unwrap(), Lookup::Wait(None)), "one transfer per device at a time");
         p.record("d1", b, OpState::Downloading, Some(OpState::Succeeded), None, None, 5).unwrap();
         assert_eq!(active(p, "d1", MAIN_COMPONENT).seq, c);
         assert_eq!(active(p, "d1", "bios").seq, bios);

@@ -21,7 +21,8 @@ async fn call(base: &str, method: Method, path: &str, body: Option<Value>) -> Va
     v
 }
 
-/// Images v1 and v2 of each target, both tagged default, for nodeBMCs.
+/// Images v1 and v2 of each target, both tagged default, for nodeBMCs; a device held back
+/// from one is asked to come back after 7 s (`pollingSpeedSeconds`).
 async fn images(base: &str) {
     for target in TARGETS {
         for v in ["1", "2"] {
@@ -30,7 +31,7 @@ async fn images(base: &str) {
             add_image(base, &name, v, image(4096, seed)).await;
             let identity = json!({"deviceType": "nodeBMC", "manufacturer": "intel", "models": ["s2600"],
                 "target": target, "tags": ["default"], "firmwareVersion": format!("{target}-{v}"),
-                "semanticFirmwareVersion": format!("{v}.0.0")});
+                "semanticFirmwareVersion": format!("{v}.0.0"), "pollingSpeedSeconds": 7});
             call(base, Method::PUT, &format!("/api/v1/images/{name}/{v}/identity"), Some(identity)).await;
         }
     }
@@ -54,7 +55,11 @@ async fn coap_target(gw: std::net::SocketAddr, xname: String, target: &'static s
                 first.get_or_insert_with(Instant::now);
             }
             Command::Swap { .. } => swap = Some(Instant::now()),
-            Command::Wait { .. } => waits += 1,
+            Command::Wait { poll, .. } => {
+                // Held back behind a sibling: told to come back as the image asks.
+                assert_eq!(poll, Some(7), "the WAIT's poll is the image's pollingSpeedSeconds");
+                waits += 1;
+            }
             _ => {}
         }
         match dev.apply(&reply).unwrap() {
@@ -307,4 +312,75 @@ async fn a_sigkill_mid_action_loses_nothing_and_a_snapshot_restore_skips_a_delet
         assert_eq!(status, 200);
         assert_eq!(v["running"], json!({"BIOS": "BIOS-1", "BMC": "BMC-1"}), "{x} is back on its snapshot versions");
     }
+}
+
+/// `fwgate load --targets`: the harness registers multi-target devices, starts one live action
+/// once every device has reported its targets, and verifies each target against its own image
+/// — one run over CoAP, one over MQTT. The action ends with every operation succeeded and the
+/// gateway's record of each target agrees with the devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fwgate_load_drives_multi_target_devices_through_one_live_action() {
+    use common::serve::Serve;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let (mqtt, coap) = (format!("127.0.0.1:{}", serve.mqtt), format!("127.0.0.1:{}", serve.coap));
+    let mut versions = BTreeMap::new();
+    // The third run makes the same images as the first: its action must still touch its own
+    // devices only.
+    let runs = [
+        ("coap", "c-", 40u64, "BIOS,BMC,NIC"),
+        ("mqtt", "m-", 30, "BIOS,BMC=3.1"),
+        ("mqtt", "again-", 10, "BIOS,BMC,NIC"),
+    ];
+    for (transport, prefix, n, targets) in runs {
+        let report = dir.path().join(format!("{prefix}.json"));
+        let (ok, text) = serve.cli(&[
+            "load",
+            "--transport",
+            transport,
+            "--devices",
+            &n.to_string(),
+            "--targets",
+            targets,
+            "--register",
+            "--quiet",
+            "--image-kib",
+            "16",
+            "--prefix",
+            prefix,
+            "--mqtt",
+            &mqtt,
+            "--coap",
+            &coap,
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(ok, "{transport}: {text}");
+        let r: Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let planned = n * r["targets"].as_array().unwrap().len() as u64;
+        assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(n), Some(0)), "{transport}: {r:#}");
+        assert_eq!(r["action"]["state"], "completed", "{transport}: {r:#}");
+        assert_eq!(r["action"]["operationCounts"]["succeeded"], planned, "{transport}: {r:#}");
+        assert_eq!(r["action"]["operationCounts"]["total"], planned, "{transport}: {r:#}");
+        assert!(text.contains(&format!("{planned} operations planned")), "{text}");
+        for i in [0, n - 1] {
+            let v = device_state(&serve.admin, &format!("{prefix}{i:05}")).await;
+            for t in r["targets"].as_array().unwrap() {
+                let name = t["name"].as_str().unwrap();
+                assert_eq!(v["running"][name], t["expected"]["version"], "{transport} device {i}, {name}");
+                versions.insert(format!("{prefix}{name}"), t["expected"]["version"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    // Images are newer than every first version (BMC ran 3.1), or the gateway would refuse
+    // the downgrade.
+    assert!(versions["m-BIOS"].starts_with("4.0.0-") && versions["c-NIC"].starts_with("2.0.0-"), "{versions:?}");
+    assert_eq!(versions["c-NIC"], versions["again-NIC"], "the third run made the first run's images");
+    // Bad --targets are refused before anything is registered.
+    let (ok, text) = serve.cli(&["load", "--targets", "BIOS,bios", "--register", "--coap", &coap]);
+    assert!(!ok && text.contains("named twice"), "{text}");
+    let (ok, text) = serve.cli(&["load", "--targets", "BIOS", "--coap", &coap]);
+    assert!(!ok && text.contains("--register"), "{text}");
+    let (ok, text) = serve.cli(&["load", "--targets", "BIOS", "--register", "--transport", "coap-block2"]);
+    assert!(!ok && text.contains("Block2"), "{text}");
 }

@@ -96,10 +96,12 @@ impl Dfu {
                 push(out, &engine::handle_status(&self.engine, &status, None).commands[0], form);
                 return Handled::Replied;
             }
-            Ok(Lookup::Wait) => {
-                // Another component of the device is being transferred: this one waits.
+            Ok(Lookup::Wait(poll)) => {
+                // Another component of the device is being transferred: this one waits, as
+                // long as its image asks if it does.
                 self.telemetry.status("wait");
-                push(out, &engine::wait(&self.engine, &status), form);
+                let poll = Some(poll.unwrap_or(self.engine.wait_poll));
+                push(out, &Command::Wait { correlation_id: status.correlation_id, poll }, form);
                 return Handled::Replied;
             }
             Ok(Lookup::Held(why)) => {

@@ -6,7 +6,7 @@
 //! stands is the planner's record of it (origin `action:ID`, the target as its component), so
 //! a restart loses nothing and counts nothing twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -396,7 +396,38 @@ impl Actions {
                 self.planner.expire(&device, seq, &format!("the action's time limit of {limit} s passed"), now)?;
             }
         }
+        self.expire_slow_stages(&book, now)?;
         self.settle(&mut book, now)
+    }
+
+    /// Ends the operations of running actions that have spent longer than their image's
+    /// `timeLimit` in the stage they are in: downloading (since the first WRITE), or waiting
+    /// for the device to come back on the new version (since SWAP). Ended like any other
+    /// operation: counted when the report of it is handled.
+    fn expire_slow_stages(&self, book: &Book, now: u64) -> Result<(), ActionError> {
+        let limits: HashMap<String, u64> =
+            self.firmware.list().iter().filter_map(|m| Some((m.id(), m.identity.as_ref()?.time_limit?))).collect();
+        let running: HashSet<String> =
+            book.actions.values().filter(|a| a.state == ActionState::Running).map(|a| origin(&a.action_id)).collect();
+        if limits.is_empty() || running.is_empty() {
+            return Ok(());
+        }
+        let mut late = Vec::new();
+        self.planner.scan(|o| {
+            let stage = match o.state {
+                OpState::Downloading => "while downloading",
+                OpState::Swapping => "while waiting for the device to come back after SWAP",
+                _ => return,
+            };
+            let Some(&limit) = limits.get(&o.image) else { return };
+            if running.contains(&o.origin) && now >= o.updated_at.saturating_add(limit) {
+                late.push((o.device.clone(), o.seq, format!("{}'s time limit of {limit} s passed {stage}", o.image)));
+            }
+        });
+        for (device, seq, why) in late {
+            self.planner.expire(&device, seq, &why, now)?;
+        }
+        Ok(())
     }
 
     /// Handles what the planner reported so far (the gateway's worker does this as outcomes

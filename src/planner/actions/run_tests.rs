@@ -16,6 +16,7 @@ use crate::store::Store;
 struct World {
     dir: tempfile::TempDir,
     fleet: Arc<Fleet>,
+    firmware: Arc<Firmware>,
     planner: Arc<Planner>,
     actions: Actions,
 }
@@ -40,13 +41,13 @@ fn open_at(dir: tempfile::TempDir) -> World {
             firmware.set_identity(&name, v, identity).unwrap();
         }
     }
-    let actions = Actions::open(store, fleet.clone(), firmware, planner.clone(), 0).unwrap();
-    World { dir, fleet, planner, actions }
+    let actions = Actions::open(store, fleet.clone(), firmware.clone(), planner.clone(), 0).unwrap();
+    World { dir, fleet, firmware, planner, actions }
 }
 
 fn reopen(w: World) -> World {
-    let World { dir, fleet, planner, actions } = w;
-    drop((actions, planner, fleet));
+    let World { dir, fleet, firmware, planner, actions } = w;
+    drop((actions, planner, fleet, firmware));
     open_at(dir)
 }
 
@@ -93,7 +94,7 @@ fn a_dry_run_changes_nothing_and_lists_what_the_live_action_then_does() {
     // The queue serves one transfer per device: the sibling waits while one is in flight.
     let op = w.planner.operation("x1", "BIOS").unwrap();
     w.planner.record("x1", op.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap();
-    assert!(matches!(w.planner.lookup("x1", "BMC", 3).unwrap(), crate::planner::Lookup::Wait));
+    assert!(matches!(w.planner.lookup("x1", "BMC", 3).unwrap(), crate::planner::Lookup::Wait(None)));
     let s = states(&w, &a.action_id);
     assert_eq!(s[0].2, InProgress);
     assert_eq!(s[1].2, Blocked);
@@ -246,4 +247,48 @@ fn a_snapshot_restores_every_target_and_skips_a_device_deleted_since() {
     w.actions.snapshot(old, 9).unwrap();
     assert!(matches!(w.actions.restore("old", false, None, 11), Err(ActionError::Expired(_))));
     assert!(matches!(w.actions.restore("nope", false, None, 11), Err(ActionError::NoSnapshot(_))));
+}
+
+#[test]
+fn an_images_hints_set_the_wait_poll_and_bound_each_stage_of_its_update() {
+    let w = world();
+    // BMC-2 asks devices waiting for it back every 15 s, and allows 50 s per stage.
+    let mut identity = w.firmware.get("bmc", "2").unwrap().identity.clone().unwrap();
+    (identity.polling_speed_seconds, identity.time_limit) = (Some(15), Some(50));
+    w.firmware.set_identity("bmc", "2", identity).unwrap();
+    let a = w.actions.create(live(), 10).unwrap();
+    // x1's BIOS downloads: its BMC waits, told to come back in 15 s; x2's BMC goes first and
+    // its BIOS waits with the gateway's default (BIOS-2 has no hint).
+    let bios = w.planner.operation("x1", "BIOS").unwrap();
+    w.planner.record("x1", bios.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 10).unwrap();
+    assert!(matches!(w.planner.lookup("x1", "BMC", 10).unwrap(), crate::planner::Lookup::Wait(Some(15))));
+    let bmc = w.planner.operation("x2", "BMC").unwrap();
+    w.planner.record("x2", bmc.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 20).unwrap();
+    assert!(matches!(w.planner.lookup("x2", "BIOS", 20).unwrap(), crate::planner::Lookup::Wait(None)));
+    // x2's BMC downloads past its 50 s; x1's BIOS has no limit of its own and goes on.
+    w.actions.pump(69).unwrap();
+    assert_eq!(w.planner.operation("x2", "BMC").unwrap().state, OpState::Downloading);
+    w.actions.pump(70).unwrap();
+    let op = w.planner.operations_of("x2").into_iter().find(|o| o.seq == bmc.seq).unwrap();
+    assert_eq!(op.state, OpState::TimedOut);
+    assert!(op.detail.as_deref().unwrap().contains("bmc@2's time limit of 50 s passed while downloading"), "{op:?}");
+    assert_eq!(w.planner.operation("x1", "BIOS").unwrap().state, OpState::Downloading);
+    // After SWAP the device has 50 s again to come back.
+    w.planner.record("x1", bios.seq, OpState::Downloading, Some(OpState::Succeeded), None, None, 71).unwrap();
+    let bmc1 = w.planner.operation("x1", "BMC").unwrap();
+    w.planner.record("x1", bmc1.seq, OpState::Pending, Some(OpState::Downloading), Some(0), None, 72).unwrap();
+    w.planner.record("x1", bmc1.seq, OpState::Downloading, Some(OpState::Swapping), None, None, 80).unwrap();
+    w.actions.pump(129).unwrap();
+    assert_eq!(w.planner.operation("x1", "BMC").unwrap().state, OpState::Swapping);
+    w.actions.pump(130).unwrap();
+    let op = w.planner.operations_of("x1").into_iter().find(|o| o.seq == bmc1.seq).unwrap();
+    assert!(op.detail.as_deref().unwrap().contains("after SWAP"), "{op:?}");
+    w.actions.pump(131).unwrap();
+    let ops = w.actions.operations(&a.action_id).unwrap();
+    let failed: Vec<(&str, &str)> = ops
+        .iter()
+        .filter(|o| o.state == OperationState::Failed)
+        .map(|o| (o.xname.as_str(), o.target.as_str()))
+        .collect();
+    assert_eq!(failed, [("x1", "BMC"), ("x2", "BMC")], "the BMC updates failed, counted once each");
 }

@@ -62,7 +62,7 @@ impl Resources for Gateway {
             }
             // Another component of the device is being transferred, or the image waits for
             // trust (TUF metadata expired): ask again later.
-            Ok(Lookup::Wait | Lookup::Held(_)) => FirmwareAnswer::Unavailable,
+            Ok(Lookup::Wait(_) | Lookup::Held(_)) => FirmwareAnswer::Unavailable,
             Err(e) => {
                 warn!(device, error = %e, "cannot serve firmware");
                 self.telemetry.store_error();
