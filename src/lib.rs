@@ -105,6 +105,13 @@ pub fn now_secs() -> u64 {
     now_millis() / 1000
 }
 
+/// A moment an operator wrote: Unix seconds, or an RFC 3339 time (`2026-12-24T06:00:00Z`).
+/// `None` when it is neither.
+pub fn parse_moment(text: &str) -> Option<i64> {
+    let text = text.trim();
+    text.parse::<i64>().ok().or_else(|| text.parse::<jiff::Timestamp>().ok().map(|t| t.as_second()))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

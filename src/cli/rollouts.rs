@@ -119,13 +119,9 @@ fn group_def(text: &str) -> Result<Value> {
 }
 
 fn start_at(text: &str) -> Result<u64> {
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(secs);
-    }
-    let t: jiff::Timestamp = text
-        .parse()
-        .with_context(|| format!("--start-at {text:?}: an RFC 3339 time (2026-12-24T06:00:00Z) or Unix seconds"))?;
-    u64::try_from(t.as_second()).map_err(|_| anyhow!("--start-at {text:?} is before 1970"))
+    let t = crate::parse_moment(text)
+        .ok_or_else(|| anyhow!("--start-at {text:?}: an RFC 3339 time (2026-12-24T06:00:00Z) or Unix seconds"))?;
+    u64::try_from(t).map_err(|_| anyhow!("--start-at {text:?} is before 1970"))
 }
 
 fn rate(per_minute: u32, growth: Option<&str>) -> Result<Value> {

@@ -266,7 +266,7 @@ fn compile(text: &str, raw: Raw) -> Result<Filter, FilterError> {
                         }
                     }
                     Field::LastSeen => Value::Time(
-                        time(v)
+                        crate::parse_moment(v)
                             .ok_or_else(|| at(r, format!("expected Unix seconds or an RFC 3339 time, not {v:?}")))?,
                     ),
                     Field::Version(_) if ordering && version_order(v).is_none() => {
@@ -278,10 +278,6 @@ fn compile(text: &str, raw: Raw) -> Result<Filter, FilterError> {
             Filter::Cmp { field, op, values: out }
         }
     })
-}
-
-fn time(v: &str) -> Option<i64> {
-    v.parse::<i64>().ok().or_else(|| v.parse::<jiff::Timestamp>().ok().map(|t| t.as_second()))
 }
 
 /// `*` in `pattern` matches any run of characters; everything else itself.

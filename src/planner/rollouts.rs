@@ -68,6 +68,14 @@ struct Book {
     deleted: BTreeMap<String, Rollout>,
 }
 
+/// A device's latest operation of a rollout group: see [`Rollouts::latest_ops`].
+#[derive(Debug, Clone, Copy)]
+struct Latest {
+    seq: u64,
+    state: OpState,
+    created: u64,
+}
+
 pub struct Rollouts {
     store: Store,
     fleet: Arc<Fleet>,
@@ -164,19 +172,9 @@ impl Rollouts {
     /// Rebuilds every group's counts, how far it was handed out, and its rate window from the
     /// operations: each device counts once, by its latest operation of the group.
     fn recount(&self, book: &mut Book, now: u64) {
-        let mut latest: HashMap<(String, usize, String), (u64, OpState, u64)> = HashMap::new();
-        self.planner.scan(|o| {
-            if let Some((name, g)) = parse_origin(&o.origin) {
-                if book.live.contains_key(name) {
-                    let e = latest.entry((name.to_owned(), g, o.device.clone())).or_insert((0, o.state, o.created_at));
-                    if o.seq >= e.0 {
-                        *e = (o.seq, o.state, o.created_at);
-                    }
-                }
-            }
-        });
+        let latest = self.latest_ops(|name| book.live.contains_key(name));
         let mut staged: HashMap<(String, usize), HashSet<String>> = HashMap::new();
-        for ((name, g, device), (_, state, created)) in latest {
+        for ((name, g, device), Latest { state, created, .. }) in latest {
             let Some(live) = book.live.get_mut(&name) else { continue };
             let Some(c) = live.counts.get_mut(g) else { continue };
             count(c, state);
@@ -192,6 +190,21 @@ impl Rollouts {
                 live.window[g].make_contiguous().sort_unstable();
             }
         }
+    }
+
+    /// Each device's latest operation in each group of the rollouts `wanted` names, from the
+    /// planner's records, keyed by (rollout, group, device).
+    fn latest_ops(&self, wanted: impl Fn(&str) -> bool) -> HashMap<(String, usize, String), Latest> {
+        let mut latest: HashMap<(String, usize, String), Latest> = HashMap::new();
+        self.planner.scan(|o| {
+            let Some((name, g)) = parse_origin(&o.origin).filter(|(n, _)| wanted(n)) else { return };
+            let now = Latest { seq: o.seq, state: o.state, created: o.created_at };
+            let e = latest.entry((name.to_owned(), g, o.device.clone())).or_insert(now);
+            if o.seq >= e.seq {
+                *e = now;
+            }
+        });
+        latest
     }
 
     /// Finishes what a crash may have interrupted for one rollout.

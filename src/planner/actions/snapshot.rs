@@ -54,12 +54,9 @@ pub struct Snapshot {
 
 /// Parses `expirationTime`: RFC 3339 or Unix seconds.
 pub fn parse_time(text: &str) -> Result<u64, String> {
-    if let Ok(secs) = text.trim().parse::<u64>() {
-        return Ok(secs);
-    }
-    let t: jiff::Timestamp =
-        text.trim().parse().map_err(|e| format!("expirationTime {text:?}: not RFC 3339 or Unix seconds ({e})"))?;
-    u64::try_from(t.as_second()).map_err(|_| format!("expirationTime {text:?} is before 1970"))
+    let t =
+        crate::parse_moment(text).ok_or_else(|| format!("expirationTime {text:?}: not RFC 3339 or Unix seconds"))?;
+    u64::try_from(t).map_err(|_| format!("expirationTime {text:?} is before 1970"))
 }
 
 /// Records what each target of the chosen xnames runs, with the image of that version.

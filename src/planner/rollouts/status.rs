@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::{Group, GroupState, GroupStatus, RolloutError, RolloutState, RolloutStatus, Rollouts};
 use crate::engine::OpState;
-use crate::planner::rollouts::{parse_origin, Rollout};
+use crate::planner::rollouts::Rollout;
 
 impl Rollouts {
     /// A row per group: its state, its devices by where they are, and how far it is toward
@@ -26,19 +26,10 @@ impl Rollouts {
         };
         // Queued and in flight, by group, from the planner (each device by its latest
         // operation of the group).
-        let mut latest: HashMap<(usize, String), (u64, OpState)> = HashMap::new();
-        self.planner.scan(|o| {
-            if let Some((_, g)) = parse_origin(&o.origin).filter(|(n, _)| *n == name) {
-                let e = latest.entry((g, o.device.clone())).or_insert((0, o.state));
-                if o.seq >= e.0 {
-                    *e = (o.seq, o.state);
-                }
-            }
-        });
         let mut scheduled = vec![0u64; r.groups.len()];
         let mut running = vec![0u64; r.groups.len()];
-        for ((g, _), (_, state)) in latest {
-            match state {
+        for ((_, g, _), latest) in self.latest_ops(|n| n == name) {
+            match latest.state {
                 OpState::Pending if g < scheduled.len() => scheduled[g] += 1,
                 s if s.in_flight() && g < running.len() => running[g] += 1,
                 _ => {}
@@ -83,15 +74,14 @@ impl Rollouts {
                 .expect("some name is free");
             (live.r.clone(), retry_name)
         };
+        // Each device by its latest operation of the rollout, whatever its group.
         let mut latest: HashMap<String, (u64, OpState)> = HashMap::new();
-        self.planner.scan(|o| {
-            if parse_origin(&o.origin).is_some_and(|(n, _)| n == name) {
-                let e = latest.entry(o.device.clone()).or_insert((0, o.state));
-                if o.seq >= e.0 {
-                    *e = (o.seq, o.state);
-                }
+        for ((_, _, device), l) in self.latest_ops(|n| n == name) {
+            let e = latest.entry(device).or_insert((l.seq, l.state));
+            if l.seq >= e.0 {
+                *e = (l.seq, l.state);
             }
-        });
+        }
         let failed: std::collections::HashSet<String> = latest
             .into_iter()
             .filter(|(_, (_, s))| matches!(s, OpState::Failed | OpState::TimedOut))
