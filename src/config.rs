@@ -191,6 +191,37 @@ pub struct MqttConfig {
     /// Benchmarking aid: answer `echo/{id}/ping` with a payload of the asked size on
     /// `echo/{id}/pong`, without any DFU logic.
     pub echo: bool,
+    /// fwgate's own listener, or a client of the fleet's broker.
+    pub mode: MqttMode,
+    /// External mode: `mqtt://host:port` or `mqtts://host:port`.
+    pub broker_url: String,
+    /// External mode: this node's client id at the broker (empty: `fwgate-` and a random
+    /// suffix); each node needs its own.
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+    /// External mode over `mqtts://`: the CA (PEM) the broker's certificate must chain to
+    /// (empty: the system's roots), and this node's certificate and key (PEM), if the broker
+    /// asks for one.
+    pub broker_ca: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// External mode: the shared-subscription group every node of one fleet joins, so each
+    /// Status reaches exactly one of them.
+    pub share_group: String,
+    /// External mode: put in front of every DFU topic, for brokers that namespace tenants
+    /// (`tenant-a/` makes `tenant-a/dfu/{id}/status`).
+    pub topic_prefix: String,
+}
+
+/// Where devices' MQTT traffic arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MqttMode {
+    /// fwgate's own DFU-native listener.
+    Embedded,
+    /// fwgate is an MQTT 5 client of an existing broker.
+    External,
 }
 
 impl Default for MqttConfig {
@@ -210,6 +241,16 @@ impl Default for MqttConfig {
             auth: false,
             device_secret: String::new(),
             echo: false,
+            mode: MqttMode::Embedded,
+            broker_url: "mqtt://127.0.0.1:1883".into(),
+            client_id: String::new(),
+            username: String::new(),
+            password: String::new(),
+            broker_ca: PathBuf::new(),
+            client_cert: PathBuf::new(),
+            client_key: PathBuf::new(),
+            share_group: "fwgate".into(),
+            topic_prefix: String::new(),
         }
     }
 }
@@ -230,6 +271,23 @@ impl MqttConfig {
 
     pub fn tls_listen(&self) -> Option<SocketAddr> {
         self.tls_listen.parse().ok()
+    }
+
+    /// External mode: the broker's host and port, and whether it speaks TLS.
+    pub fn broker(&self) -> Result<(String, u16, bool), ConfigError> {
+        let bad = |why: &str| invalid("mqtt.broker_url", format!("{:?}: {why}", self.broker_url));
+        let url = url::Url::parse(&self.broker_url).map_err(|e| bad(&e.to_string()))?;
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => return Err(bad("the scheme must be mqtt:// or mqtts://")),
+        };
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| bad("names no host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        if !url.path().trim_matches('/').is_empty() || url.query().is_some() {
+            return Err(bad("only a scheme, host and port (put credentials in mqtt.username/password)"));
+        }
+        Ok((host, url.port().unwrap_or(if tls { 8883 } else { 1883 }), tls))
     }
 }
 
@@ -459,6 +517,26 @@ impl Config {
             if m.auth && m.device_secret.len() < 16 {
                 return Err(invalid("mqtt.device_secret", "must be at least 16 characters when mqtt.auth = true"));
             }
+            if m.mode == MqttMode::External {
+                let (_, _, tls) = m.broker()?;
+                let plain = |s: &str| !s.is_empty() && !s.bytes().any(|b| b"/+#".contains(&b) || b.is_ascii_control());
+                if !plain(&m.share_group) {
+                    return Err(invalid("mqtt.share_group", "must be a non-empty name without / + or #"));
+                }
+                if m.topic_prefix.bytes().any(|b| b"+#".contains(&b)) || m.topic_prefix.starts_with('$') {
+                    return Err(invalid("mqtt.topic_prefix", "may not hold a wildcard (+ #) or start with $"));
+                }
+                if m.client_id.len() > 64 || m.client_id.bytes().any(|b| b.is_ascii_control()) {
+                    return Err(invalid("mqtt.client_id", "at most 64 printable characters"));
+                }
+                let tls_files = [&m.broker_ca, &m.client_cert, &m.client_key];
+                if !tls && tls_files.iter().any(|f| !f.as_os_str().is_empty()) {
+                    return Err(invalid("mqtt.broker_ca", "TLS files need an mqtts:// broker_url"));
+                }
+                if m.client_cert.as_os_str().is_empty() != m.client_key.as_os_str().is_empty() {
+                    return Err(invalid("mqtt.client_cert", "mqtt.client_cert and mqtt.client_key go together"));
+                }
+            }
         }
         let c = &self.coap;
         if c.enabled {
@@ -609,6 +687,29 @@ mod tests {
             .starts_with("dfu.max_block_size:"));
         assert!(load("[dfu]\nmax_block_size = 1\n", &[]).unwrap_err().to_string().starts_with("dfu.max_block_size:"));
         assert!(load("[mqtt]\nauth = true\n", &[]).unwrap_err().to_string().starts_with("mqtt.device_secret:"));
+    }
+
+    #[test]
+    fn external_mode_settings_are_checked() {
+        let ext = |extra: &str| load(&format!("[mqtt]\nmode = \"external\"\n{extra}"), &[]);
+        let c = ext("broker_url = \"mqtts://b.example\"\nbroker_ca = \"ca.pem\"\n").unwrap();
+        assert_eq!((c.mqtt.mode, c.mqtt.broker().unwrap()), (MqttMode::External, ("b.example".into(), 8883, true)));
+        for (extra, key) in [
+            ("broker_url = \"http://b:1883\"", "mqtt.broker_url:"),
+            ("share_group = \"a/b\"", "mqtt.share_group:"),
+            ("share_group = \"\"", "mqtt.share_group:"),
+            ("topic_prefix = \"t/#/\"", "mqtt.topic_prefix:"),
+            ("topic_prefix = \"$SYS/\"", "mqtt.topic_prefix:"),
+            ("broker_ca = \"ca.pem\"", "mqtt.broker_ca:"),
+            ("broker_url = \"mqtts://b\"\nclient_cert = \"c.pem\"", "mqtt.client_cert:"),
+        ] {
+            let err = ext(extra).unwrap_err();
+            assert!(err.to_string().starts_with(key), "{extra}: {err}");
+        }
+        let err = load("[mqtt]\nmode = \"cluster\"\n", &[]).unwrap_err();
+        assert!(err.to_string().starts_with("mqtt.mode:"), "{err}");
+        // The embedded listener ignores the external keys.
+        assert!(load("[mqtt]\nshare_group = \"a/b\"\n", &[]).is_ok());
     }
 
     #[test]

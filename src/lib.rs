@@ -54,7 +54,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, MqttMode};
 use crate::firmware::Firmware;
 use crate::fleet::Fleet;
 use crate::planner::rollouts::Rollouts;
@@ -259,11 +259,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     });
     info!(%admin, "admin http listening");
 
-    let mqtt = if config.mqtt.enabled {
-        let (dfu, fleet, tel, stop) = (dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
-        Some(transport::mqtt::start(&config.mqtt, &config.dfu, dfu, fleet, tel, stop, &mut tasks).await?)
-    } else {
-        None
+    let mqtt = match config.mqtt.mode {
+        MqttMode::Embedded if config.mqtt.enabled => {
+            let (dfu, fleet, tel, stop) = (dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
+            Some(transport::mqtt::start(&config.mqtt, &config.dfu, dfu, fleet, tel, stop, &mut tasks).await?)
+        }
+        MqttMode::External if config.mqtt.enabled => {
+            let opts = transport::external::options(&config.mqtt, config.mqtt.payload_limit(&config.dfu))?;
+            let topics = transport::external::Topics::new(&config.mqtt);
+            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let (dfu, tel, stop) = (dfu.clone(), telemetry.clone(), shutdown.clone());
+            tasks.spawn(transport::external::run(opts, topics, dfu, tel, workers, stop));
+            None
+        }
+        _ => None,
     };
 
     let coap_gateway = || transport::coap::Gateway {

@@ -33,6 +33,8 @@ pub struct Telemetry {
     dtls: Family<Label, Counter>,
     admin_refused: Family<Label, Counter>,
     dtls_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
+    broker: Family<Label, Counter>,
+    broker_connected: Gauge<i64, std::sync::atomic::AtomicI64>,
     faults: FaultLog,
 }
 
@@ -76,6 +78,8 @@ impl Telemetry {
             dtls: Family::default(),
             admin_refused: Family::default(),
             dtls_sessions: Gauge::default(),
+            broker: Family::default(),
+            broker_connected: Gauge::default(),
             faults: FaultLog::default(),
             registry: Registry::default(),
         };
@@ -145,7 +149,30 @@ impl Telemetry {
             "Admin API requests refused, by reason (host, no_token, wrong_token, read_only)",
             t.admin_refused.clone(),
         );
+        registry.register(
+            "broker_events",
+            "External-broker mode: client events (connected, connection_failed, disconnected, subscribed, \
+             subscribe_refused, status, dropped_overload, bad_topic, publish_failed)",
+            t.broker.clone(),
+        );
+        registry.register(
+            "broker_connected",
+            "External-broker mode: 1 while connected to the broker",
+            t.broker_connected.clone(),
+        );
         Telemetry { registry, ..t }
+    }
+
+    pub fn broker(&self, event: &'static str) {
+        self.broker.get_or_create(&[("event", event)]).inc();
+    }
+
+    pub fn broker_count(&self, event: &'static str) -> u64 {
+        self.broker.get_or_create(&[("event", event)]).get()
+    }
+
+    pub fn set_broker_connected(&self, up: bool) {
+        self.broker_connected.set(up as i64);
     }
 
     pub fn served(&self, transport: &'static str, blocks: u64, bytes: u64) {

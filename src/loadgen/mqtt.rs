@@ -103,8 +103,10 @@ impl MqttDevice {
         let mut opts = MqttOptions::new(&id, broker.ip().to_string(), broker.port());
         opts.set_keep_alive(cfg.keep_alive);
         opts.set_max_packet_size(256 * 1024, 256 * 1024);
+        // The device id is both the client id and the username: fwgate's listener checks the
+        // client id, a broker's ACL (`%u`) the username.
         if let Some(p) = password {
-            opts.set_credentials("device", p);
+            opts.set_credentials(&id, p);
         }
         let (client, mut events) = AsyncClient::new(opts, 64);
         // A latency-aware device: without this, each Status waits out a delayed ACK.

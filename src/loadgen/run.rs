@@ -432,14 +432,23 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
         dev.publish_raw(GARBAGE[rng.usize(..GARBAGE.len())].to_vec()).await?;
         Stats::add(&s.stats.corrupt_sent, 1);
     }
-    let mut ended = dev.run(pause_point(p), &s.stats).await?;
-    if let Ended::Paused(_) = ended {
+    let mut pause_at = pause_point(p);
+    let mut lost = 0;
+    let ended = loop {
+        match dev.run(pause_at, &s.stats).await {
+            // Stopped on purpose (--disconnect-at): come back once.
+            Ok(Ended::Paused(_)) => pause_at = None,
+            Ok(end) => break end,
+            // The broker dropped the connection (it restarted, say): come back and go on
+            // from where the device is, as a real device does.
+            Err(MqttError::Lost(_)) if lost < MAX_LOST => lost += 1,
+            Err(e) => return Err(e.into()),
+        }
         let state = dev.dev.clone();
         dev.disconnect().await;
         Stats::add(&s.stats.reconnects, 1);
         dev = connect(s, i, state).await?;
-        ended = dev.run(None, &s.stats).await?;
-    }
+    };
     let out = updated(&dev, ended, &p.expected.version);
     dev.disconnect().await;
     out
@@ -490,6 +499,9 @@ pub(super) async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<Mqtt
 }
 
 const CONNECT_ATTEMPTS: u32 = 5;
+
+/// Connections an MQTT device may lose during one run and still go on.
+const MAX_LOST: u32 = 3;
 
 pub(super) fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
     ClientConfig {

@@ -1,7 +1,9 @@
-//! Transport shells: bytes in, one DFU step, bytes out — MQTT (fwgate's own listener) and
-//! CoAP (UDP). Thin: decisions live in `engine` and `planner`.
+//! Transport shells: bytes in, one DFU step, bytes out — MQTT (fwgate's own listener, or
+//! `external`: a client of the broker a fleet already runs) and CoAP (UDP). Thin: decisions
+//! live in `engine` and `planner`.
 
 pub mod coap;
+pub mod external;
 pub mod mqtt;
 mod session;
 
@@ -13,4 +15,6 @@ pub enum TransportError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("mqtt TLS configuration: {0}")]
     Tls(String),
+    #[error("mqtt broker: {0}")]
+    Broker(String),
 }

@@ -2,6 +2,7 @@
 //! an admin client, and a simulated device that speaks DFU over real MQTT (rumqttc).
 #![allow(dead_code)]
 
+pub mod mosquitto;
 pub mod raw;
 pub mod serve;
 

@@ -9,6 +9,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_fwgate");
 pub struct Serve {
     pub child: Child,
     pub admin: String,
+    /// The embedded MQTT listener's port; 0 in external-broker mode.
     pub mqtt: u16,
     pub coap: u16,
     pub log: PathBuf,
@@ -75,7 +76,13 @@ impl Serve {
                 continue;
             };
             let admin = format!("http://127.0.0.1:{}", port_of(&ports, "admin"));
-            let s = Serve { child, admin, mqtt: port_of(&ports, "mqtt"), coap: port_of(&ports, "coap"), log };
+            let s = Serve {
+                child,
+                admin,
+                mqtt: if ports["mqtt"].is_null() { 0 } else { port_of(&ports, "mqtt") },
+                coap: port_of(&ports, "coap"),
+                log,
+            };
             let r = reqwest::get(format!("{}/readyz", s.admin)).await.expect("admin answers once ports are written");
             assert_eq!(r.status(), 200, "ready once the ports file is written");
             return s;

@@ -9,7 +9,7 @@ mod conn;
 #[doc(hidden)]
 pub mod harness;
 mod packets;
-mod tls;
+pub(super) mod tls;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -18,7 +18,10 @@ fn bad(key: &'static str, why: impl std::fmt::Display) -> TransportError {
     TransportError::Tls(format!("{key}: {why}"))
 }
 
-fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+pub(in crate::transport) fn certs(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(key, format!("{}: {e}", path.display())))?
         .collect::<Result<Vec<_>, _>>()
