@@ -178,3 +178,66 @@ async fn the_documented_mosquitto_acl_confines_each_device_to_its_own_topics() {
         .unwrap();
     assert!(!out.status.success() && out.stdout.is_empty());
 }
+
+/// A CA, the broker's certificate (127.0.0.1) and a client certificate for the fwgate node.
+fn pki(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "broker test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    for (name, sans) in [("broker", vec!["127.0.0.1".to_string()]), ("node", vec![])] {
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        write(&format!("{name}.pem"), p.signed_by(&key, &issuer).unwrap().pem());
+        write(&format!("{name}.key"), key.serialize_pem());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_node_reaches_a_tls_broker_with_its_client_certificate_and_not_without() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path());
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    // TLS with client certificates for fwgate; a plain listener for the devices.
+    let devices = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conf = format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nlistener {devices} 127.0.0.1\n",
+        path("ca.pem"),
+        path("broker.pem"),
+        path("broker.key")
+    );
+    let broker = Mosquitto::start(dir.path(), &conf).await;
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let tls = [
+        ("FWGATE_MQTT__BROKER_URL", url.clone()),
+        ("FWGATE_MQTT__BROKER_CA", path("ca.pem")),
+        ("FWGATE_MQTT__CLIENT_CERT", path("node.pem")),
+        ("FWGATE_MQTT__CLIENT_KEY", path("node.key")),
+    ];
+    let serve = external(dir.path(), &broker, &tls).await;
+    let base = serve.admin.clone();
+    let (status, v) =
+        admin(&base, reqwest::Method::POST, "/api/v1/devices", None, Some(serde_json::json!({"id": "d1"}))).await;
+    assert_eq!(status, 200, "{v}");
+    add_image(&base, "app", "2.0.0", image(8192, 5)).await;
+    assign(&base, "d1", "app@2.0.0").await;
+    let mut d = SimDevice::connect(([127, 0, 0, 1], devices).into(), "d1", Form::Packed, "1.0.0", None).await;
+    assert_eq!(d.run(None).await, Ended::Updated, "served through the TLS connection");
+    d.disconnect().await;
+    drop(serve);
+
+    // Without its certificate the node is refused, says so, and keeps trying.
+    let sub = tempfile::tempdir().unwrap();
+    let env = [("FWGATE_MQTT__BROKER_URL", url), ("FWGATE_MQTT__BROKER_CA", path("ca.pem"))];
+    let mut all = vec![("FWGATE_MQTT__MODE", "external".to_string())];
+    all.extend(env);
+    let bare = Serve::start_with(sub.path(), &all).await;
+    wait_metric(&bare.admin, "fwgate_broker_events_total{event=\"connection_failed\"}", 2.0).await;
+    assert_eq!(metric(&bare.admin, "fwgate_broker_connected").await, 0.0);
+    assert_eq!(metric(&bare.admin, SUBSCRIBED).await, 0.0);
+}
