@@ -241,3 +241,24 @@ async fn an_external_node_reaches_a_tls_broker_with_its_client_certificate_and_n
     assert_eq!(metric(&bare.admin, "fwgate_broker_connected").await, 0.0);
     assert_eq!(metric(&bare.admin, SUBSCRIBED).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_prefix_namespaces_a_tenant_and_nothing_outside_it_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "").await;
+    let prefix =
+        [("FWGATE_MQTT__TOPIC_PREFIX", "tenant-a/".to_string()), ("FWGATE_MQTT__SHARE_GROUP", "gw-a".to_string())];
+    let serve = external(dir.path(), &broker, &prefix).await;
+    let r = finished(
+        load(&serve, &broker, dir.path(), &["--devices", "20", "--image-kib", "16", "--topic-prefix", "tenant-a/"]),
+        dir.path(),
+    );
+    assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(20), Some(0)), "{r:#}");
+    // The same device on the bare topics is outside the tenant: no answer, nothing read.
+    let seen = metric(&serve.admin, STATUSES).await;
+    let mut bare = SimDevice::connect(broker.addr(), "load-00000", Form::Named, "1.0.0", None).await;
+    bare.send_status().await;
+    assert_eq!(bare.next_payload(Duration::from_secs(2)).await, None);
+    bare.disconnect().await;
+    assert_eq!(metric(&serve.admin, STATUSES).await, seen);
+}

@@ -74,6 +74,10 @@ pub struct LoadArgs {
     /// The gateway's CoAP listener.
     #[arg(long, default_value = "127.0.0.1:5683")]
     coap: SocketAddr,
+    /// MQTT: put in front of the DFU topics, for a gateway in external mode behind a broker
+    /// that namespaces tenants (its mqtt.topic_prefix, e.g. `tenant-a/`).
+    #[arg(long, default_value = "")]
+    topic_prefix: String,
     /// QoS of MQTT Status messages (0 or 1).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     qos: u8,
@@ -247,6 +251,9 @@ pub async fn load(a: LoadArgs) -> Result<()> {
     if a.disconnect_at.is_some_and(|d| !(0.0..100.0).contains(&d)) {
         bail!("--disconnect-at must be in 0..100 (percent of the image)");
     }
+    if a.topic_prefix.contains(['+', '#']) {
+        bail!("--topic-prefix may not hold an MQTT wildcard (+ or #)");
+    }
     if a.drop_pct > 0.0 && a.transport == Transport::Mqtt {
         bail!("--drop applies to CoAP; MQTT runs over TCP");
     }
@@ -320,6 +327,7 @@ pub async fn load(a: LoadArgs) -> Result<()> {
             reply_timeout: Duration::from_secs_f64(a.timeout),
             ..MqttDeviceConfig::default()
         },
+        topic_prefix: a.topic_prefix.clone(),
         coap_ack_timeout: Duration::from_millis(if a.drop_pct > 0.0 { 200 } else { 2000 }),
         gateway_pid: a.gateway_pid,
         progress: !a.quiet,

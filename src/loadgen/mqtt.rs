@@ -77,7 +77,19 @@ impl MqttDevice {
         password: Option<&str>,
         cfg: MqttDeviceConfig,
     ) -> Result<MqttDevice, MqttError> {
-        let topics = (format!("dfu/{}/status", dev.id), format!("dfu/{}/command", dev.id));
+        MqttDevice::connect_prefixed(broker, dev, password, cfg, "").await
+    }
+
+    /// A device whose DFU topics carry a prefix (`{prefix}dfu/{id}/status`), as on a broker
+    /// that namespaces tenants.
+    pub async fn connect_prefixed(
+        broker: SocketAddr,
+        dev: DfuDevice,
+        password: Option<&str>,
+        cfg: MqttDeviceConfig,
+        prefix: &str,
+    ) -> Result<MqttDevice, MqttError> {
+        let topics = (format!("{prefix}dfu/{}/status", dev.id), format!("{prefix}dfu/{}/command", dev.id));
         MqttDevice::connect_on(broker, dev, password, cfg, topics).await
     }
 

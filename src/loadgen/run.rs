@@ -74,6 +74,8 @@ pub struct LoadPlan {
     /// Share of Status messages preceded by a garbage one, in percent.
     pub corrupt_pct: f64,
     pub mqtt: MqttDeviceConfig,
+    /// MQTT: put in front of the DFU topics (a broker that namespaces tenants).
+    pub topic_prefix: String,
     pub coap_ack_timeout: Duration,
     pub gateway_pid: Option<u32>,
     pub progress: bool,
@@ -485,7 +487,7 @@ pub(super) async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<Mqtt
     let mut pause = Duration::from_millis(500);
     let mut attempt = 1;
     loop {
-        match MqttDevice::connect(target, dev.clone(), None, s.plan.mqtt).await {
+        match MqttDevice::connect_prefixed(target, dev.clone(), None, s.plan.mqtt, &s.plan.topic_prefix).await {
             Ok(d) => return Ok(d),
             Err(e) if attempt >= CONNECT_ATTEMPTS => return Err(format!("{e} (after {attempt} attempts)").into()),
             Err(_) => {
