@@ -262,3 +262,24 @@ async fn a_topic_prefix_namespaces_a_tenant_and_nothing_outside_it_is_read() {
     bare.disconnect().await;
     assert_eq!(metric(&serve.admin, STATUSES).await, seen);
 }
+
+/// A FAS action through the broker: multi-target devices (`fwgate load --targets`) behind
+/// Mosquitto, which restarts mid-run; every target still ends verified and the action
+/// completes with each operation succeeded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_over_multi_target_devices_behind_the_broker_survives_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), "").await;
+    let serve = external(dir.path(), &broker, &[]).await;
+    let before = metric(&serve.admin, "fwgate_blocks_served_total{transport=\"mqtt\"}").await;
+    let args = ["--devices", "20", "--targets", "BIOS,BMC", "--image-kib", "256", "--mtu", "256"];
+    let run = load(&serve, &broker, dir.path(), &args);
+    wait_metric(&serve.admin, "fwgate_blocks_served_total{transport=\"mqtt\"}", before + 2000.0).await;
+    broker.restart().await;
+    let r = finished(run, dir.path());
+    assert_eq!((r["ok"].as_u64(), r["failed"].as_u64()), (Some(20), Some(0)), "{r:#}");
+    assert!(r["reconnects"].as_u64().unwrap() >= 20, "every device lost its connection mid-run: {r:#}");
+    assert_eq!(r["action"]["state"], "completed", "{r:#}");
+    assert_eq!(r["action"]["operationCounts"]["succeeded"], 40, "{r:#}");
+    assert_eq!(r["action"]["operationCounts"]["total"], 40, "{r:#}");
+}

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::coap::CoapClient;
 use super::device::{DfuDevice, Ended};
-use super::mqtt::MqttDevice;
+use super::mqtt::{MqttDevice, MqttError};
 use super::run::{coap_config, connect, new_device, tally, Expected, Failure, Shared};
 use super::stats::Stats;
 use crate::loadgen::run::Transport;
@@ -31,15 +31,19 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(2);
 
 /// A device's one connection to the gateway, shared by its targets.
 enum Link {
-    Mqtt(MqttDevice),
+    /// The device's index, for reconnecting, and connections lost so far.
+    Mqtt(MqttDevice, usize, u32),
     Coap(CoapClient),
 }
+
+/// Connections a multi-target MQTT device may lose during one run and still go on.
+const MAX_LOST: u32 = 3;
 
 impl Link {
     async fn open(s: &Shared, i: usize, first: &DfuDevice) -> Result<Link, Failure> {
         let p = &s.plan;
         Ok(match p.transport {
-            Transport::Mqtt => Link::Mqtt(connect(s, i, first.clone()).await?),
+            Transport::Mqtt => Link::Mqtt(connect(s, i, first.clone()).await?, i, 0),
             Transport::Coap => Link::Coap(CoapClient::connect(p.target, coap_config(p, i, 0)).await?),
             Transport::CoapBlock2 => {
                 return Err("Block2 has no firmware targets; use --transport coap or mqtt".to_string().into())
@@ -47,22 +51,33 @@ impl Link {
         })
     }
 
-    /// One DFU exchange of one target, until it ends.
-    async fn exchange(&mut self, stats: &Stats, target: &mut DfuDevice) -> Result<Ended, Failure> {
+    /// One DFU exchange of one target, until it ends. A lost MQTT connection (the broker
+    /// restarted, say) is made again and the exchange goes on from where the target is.
+    async fn exchange(&mut self, s: &Shared, target: &mut DfuDevice) -> Result<Ended, Failure> {
         match self {
-            Link::Mqtt(m) => {
+            Link::Mqtt(m, i, lost) => loop {
                 std::mem::swap(&mut m.dev, target);
-                let r = m.run(None, stats).await;
+                let r = m.run(None, &s.stats).await;
                 std::mem::swap(&mut m.dev, target);
-                Ok(r?)
-            }
-            Link::Coap(c) => Ok(c.run_dfu(target, None, stats).await?),
+                match r {
+                    Err(MqttError::Lost(_)) if *lost < MAX_LOST => {
+                        *lost += 1;
+                        Stats::add(&s.stats.reconnects, 1);
+                        // The dead connection is dropped, not closed: closing it would poll its
+                        // event loop, which connects again under the same client id and so
+                        // takes the session over from the fresh one.
+                        *m = connect(s, *i, target.clone()).await?;
+                    }
+                    r => return Ok(r?),
+                }
+            },
+            Link::Coap(c) => Ok(c.run_dfu(target, None, &s.stats).await?),
         }
     }
 
     async fn close(self, s: &Shared) {
         match self {
-            Link::Mqtt(m) => m.disconnect().await,
+            Link::Mqtt(m, ..) => m.disconnect().await,
             Link::Coap(c) => tally(s, &c),
         }
     }
@@ -133,7 +148,7 @@ async fn pass(s: &Shared, link: &mut Link, targets: &mut [DfuDevice], done: &mut
         if done[k] {
             continue;
         }
-        match link.exchange(&s.stats, t).await? {
+        match link.exchange(s, t).await? {
             Ended::Updated => {
                 verify(&s.plan.targets[k], t)?;
                 done[k] = true;

@@ -186,8 +186,12 @@ pub async fn run(
     }
     telemetry.set_broker_connected(false);
     let _ = client.try_disconnect();
+    // Without the event loop a worker waiting for room to publish would wait forever: drop it
+    // (its queue closes, so waiting publishes fail) and stop the workers. A worker is never
+    // stopped inside a DFU step, which does not await.
+    drop(events);
     drop(queues);
-    while tasks.join_next().await.is_some() {}
+    tasks.shutdown().await;
 }
 
 fn dispatch(queues: &[mpsc::Sender<(String, Bytes)>], topics: &Topics, telemetry: &Telemetry, p: Publish) {
