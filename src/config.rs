@@ -449,8 +449,11 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut tree: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.message().to_owned() })?;
+        // Which keys are strings: an override of one stays a string even when it reads as a
+        // number or boolean (a password `12345`, a token `true`).
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
         for (var, value) in env {
-            apply_env(&mut tree, &var, &value)?;
+            apply_env(&mut tree, &defaults, &var, &value)?;
         }
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
             let key = e.path().to_string();
@@ -632,8 +635,9 @@ impl Config {
 }
 
 /// `FWGATE_MQTT__LISTEN=0.0.0.0:1883` sets `mqtt.listen`. The value is read as a TOML value
-/// when it parses as one (numbers, booleans), else as a string.
-fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+/// when it parses as one (numbers, booleans), else as a string — and always as a string for
+/// a key whose default is one.
+fn apply_env(tree: &mut toml::Table, defaults: &toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
     let Some(rest) = var.strip_prefix("FWGATE_") else { return Ok(()) };
     if CLI_VARS.contains(&var) || !rest.contains("__") {
         return Ok(());
@@ -643,10 +647,12 @@ fn apply_env(tree: &mut toml::Table, var: &str, value: &str) -> Result<(), Confi
     if path.len() != 2 || path.iter().any(String::is_empty) {
         return Err(env_err("expected FWGATE_<SECTION>__<KEY>"));
     }
+    let string_key = defaults.get(&path[0]).and_then(|s| s.get(&path[1])).is_some_and(toml::Value::is_str);
     let parsed = format!("v = {value}")
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
+        .filter(|v| !string_key || v.is_str())
         .unwrap_or_else(|| toml::Value::String(value.to_owned()));
     let section = tree
         .entry(path[0].clone())

@@ -63,6 +63,11 @@ fn env_overrides_win_and_are_checked() {
     assert!(load("", &[("FWGATE_SERVER", "http://x"), ("FWGATE_TOKEN", "t")]).is_ok());
     let err = load("", &[("FWGATE_TUF__CI_ROOT", "/etc/ci-root.json")]).unwrap_err();
     assert!(err.to_string().starts_with("tuf.ci_metadata_url:"), "{err}");
+    // A string key stays a string whatever it looks like; a number key is still a number.
+    let c = load("", &[("FWGATE_MQTT__PASSWORD", "12345"), ("FWGATE_ADMIN__TOKEN", "true")]).unwrap();
+    assert_eq!((c.mqtt.password.as_str(), c.admin.token.as_str()), ("12345", "true"));
+    let err = load("", &[("FWGATE_DFU__MAX_WINDOW", "many")]).unwrap_err();
+    assert!(err.to_string().starts_with("dfu.max_window:"), "{err}");
     let err = load("", &[("FWGATE_DFU__NOPE", "1")]).unwrap_err();
     assert!(err.to_string().starts_with("dfu.nope:"), "{err}");
 }
