@@ -97,8 +97,9 @@ pub struct Step<'a> {
 }
 
 /// Answers a device that has no operation, or is not known: nothing to do, ask again later.
-pub fn wait<'a>(cfg: &EngineConfig, status: &Status<'a>) -> Command<'a> {
-    Command::Wait { correlation_id: status.correlation_id, poll: Some(cfg.wait_poll) }
+/// `poll` overrides the configured interval (an image's own hint).
+pub fn wait<'a>(cfg: &EngineConfig, status: &Status<'a>, poll: Option<u32>) -> Command<'a> {
+    Command::Wait { correlation_id: status.correlation_id, poll: Some(poll.unwrap_or(cfg.wait_poll)) }
 }
 
 /// One DFU step. `op` is the device's current operation for the Status's component and the

@@ -139,8 +139,7 @@ fn legacy_key(op: &Operation) -> String {
 /// Which of a device's operations the DFU engine serves for `component`: the one in flight;
 /// else, unless another component of the device is in flight, the queued one of the highest
 /// weight, oldest first; else the latest finished one (so its outcome keeps being answered).
-/// `Err(())` when the component must wait for another one's transfer.
-/// `Err` holds the queued operation that must wait for another component's transfer.
+/// `Err(i)` when the component's queued operation `i` must wait for another one's transfer.
 fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, usize> {
     let mine = || ops.iter().enumerate().filter(move |(_, o)| o.component == component);
     if let Some((i, _)) = mine().find(|(_, o)| o.state.in_flight()) {

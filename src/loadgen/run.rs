@@ -503,7 +503,7 @@ pub(super) async fn connect(s: &Shared, i: usize, dev: DfuDevice) -> Result<Mqtt
 const CONNECT_ATTEMPTS: u32 = 5;
 
 /// Connections an MQTT device may lose during one run and still go on.
-const MAX_LOST: u32 = 3;
+pub(super) const MAX_LOST: u32 = 3;
 
 pub(super) fn coap_config(p: &LoadPlan, i: usize, attempt: u64) -> ClientConfig {
     ClientConfig {

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::coap::CoapClient;
 use super::device::{DfuDevice, Ended};
 use super::mqtt::{MqttDevice, MqttError};
-use super::run::{coap_config, connect, new_device, tally, Expected, Failure, Shared};
+use super::run::{coap_config, connect, new_device, tally, Expected, Failure, Shared, MAX_LOST};
 use super::stats::Stats;
 use crate::loadgen::run::Transport;
 
@@ -35,9 +35,6 @@ enum Link {
     Mqtt(MqttDevice, usize, u32),
     Coap(CoapClient),
 }
-
-/// Connections a multi-target MQTT device may lose during one run and still go on.
-const MAX_LOST: u32 = 3;
 
 impl Link {
     async fn open(s: &Shared, i: usize, first: &DfuDevice) -> Result<Link, Failure> {

@@ -7,6 +7,7 @@
 //! growing pause and the subscription made again, so a broker restart costs devices one
 //! unanswered Status, which they repeat.
 
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,14 +200,11 @@ fn dispatch(queues: &[mpsc::Sender<(String, Bytes)>], topics: &Topics, telemetry
         telemetry.broker("bad_topic");
         return;
     };
-    let at = fxhash(device) % queues.len();
+    // Same device, same worker, so its messages stay in order.
+    let at = BuildHasherDefault::<DefaultHasher>::default().hash_one(device) as usize % queues.len();
     if queues[at].try_send((device.to_owned(), p.payload)).is_err() {
         telemetry.broker("dropped_overload");
     }
-}
-
-fn fxhash(s: &str) -> usize {
-    s.bytes().fold(0usize, |h, b| (h.rotate_left(5) ^ b as usize).wrapping_mul(0x517c_c1b7_2722_0a95))
 }
 
 struct Worker {

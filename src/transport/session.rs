@@ -79,7 +79,7 @@ impl Dfu {
             Ok(false) => {
                 self.telemetry.status("unknown_device");
                 debug!(device, transport, "Status from an unknown device");
-                push(out, &engine::wait(&self.engine, &status), form);
+                push(out, &engine::wait(&self.engine, &status, None), form);
                 return Handled::UnknownDevice;
             }
             Err(e) => return self.failed(device, &e),
@@ -100,8 +100,7 @@ impl Dfu {
                 // Another component of the device is being transferred: this one waits, as
                 // long as its image asks if it does.
                 self.telemetry.status("wait");
-                let poll = Some(poll.unwrap_or(self.engine.wait_poll));
-                push(out, &Command::Wait { correlation_id: status.correlation_id, poll }, form);
+                push(out, &engine::wait(&self.engine, &status, poll), form);
                 return Handled::Replied;
             }
             Ok(Lookup::Held(why)) => {
@@ -109,7 +108,7 @@ impl Dfu {
                 // again after its poll interval.
                 debug!(device, transport, reason = %why, "operation waits for trust");
                 self.telemetry.status("waiting_for_trust");
-                push(out, &engine::wait(&self.engine, &status), form);
+                push(out, &engine::wait(&self.engine, &status, None), form);
                 return Handled::Replied;
             }
             Err(e) => return self.failed(device, &e),

@@ -126,6 +126,9 @@ pub struct Actions {
     planner: Arc<Planner>,
     book: Mutex<Book>,
     events: Mutex<Receiver<Ended>>,
+    /// The second the image time limits were last checked: limits are in seconds, so once a
+    /// second is enough (the worker wakes five times a second).
+    stages_checked: std::sync::atomic::AtomicU64,
 }
 
 impl Actions {
@@ -143,7 +146,15 @@ impl Actions {
         for a in store.load_all::<Action>(Cf::Actions)? {
             book.actions.insert(a.action_id.clone(), a);
         }
-        let actions = Actions { store, fleet, firmware, planner, book: Mutex::new(book), events: Mutex::new(events) };
+        let actions = Actions {
+            store,
+            fleet,
+            firmware,
+            planner,
+            book: Mutex::new(book),
+            events: Mutex::new(events),
+            stages_checked: Default::default(),
+        };
         let mut book = actions.lock();
         let running: Vec<String> = book
             .actions
@@ -405,6 +416,9 @@ impl Actions {
     /// for the device to come back on the new version (since SWAP). Ended like any other
     /// operation: counted when the report of it is handled.
     fn expire_slow_stages(&self, book: &Book, now: u64) -> Result<(), ActionError> {
+        if self.stages_checked.swap(now, std::sync::atomic::Ordering::Relaxed) == now {
+            return Ok(());
+        }
         let limits: HashMap<String, u64> =
             self.firmware.list().iter().filter_map(|m| Some((m.id(), m.identity.as_ref()?.time_limit?))).collect();
         let running: HashSet<String> =
