@@ -23,6 +23,7 @@ use crate::planner::{Operation, Planner, PlannerError};
 use crate::telemetry::Telemetry;
 
 mod actions;
+mod cluster;
 mod guard;
 mod rollouts;
 mod snapshots;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// The MQTT device secret, when device authentication is on.
     pub device_secret: Option<Arc<str>>,
+    /// A planner's data-plane nodes (`cluster.role = "planner"`).
+    pub nodes: Option<Arc<crate::cluster::feed::Nodes>>,
 }
 
 /// An error as the API answers it (the OpenAPI document's name for [`AppError`]'s body).
@@ -136,7 +139,7 @@ impl From<PlannerError> for AppError {
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags((name = "images"), (name = "devices"), (name = "waves"), (name = "rollouts"), (name = "actions"), (name = "tuf"),
-        (name = "openapi"), (name = "probes", description = "open: no token"))
+        (name = "cluster", description = "a planner's data-plane nodes"), (name = "openapi"), (name = "probes", description = "open: no token"))
 )]
 struct ApiDoc;
 
@@ -167,6 +170,7 @@ pub fn router_and_doc(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .merge(rollouts::routes())
         .merge(actions::routes())
         .merge(snapshots::routes())
+        .merge(cluster::routes())
         .routes(routes!(tuf_status))
         .routes(routes!(tuf_refresh))
         .routes(routes!(openapi_json))

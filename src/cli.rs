@@ -14,6 +14,7 @@ mod actions;
 mod devices;
 mod images;
 mod load;
+mod nodes;
 mod rollouts;
 mod snapshots;
 mod tags;
@@ -61,6 +62,11 @@ pub enum Command {
         /// gateway on port 0 learns its ports.
         #[arg(long)]
         ports_file: Option<PathBuf>,
+        /// What this node does (overrides `cluster.role`): `all` (one node), `planner` (the
+        /// store, plans and admin API; feeds data-plane nodes through the broker) or
+        /// `dataplane` (answers devices from what the planner publishes).
+        #[arg(long, value_enum)]
+        role: Option<crate::config::Role>,
     },
     /// Configuration files.
     Config {
@@ -123,6 +129,12 @@ pub enum Command {
     Tuf {
         #[command(subcommand)]
         command: tuf::TufCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// A planner's data-plane nodes: when each was last heard from, its share of the
+    /// traffic, and how far behind the planner's changes it is.
+    Nodes {
         #[command(flatten)]
         remote: Remote,
     },
@@ -286,16 +298,18 @@ pub fn raise_fd_limit() {
     }
 }
 
-async fn serve(path: &Path, ports_file: Option<&Path>) -> Result<()> {
-    let config = crate::load_config(path).with_context(|| format!("config {}", path.display()))?;
+async fn serve(path: &Path, ports_file: Option<&Path>, role: Option<crate::config::Role>) -> Result<()> {
+    let config = match role {
+        None => crate::load_config(path),
+        Some(r) => {
+            let env = std::env::vars().chain([("FWGATE_CLUSTER__ROLE".to_owned(), r.as_str().to_owned())]);
+            crate::config::Config::load(path, env)
+        }
+    }
+    .with_context(|| format!("config {}", path.display()))?;
     init_logging(&config.log.level);
     raise_fd_limit();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let gateway = crate::start(config, shutdown.clone()).await?;
-    tracing::info!(admin = %gateway.admin, "fwgate ready");
-    if let Some(file) = ports_file {
-        write_ports(&gateway, file).with_context(|| format!("--ports-file {}", file.display()))?;
-    }
     let stop = shutdown.clone();
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -311,6 +325,21 @@ async fn serve(path: &Path, ports_file: Option<&Path>) -> Result<()> {
         }
         stop.cancel();
     });
+    if config.cluster.role == crate::config::Role::Dataplane {
+        let node = crate::cluster::node::start(config, shutdown).await?;
+        tracing::info!(admin = %node.admin, node = %node.node, "fwgate data-plane node ready");
+        if let Some(file) = ports_file {
+            let ports = serde_json::json!({"admin": node.admin, "node": node.node});
+            write_json(&ports, file).with_context(|| format!("--ports-file {}", file.display()))?;
+        }
+        node.wait().await;
+        return Ok(());
+    }
+    let gateway = crate::start(config, shutdown.clone()).await?;
+    tracing::info!(admin = %gateway.admin, "fwgate ready");
+    if let Some(file) = ports_file {
+        write_ports(&gateway, file).with_context(|| format!("--ports-file {}", file.display()))?;
+    }
     gateway.wait().await;
     Ok(())
 }
@@ -324,8 +353,13 @@ fn write_ports(gateway: &crate::Gateway, file: &Path) -> Result<()> {
         "coap": gateway.coap,
         "coap_dtls": gateway.coap_dtls,
     });
+    write_json(&ports, file)
+}
+
+/// Writes JSON to a file atomically (a reader sees the whole file or none).
+fn write_json(value: &Value, file: &Path) -> Result<()> {
     let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&ports)?)?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
     std::fs::rename(&tmp, file)?;
     Ok(())
 }
@@ -333,7 +367,8 @@ fn write_ports(gateway: &crate::Gateway, file: &Path) -> Result<()> {
 /// Runs the command line; the binary's `main` is this.
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config, ports_file } => serve(&config, ports_file.as_deref()).await,
+        Command::Serve { config, ports_file, role } => serve(&config, ports_file.as_deref(), role).await,
+        Command::Nodes { remote } => nodes::nodes(&remote).await,
         Command::Config { command: ConfigCommand::Check { config } } => {
             crate::load_config(&config).with_context(|| config.display().to_string())?;
             println!("{}: ok", config.display());

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::EngineConfig;
 
+mod cluster;
+pub use cluster::{ClusterConfig, Role};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}")]
@@ -39,6 +42,7 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub tuf: TufConfig,
     pub rollouts: RolloutsConfig,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
 
@@ -541,6 +545,7 @@ impl Config {
                 }
             }
         }
+        self.cluster.validate(m, f.max_image_bytes)?;
         let c = &self.coap;
         if c.enabled {
             if !(16..=1024).contains(&c.max_block_size) || !c.max_block_size.is_power_of_two() {

@@ -10,6 +10,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+pub mod changes;
 pub mod filter;
 pub mod select;
 
@@ -174,6 +175,9 @@ pub struct Fleet {
     /// The compact index rollouts select from; recency is refreshed by
     /// [`Fleet::flush_last_seen`], not on every Status.
     index: std::sync::RwLock<FleetIndex>,
+    /// Told of every device registered, changed or deleted, when a planner feeds data-plane
+    /// nodes (see [`Fleet::report_changes`]).
+    changes: std::sync::OnceLock<std::sync::Arc<changes::Changes>>,
 }
 
 fn facts(d: &Device) -> DeviceFacts<'_> {
@@ -195,7 +199,7 @@ impl Fleet {
             index.upsert(facts(&d))?;
             devices.insert(d.spec.id.clone(), Entry::new(d));
         }
-        Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index) })
+        Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index), changes: Default::default() })
     }
 
     /// Runs `f` over the selection index (read-locked: keep it short).
@@ -232,6 +236,11 @@ impl Fleet {
 
     /// Adds devices or updates what an operator says of existing ones (tag, groups,
     /// production, hardware), all in one write: every spec is checked before anything changes.
+    /// From now on, marks in `changes` every device registered, changed or deleted.
+    pub fn report_changes(&self, changes: std::sync::Arc<changes::Changes>) {
+        let _ = self.changes.set(changes);
+    }
+
     pub fn upsert(&self, specs: Vec<DeviceSpec>, now: u64) -> Result<Upserted, FleetError> {
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
@@ -279,6 +288,9 @@ impl Fleet {
         for d in records {
             // Checked above: the tags fit and the registry is bounded below u32::MAX.
             let _ = index.upsert(facts(&d));
+            if let Some(c) = self.changes.get() {
+                c.mark(&d.spec.id);
+            }
             self.devices.insert(d.spec.id.clone(), Entry::new(d));
         }
         Ok(out)
@@ -295,6 +307,9 @@ impl Fleet {
         b.commit()?;
         self.devices.remove(id);
         self.index_mut().remove(id);
+        if let Some(c) = self.changes.get() {
+            c.mark(id);
+        }
         Ok(true)
     }
 

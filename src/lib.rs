@@ -30,6 +30,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod firmware;
@@ -54,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, MqttMode};
+use crate::config::{Config, MqttMode, Role};
 use crate::firmware::Firmware;
 use crate::fleet::Fleet;
 use crate::planner::rollouts::Rollouts;
@@ -224,6 +225,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         "store opened"
     );
     let telemetry = Arc::new(Telemetry::new());
+    let role = config.cluster.role;
+    let nodes = (role == Role::Planner).then(|| Arc::new(cluster::feed::Nodes::default()));
     let dfu = Arc::new(Dfu::new(planner.clone(), fleet.clone(), config.dfu.engine(), telemetry.clone()));
     let token = admin_token(&config)?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -249,6 +252,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         max_request_bytes: config.admin.max_request_bytes,
         ready: ready.clone(),
         device_secret: config.mqtt.auth.then(|| config.mqtt.device_secret.clone().into()),
+        nodes: nodes.clone(),
     };
     let stop = shutdown.clone();
     tasks.spawn(async move {
@@ -259,7 +263,22 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     });
     info!(%admin, "admin http listening");
 
+    // A planner serves no device: its data-plane nodes do, from the views it publishes.
+    let serves_devices = role == Role::All;
+    if let Some(nodes) = &nodes {
+        let changes = Arc::new(fleet::changes::Changes::default());
+        fleet.report_changes(changes.clone());
+        planner.report_changes(changes.clone());
+        let node = config.cluster.node(&config.mqtt);
+        let mut opts = transport::external::options(&config.mqtt, 1 << 20)?;
+        opts.set_client_id(format!("{node}-planner"));
+        let topics = cluster::ClusterTopics::new(&config.mqtt.topic_prefix);
+        let (p, f, n, tel) = (planner.clone(), fleet.clone(), nodes.clone(), telemetry.clone());
+        tasks.spawn(cluster::feed::run(opts, topics, p, f, changes, n, tel, shutdown.clone()));
+        info!(node, "planner: feeding data-plane nodes through the broker");
+    }
     let mqtt = match config.mqtt.mode {
+        _ if !serves_devices => None,
         MqttMode::Embedded if config.mqtt.enabled => {
             let (dfu, fleet, tel, stop) = (dfu.clone(), fleet.clone(), telemetry.clone(), shutdown.clone());
             Some(transport::mqtt::start(&config.mqtt, &config.dfu, dfu, fleet, tel, stop, &mut tasks).await?)
@@ -281,7 +300,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         telemetry: telemetry.clone(),
         max_block: config.coap.max_block_size,
     };
-    let coap = if config.coap.enabled {
+    let coap = if config.coap.enabled && serves_devices {
         let (socket, addr) = transport::coap::bind(&config.coap).await?;
         let access = transport::coap::plain_access(&config.coap, config.mqtt.auth);
         if access == transport::coap::exchange::Access::Open {
@@ -293,7 +312,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     } else {
         None
     };
-    let coap_dtls = match config.coap.dtls_listen().filter(|_| config.coap.enabled) {
+    let coap_dtls = match config.coap.dtls_listen().filter(|_| config.coap.enabled && serves_devices) {
         Some(listen) => {
             let secret: Arc<str> = config.mqtt.device_secret.clone().into();
             let l = transport::coap::bind_dtls(&config.coap, listen, fleet.clone(), secret).await?;

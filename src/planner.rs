@@ -7,6 +7,7 @@
 pub mod actions;
 mod admission;
 mod outcomes;
+mod remote;
 pub mod rollouts;
 pub mod waves;
 
@@ -158,11 +159,13 @@ fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, usize> {
 }
 
 /// What a transport needs to run one DFU step: the head operation and its image, hot.
-pub struct ActiveOp {
+pub struct ActiveOp<I = Bytes> {
     pub seq: u64,
     pub state: OpState,
     pub meta: Arc<ImageMeta>,
-    pub image: Bytes,
+    /// The image's bytes; `()` in what a planner tells data-plane nodes, which fetch them by
+    /// digest.
+    pub image: I,
     /// Whether a device may resume at the offset it reports: the bytes it holds are this
     /// image's (the last bytes served to this component were of the same sha256).
     pub resume: bool,
@@ -172,7 +175,7 @@ pub struct ActiveOp {
 }
 
 /// The answer to "what should this device's component get now".
-pub enum Lookup {
+pub enum Lookup<I = Bytes> {
     /// Nothing queued or finished for the component.
     Nothing,
     /// The head operation's image may not reach this device (not an admissible TUF target for
@@ -185,7 +188,7 @@ pub enum Lookup {
     /// The head operation's image is not admissible for a passing reason (TUF metadata
     /// expired or not verified yet): the operation stays as it is and the device waits.
     Held(String),
-    Active(ActiveOp),
+    Active(ActiveOp<I>),
 }
 
 pub struct Planner {
@@ -206,6 +209,8 @@ pub struct Planner {
     holds: std::sync::atomic::AtomicU64,
     /// Who is told when an operation of an origin kind ends (see [`Planner::watch`]).
     watchers: std::sync::RwLock<Vec<(&'static str, std::sync::mpsc::Sender<Ended>)>>,
+    /// Told of every device whose operations changed, when data-plane nodes are fed.
+    changes: std::sync::OnceLock<Arc<crate::fleet::changes::Changes>>,
 }
 
 impl Planner {
@@ -254,6 +259,7 @@ impl Planner {
             held: DashMap::new(),
             holds: 0.into(),
             watchers: Default::default(),
+            changes: Default::default(),
         })
     }
 
@@ -376,6 +382,17 @@ impl Planner {
 
     /// Writes a device's changed operations (and deletes the history beyond [`MAX_HISTORY`])
     /// in one batch, then makes them current.
+    /// From now on, marks in `changes` every device whose operations change (committed).
+    pub fn report_changes(&self, changes: Arc<crate::fleet::changes::Changes>) {
+        let _ = self.changes.set(changes);
+    }
+
+    fn changed(&self, device: &str) {
+        if let Some(c) = self.changes.get() {
+            c.mark(device);
+        }
+    }
+
     fn commit(&self, current: &mut Vec<Operation>, mut next: Vec<Operation>) -> Result<(), PlannerError> {
         let mut b = self.store.batch();
         // Per component, the newest MAX_HISTORY finished operations stay.
@@ -394,6 +411,9 @@ impl Planner {
             }
         }
         b.commit()?;
+        if let Some(o) = next.first().or(current.first()) {
+            self.changed(&o.device);
+        }
         self.tell(
             next.iter()
                 .filter(|o| o.state.is_terminal() && !current.iter().any(|c| c.seq == o.seq && c.state.is_terminal())),
@@ -462,6 +482,7 @@ impl Planner {
         b.commit()?;
         self.ops.remove(device);
         self.held.remove(device);
+        self.changed(device);
         let mut open: Vec<Operation> = ops.into_iter().filter(|o| !o.state.is_terminal()).collect();
         for o in &mut open {
             o.state = OpState::Canceled;
@@ -512,6 +533,28 @@ impl Planner {
     /// with the reason): production devices get only verified production targets, whatever
     /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
+        Ok(match self.lookup_meta(device, component, now)? {
+            Lookup::Active(a) => {
+                let image = self.firmware.bytes(&a.meta)?;
+                Lookup::Active(ActiveOp {
+                    image,
+                    seq: a.seq,
+                    state: a.state,
+                    meta: a.meta,
+                    resume: a.resume,
+                    version: a.version,
+                })
+            }
+            Lookup::Nothing => Lookup::Nothing,
+            Lookup::Refused(why) => Lookup::Refused(why),
+            Lookup::Wait(poll) => Lookup::Wait(poll),
+            Lookup::Held(why) => Lookup::Held(why),
+        })
+    }
+
+    /// [`Planner::lookup`] without the image's bytes (with the same effects: a refused image
+    /// fails its operation, a held one is counted): what a data-plane node is told.
+    pub fn lookup_meta(&self, device: &str, component: &str, now: u64) -> Result<Lookup<()>, PlannerError> {
         let (seq, state, meta, resume, version) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             let o = match head(&ops, component) {
@@ -546,8 +589,7 @@ impl Planner {
         if self.held.contains_key(device) {
             self.held.remove(device);
         }
-        let image = self.firmware.bytes(&meta)?;
-        Ok(Lookup::Active(ActiveOp { seq, state, meta, image, resume, version }))
+        Ok(Lookup::Active(ActiveOp { seq, state, meta, image: (), resume, version }))
     }
 
     /// Ends operation `seq` of a device as timed out, saying why, unless it has ended already
@@ -664,6 +706,7 @@ impl Planner {
             }
             if !b.is_empty() {
                 b.commit()?;
+                self.changed(e.key());
                 self.tell(next.iter().filter(|o| ended.contains(&o.seq)));
                 *e = next;
             }

@@ -8,6 +8,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Label = [(&'static str, &'static str); 1];
@@ -35,6 +36,10 @@ pub struct Telemetry {
     dtls_sessions: Gauge<i64, std::sync::atomic::AtomicI64>,
     broker: Family<Label, Counter>,
     broker_connected: Gauge<i64, std::sync::atomic::AtomicI64>,
+    cluster: Family<Label, Counter>,
+    cluster_views: Gauge<i64, std::sync::atomic::AtomicI64>,
+    cluster_backlog: Gauge<i64, std::sync::atomic::AtomicI64>,
+    view_delay: Histogram,
     faults: FaultLog,
 }
 
@@ -80,6 +85,10 @@ impl Telemetry {
             dtls_sessions: Gauge::default(),
             broker: Family::default(),
             broker_connected: Gauge::default(),
+            cluster: Family::default(),
+            cluster_views: Gauge::default(),
+            cluster_backlog: Gauge::default(),
+            view_delay: Histogram::new([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]),
             faults: FaultLog::default(),
             registry: Registry::default(),
         };
@@ -160,7 +169,57 @@ impl Telemetry {
             "External-broker mode: 1 while connected to the broker",
             t.broker_connected.clone(),
         );
+        registry.register(
+            "cluster_events",
+            "Cluster: planner (view_published, view_removed, report_applied, report_unchanged, report_refused, \
+             node_heard) and data-plane node (view, view_removed, view_refused, report_sent, report_dropped, \
+             image_fetched, image_fetch_failed, image_not_ready) events",
+            t.cluster.clone(),
+        );
+        registry.register(
+            "cluster_views",
+            "Cluster: devices' views published (planner) or held (data-plane node)",
+            t.cluster_views.clone(),
+        );
+        registry.register(
+            "cluster_backlog",
+            "Planner: devices changed whose view is not published yet",
+            t.cluster_backlog.clone(),
+        );
+        registry.register(
+            "cluster_view_delay_seconds",
+            "Data-plane node: from the planner's change to the node holding it (clocks of both)",
+            t.view_delay.clone(),
+        );
         Telemetry { registry, ..t }
+    }
+
+    pub fn cluster(&self, event: &'static str) {
+        self.cluster.get_or_create(&[("event", event)]).inc();
+    }
+
+    pub fn cluster_by(&self, event: &'static str, n: u64) {
+        self.cluster.get_or_create(&[("event", event)]).inc_by(n);
+    }
+
+    pub fn cluster_count(&self, event: &'static str) -> u64 {
+        self.cluster.get_or_create(&[("event", event)]).get()
+    }
+
+    pub fn set_cluster_views(&self, n: usize) {
+        self.cluster_views.set(n as i64);
+    }
+
+    pub fn set_cluster_backlog(&self, n: usize) {
+        self.cluster_backlog.set(n as i64);
+    }
+
+    pub fn view_delay(&self, secs: f64) {
+        self.view_delay.observe(secs);
+    }
+
+    pub fn served_count(&self, transport: &'static str) -> u64 {
+        self.blocks.get_or_create(&[("transport", transport)]).get()
     }
 
     pub fn broker(&self, event: &'static str) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use crate::telemetry::Telemetry;
 /// device asks again when its answer does not come).
 const WORKER_QUEUE: usize = 1024;
 /// Requests (publishes, subscribes) waiting for the connection.
-const REQUEST_QUEUE: usize = 4096;
+pub const REQUEST_QUEUE: usize = 4096;
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const LONGEST_PAUSE: Duration = Duration::from_secs(10);
 
@@ -121,8 +121,7 @@ pub async fn run(
     workers: usize,
     stop: CancellationToken,
 ) {
-    let broker = format!("{}:{}", opts.broker_address().0, opts.broker_address().1);
-    let (client, mut events) = AsyncClient::new(opts, REQUEST_QUEUE);
+    let (client, events) = AsyncClient::new(opts, REQUEST_QUEUE);
     let mut queues = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers.max(1) {
@@ -132,6 +131,37 @@ pub async fn run(
             Worker { client: client.clone(), topics: topics.clone(), dfu: dfu.clone(), telemetry: telemetry.clone() };
         tasks.spawn(w.run(rx));
     }
+    let filters = [(topics.filter.clone(), QoS::AtMostOnce)];
+    let on_event = |event: &'static str| {
+        match event {
+            "connected" => telemetry.set_broker_connected(true),
+            "disconnected" | "connection_failed" => telemetry.set_broker_connected(false),
+            _ => {}
+        }
+        telemetry.broker(event);
+    };
+    drive(&client, events, &filters, &stop, on_event, |p| dispatch(&queues, &topics, &telemetry, p)).await;
+    telemetry.set_broker_connected(false);
+    // Without the event loop (dropped by `drive`) a worker waiting for room to publish would
+    // wait forever: its queue is closed, so waiting publishes fail; stop the workers. A worker
+    // is never stopped inside a DFU step, which does not await.
+    drop(queues);
+    tasks.shutdown().await;
+}
+
+/// Keeps a client connected until `stop`, subscribing to `filters` again on every connection
+/// (no session is kept at the broker), and hands every message received to `on_publish`.
+/// Tells `on_event` of `connected`, `subscribed`, `subscribe_refused`, `disconnected` and
+/// `connection_failed`. A lost connection is retried after a growing, jittered pause.
+pub async fn drive(
+    client: &AsyncClient,
+    mut events: EventLoop,
+    filters: &[(String, QoS)],
+    stop: &CancellationToken,
+    mut on_event: impl FnMut(&'static str),
+    mut on_publish: impl FnMut(Publish),
+) {
+    let broker = format!("{}:{}", events.options.broker_address().0, events.options.broker_address().1);
     let mut pause = FIRST_PAUSE;
     let mut failures = 0u64;
     loop {
@@ -140,38 +170,36 @@ pub async fn run(
             e = events.poll() => e,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(p))) => dispatch(&queues, &topics, &telemetry, p),
+            Ok(Event::Incoming(Packet::Publish(p))) => on_publish(p),
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 pause = FIRST_PAUSE;
-                telemetry.set_broker_connected(true);
-                telemetry.broker("connected");
-                info!(%broker, filter = %topics.filter, "connected to the MQTT broker");
-                // No session is kept: subscribe again on every connection.
-                if let Err(e) = client.try_subscribe(topics.filter.clone(), QoS::AtMostOnce) {
-                    error!(error = %e, "cannot subscribe to the broker");
+                on_event("connected");
+                info!(%broker, filters = ?filters.iter().map(|f| &f.0).collect::<Vec<_>>(), "connected to the MQTT broker");
+                for (filter, qos) in filters {
+                    if let Err(e) = client.try_subscribe(filter.clone(), *qos) {
+                        error!(error = %e, filter, "cannot subscribe at the broker");
+                    }
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(a))) => {
                 let refused: Vec<_> =
                     a.return_codes.iter().filter(|c| !matches!(c, SubscribeReasonCode::Success(_))).collect();
                 if refused.is_empty() {
-                    telemetry.broker("subscribed");
+                    on_event("subscribed");
                 } else {
                     // Nothing will arrive: say so loudly, and try again on a fresh connection.
-                    telemetry.broker("subscribe_refused");
-                    error!(filter = %topics.filter, reason = ?refused, "the broker refused the Status subscription");
+                    on_event("subscribe_refused");
+                    error!(reason = ?refused, "the broker refused a subscription");
                     let _ = client.try_disconnect();
                 }
             }
             Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                telemetry.set_broker_connected(false);
-                telemetry.broker("disconnected");
+                on_event("disconnected");
                 warn!(%broker, reason = ?d.reason_code, "the broker closed the connection");
             }
             Ok(_) => {}
             Err(e) => {
-                telemetry.set_broker_connected(false);
-                telemetry.broker("connection_failed");
+                on_event("connection_failed");
                 failures += 1;
                 // Logged at the first failure and then sparsely while the broker stays away.
                 if failures.is_power_of_two() {
@@ -185,14 +213,7 @@ pub async fn run(
             }
         }
     }
-    telemetry.set_broker_connected(false);
     let _ = client.try_disconnect();
-    // Without the event loop a worker waiting for room to publish would wait forever: drop it
-    // (its queue closes, so waiting publishes fail) and stop the workers. A worker is never
-    // stopped inside a DFU step, which does not await.
-    drop(events);
-    drop(queues);
-    tasks.shutdown().await;
 }
 
 fn dispatch(queues: &[mpsc::Sender<(String, Bytes)>], topics: &Topics, telemetry: &Telemetry, p: Publish) {

@@ -7,7 +7,7 @@ pub mod external;
 pub mod mqtt;
 mod session;
 
-pub use session::{Dfu, Handled, Shape};
+pub use session::{Dfu, Handled, Local, Shape, Source, SourceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

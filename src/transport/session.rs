@@ -36,16 +36,77 @@ pub enum Shape {
     One { max_block: u32 },
 }
 
+/// A failure of the state behind a DFU step (the store, a lost image).
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a DFU step reads a device's operation and records what happened: the planner and
+/// fleet of this node ([`Local`]), or a data-plane node's copy of what the planner told it
+/// (`cluster::Replica`).
+pub trait Source: Send + Sync {
+    /// Notes a Status from a device running `version` on `component`; false when the
+    /// device is not registered.
+    fn observe(&self, device: &str, component: &str, version: &str, now: u64) -> Result<bool, SourceError>;
+    /// What the component should get now (see [`Planner::lookup`]).
+    fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, SourceError>;
+    /// Applies a step to operation `seq` if it is still in `from` (see
+    /// [`Planner::record_reported`]); false when it moved on meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        device: &str,
+        seq: u64,
+        from: OpState,
+        to: Option<OpState>,
+        progress: Option<u32>,
+        served: Option<&str>,
+        reported: Option<&str>,
+        now: u64,
+    ) -> Result<bool, SourceError>;
+}
+
+/// This node's own planner and fleet: a single node, or the planner of a cluster.
+pub struct Local {
+    pub planner: Arc<Planner>,
+    pub fleet: Arc<Fleet>,
+}
+
+impl Source for Local {
+    fn observe(&self, device: &str, component: &str, version: &str, now: u64) -> Result<bool, SourceError> {
+        Ok(self.fleet.observe(device, component, version, now)?)
+    }
+
+    fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, SourceError> {
+        Ok(self.planner.lookup(device, component, now)?)
+    }
+
+    fn record(
+        &self,
+        device: &str,
+        seq: u64,
+        from: OpState,
+        to: Option<OpState>,
+        progress: Option<u32>,
+        served: Option<&str>,
+        reported: Option<&str>,
+        now: u64,
+    ) -> Result<bool, SourceError> {
+        Ok(self.planner.record_reported(device, seq, from, to, progress, served, reported, now)?)
+    }
+}
+
 pub struct Dfu {
-    planner: Arc<Planner>,
-    fleet: Arc<Fleet>,
+    source: Arc<dyn Source>,
     engine: EngineConfig,
     telemetry: Arc<Telemetry>,
 }
 
 impl Dfu {
     pub fn new(planner: Arc<Planner>, fleet: Arc<Fleet>, engine: EngineConfig, telemetry: Arc<Telemetry>) -> Dfu {
-        Dfu { planner, fleet, engine, telemetry }
+        Dfu::with_source(Arc::new(Local { planner, fleet }), engine, telemetry)
+    }
+
+    pub fn with_source(source: Arc<dyn Source>, engine: EngineConfig, telemetry: Arc<Telemetry>) -> Dfu {
+        Dfu { source, engine, telemetry }
     }
 
     /// Handles one Status from `device`, pushing encoded replies onto `out` in the given
@@ -74,7 +135,7 @@ impl Dfu {
             status.mtu = Some(status.mtu.unwrap_or(self.engine.default_mtu).min(max_block));
         }
         let component = status.component.unwrap_or(MAIN_COMPONENT);
-        match self.fleet.observe(device, component, status.version, now) {
+        match self.source.observe(device, component, status.version, now) {
             Ok(true) => {}
             Ok(false) => {
                 self.telemetry.status("unknown_device");
@@ -84,7 +145,7 @@ impl Dfu {
             }
             Err(e) => return self.failed(device, &e),
         }
-        let active = match self.planner.lookup(device, component, now) {
+        let active = match self.source.lookup(device, component, now) {
             Ok(Lookup::Active(a)) => Some(a),
             Ok(Lookup::Nothing) => None,
             Ok(Lookup::Refused(why)) => {
@@ -132,16 +193,8 @@ impl Dfu {
             if step.transition.is_some() || step.progress.is_some() {
                 let served = Some(a.meta.sha256.as_str());
                 let reported = Some(status.version);
-                match self.planner.record_reported(
-                    device,
-                    a.seq,
-                    a.state,
-                    step.transition,
-                    step.progress,
-                    served,
-                    reported,
-                    now,
-                ) {
+                match self.source.record(device, a.seq, a.state, step.transition, step.progress, served, reported, now)
+                {
                     Ok(true) => {}
                     // The operation moved on under us (a concurrent message or the sweeper):
                     // answering from the stale state could contradict it, so stay silent and
@@ -177,7 +230,7 @@ impl Dfu {
         Handled::Replied
     }
 
-    fn failed(&self, device: &str, e: &dyn std::fmt::Display) -> Handled {
+    fn failed(&self, device: &str, e: &SourceError) -> Handled {
         self.telemetry.store_error();
         warn!(device, error = %e, "could not handle a Status");
         Handled::Failed

@@ -11,6 +11,7 @@ pub struct Serve {
     pub admin: String,
     /// The embedded MQTT listener's port; 0 in external-broker mode.
     pub mqtt: u16,
+    /// 0 on a planner or data-plane node, which serve no CoAP.
     pub coap: u16,
     pub log: PathBuf,
 }
@@ -80,7 +81,7 @@ impl Serve {
                 child,
                 admin,
                 mqtt: if ports["mqtt"].is_null() { 0 } else { port_of(&ports, "mqtt") },
-                coap: port_of(&ports, "coap"),
+                coap: if ports["coap"].is_null() { 0 } else { port_of(&ports, "coap") },
                 log,
             };
             let r = reqwest::get(format!("{}/readyz", s.admin)).await.expect("admin answers once ports are written");
