@@ -143,3 +143,113 @@ async fn two_thousand_devices_update_through_two_dataplane_nodes_across_a_node_k
     let (ok, text) = p.cli(&["nodes"]);
     assert!(ok && text.contains("dp-1"), "{text}");
 }
+
+/// Waits until every view the planner has published reached the node: the planner has nothing
+/// left to publish, and the node took at least as many views as were published.
+async fn settled(planner: &str, node: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let published = metric(planner, "fwgate_cluster_events_total{event=\"view_published\"}").await
+            + metric(planner, "fwgate_cluster_events_total{event=\"view_removed\"}").await;
+        let taken = metric(node, "fwgate_cluster_events_total{event=\"view\"}").await
+            + metric(node, "fwgate_cluster_events_total{event=\"view_removed\"}").await;
+        if metric(planner, "fwgate_cluster_backlog").await == 0.0 && published > 0.0 && taken >= published {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the node took {taken} of {published} views in 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One device through the broker, from `running`; how it ended and what it runs then.
+async fn device(broker: &Mosquitto, id: &str, running: &str) -> (Ended, String) {
+    let mut d = SimDevice::connect(broker.addr(), id, Form::Named, running, None).await;
+    let ended = d.run(None).await;
+    let now = d.running.clone();
+    d.disconnect().await;
+    (ended, now)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_a_wave_and_a_rollout_made_on_the_planner_reach_devices_served_by_a_dataplane_node_and_a_cancel_stops_them(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+    let broker = Mosquitto::start(dir.path(), "").await;
+    let fixtures = tuf_fixtures();
+    let url = |what: &str| format!("file://{}/", fixtures.join("repos/production").join(what).display());
+    let mut env = broker_env(&broker, "planner", "planner");
+    env.push(("FWGATE_TUF__PRODUCTION_ROOT", fixtures.join("production-root.json").display().to_string()));
+    env.push(("FWGATE_TUF__PRODUCTION_METADATA_URL", url("metadata")));
+    env.push(("FWGATE_TUF__PRODUCTION_TARGETS_URL", url("targets")));
+    let p = Serve::start_with(&sub("planner"), &env).await;
+    let base = p.admin.clone();
+    let node = dataplane(&sub("n1"), &broker, "dp-1", &base).await;
+
+    let register = |devices: Value| {
+        let base = base.clone();
+        async move {
+            let (status, v) = admin(&base, reqwest::Method::POST, "/api/v1/devices", None, Some(devices)).await;
+            assert_eq!(status, 200, "register: {v}");
+        }
+    };
+    register(serde_json::json!([
+        {"id": "w0", "tag": "release", "production": true, "groups": ["canary"]},
+        {"id": "w1", "tag": "release", "production": true, "groups": ["eu"]},
+        {"id": "r0", "tag": "beta", "hardware": "nrf52"},
+        {"id": "r1", "tag": "beta", "hardware": "nrf52"},
+        {"id": "a0"},
+    ]))
+    .await;
+    add_image(&base, "app", "2.0", target_bytes("production", "app-2.0.bin")).await;
+    add_image(&base, "app", "3.0.0", image(20_000, 9)).await;
+
+    // An operator's assignment.
+    assign(&base, "a0", "app@3.0.0").await;
+    settled(&base, &node.admin).await;
+    assert_eq!(device(&broker, "a0", "1.0").await, (Ended::Updated, "3.0.0".into()));
+
+    // A wave: its canary rollout reaches the canary; a cancel withdraws what it staged for the
+    // rest before they ask.
+    let (status, w) =
+        post(&base, "/api/v1/waves", serde_json::json!({"name": "v2", "version": "2.0", "tag": "release"})).await;
+    assert_eq!(status, 201, "{w}");
+    let (_, r) = post(&base, "/api/v1/waves/v2/rollout", serde_json::json!({"group": "canary"})).await;
+    assert_eq!(r["staged"], 1, "{r}");
+    settled(&base, &node.admin).await;
+    assert_eq!(device(&broker, "w0", "1.0").await, (Ended::Updated, "2.0".into()));
+    let (_, r) = post(&base, "/api/v1/waves/v2/rollout", serde_json::json!({"group": "eu"})).await;
+    assert_eq!(r["staged"], 1, "{r}");
+    let (status, c) = post(&base, "/api/v1/waves/v2/cancel", serde_json::json!({})).await;
+    assert_eq!(status, 200, "{c}");
+    settled(&base, &node.admin).await;
+    assert_eq!(device(&broker, "w1", "1.0").await, (Ended::Synced, "1.0".into()), "canceled on the node too");
+
+    // A rollout over the beta devices, in one group.
+    let body = serde_json::json!({"name": "b1", "filter": "tag==beta", "image": "app@3.0.0", "groups": 1,
+        "success": 100, "error": "1"});
+    let (status, r) = post(&base, "/api/v1/rollouts", body).await;
+    assert_eq!(status, 201, "{r}");
+    let (status, r) = post(&base, "/api/v1/rollouts/b1/start", serde_json::json!({})).await;
+    assert_eq!(status, 200, "{r}");
+    settled(&base, &node.admin).await;
+    for id in ["r0", "r1"] {
+        assert_eq!(device(&broker, id, "1.0").await, (Ended::Updated, "3.0.0".into()), "{id}");
+    }
+    // The planner learnt every outcome from the node's reports: the rollout finished.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, r) = admin(&base, reqwest::Method::GET, "/api/v1/rollouts/b1", None, None).await;
+        if r["state"] == "finished" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rollout not finished: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, d) = admin(&base, reqwest::Method::GET, "/api/v1/devices/a0", None, None).await;
+    assert_eq!(d["operations"][0]["state"], "succeeded", "{d}");
+}
