@@ -88,10 +88,25 @@ pub struct Entry {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Answer {
     Nothing,
-    Wait { poll: Option<u32> },
-    Held { why: String },
-    Refused { why: String },
-    Active { seq: u64, state: OpState, image: ImageMeta, resume: bool, version: String },
+    Wait {
+        poll: Option<u32>,
+    },
+    Held {
+        why: String,
+    },
+    Refused {
+        why: String,
+    },
+    Active {
+        seq: u64,
+        state: OpState,
+        image: ImageMeta,
+        resume: bool,
+        /// Bytes of another image were the last served to the component.
+        #[serde(default)]
+        foreign: bool,
+        version: String,
+    },
 }
 
 impl From<Lookup<()>> for Answer {
@@ -106,6 +121,7 @@ impl From<Lookup<()>> for Answer {
                 state: a.state,
                 image: (*a.meta).clone(),
                 resume: a.resume,
+                foreign: a.foreign,
                 version: a.version,
             },
         }

@@ -169,6 +169,9 @@ pub struct ActiveOp<I = Bytes> {
     /// Whether a device may resume at the offset it reports: the bytes it holds are this
     /// image's (the last bytes served to this component were of the same sha256).
     pub resume: bool,
+    /// The last bytes served to this component were of another image (so a device's offset
+    /// for this version may be another image's); false also when none were served.
+    pub foreign: bool,
     /// The version the device reports once it runs the image: the image's label, or what a
     /// FAS identity says it reports (`firmwareVersion`).
     pub version: String,
@@ -542,6 +545,7 @@ impl Planner {
                     state: a.state,
                     meta: a.meta,
                     resume: a.resume,
+                    foreign: a.foreign,
                     version: a.version,
                 })
             }
@@ -555,7 +559,7 @@ impl Planner {
     /// [`Planner::lookup`] without the image's bytes (with the same effects: a refused image
     /// fails its operation, a held one is counted): what a data-plane node is told.
     pub fn lookup_meta(&self, device: &str, component: &str, now: u64) -> Result<Lookup<()>, PlannerError> {
-        let (seq, state, meta, resume, version) = {
+        let (seq, state, meta, resume, foreign, version) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             let o = match head(&ops, component) {
                 Err(i) => return Ok(Lookup::Wait(self.polling_hint(&ops[i].image))),
@@ -573,7 +577,7 @@ impl Planner {
                     .and_then(|p| p.digest.as_deref())
             });
             let resume = held == Some(meta.sha256.as_str());
-            (o.seq, o.state, meta, resume, o.version.clone())
+            (o.seq, o.state, meta, resume, held.is_some() && !resume, o.version.clone())
         };
         if let Some(d) = self.refusal(device, component, state, &meta, now) {
             if d.transient && !state.is_terminal() {
@@ -589,7 +593,7 @@ impl Planner {
         if self.held.contains_key(device) {
             self.held.remove(device);
         }
-        Ok(Lookup::Active(ActiveOp { seq, state, meta, image: (), resume, version }))
+        Ok(Lookup::Active(ActiveOp { seq, state, meta, image: (), resume, foreign, version }))
     }
 
     /// Ends operation `seq` of a device as timed out, saying why, unless it has ended already

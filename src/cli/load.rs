@@ -162,7 +162,37 @@ async fn register(c: &Client, a: &LoadArgs, ids: &[String]) -> Result<Expected> 
     while let Some(r) = pending.join_next().await {
         r??;
     }
+    nodes_hold_changes(&c).await?;
     Ok(Expected { version, sha256: sha, length })
+}
+
+/// Behind a planner (`cluster.role = "planner"`), waits until every data-plane node holds the
+/// changes made so far — the planner has published every changed view and each node's
+/// heartbeat, sent after now, names the newest — so no device asks a node that has not heard
+/// of its assignment yet. Returns at once for a single node (no nodes listed).
+pub(super) async fn nodes_hold_changes(c: &Client) -> Result<()> {
+    let since = crate::now_millis();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = c.send(c.http.get(c.url("/api/v1/nodes"))).await.context("listing data-plane nodes")?;
+        let up: Vec<&Value> =
+            v.as_array().into_iter().flatten().filter(|n| n["gone"].as_bool() != Some(true)).collect();
+        if up.is_empty() {
+            return Ok(());
+        }
+        let holds = |n: &&Value| {
+            n["lag_ms"].as_u64() == Some(0)
+                && n["planner_backlog"].as_u64() == Some(0)
+                && n["at_ms"].as_u64().is_some_and(|at| at >= since)
+        };
+        if up.iter().all(holds) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("data-plane nodes did not catch up with the planner's changes within 60 s: {v}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// What the first device is assigned, read back from the admin API (without --register the

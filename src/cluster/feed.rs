@@ -38,6 +38,8 @@ pub struct Nodes {
     heard: Mutex<BTreeMap<String, (Heartbeat, u64)>>,
     /// The time of the newest change published.
     newest_change_ms: AtomicU64,
+    /// Changed devices whose view is not published yet.
+    backlog: AtomicU64,
 }
 
 /// A node as `fwgate nodes` shows it.
@@ -50,6 +52,8 @@ pub struct NodeStatus {
     /// How far the node's newest change is behind the planner's newest published one (ms;
     /// 0 when it holds it).
     pub lag_ms: u64,
+    /// The planner's changed devices whose view is not published yet (the same for every node).
+    pub planner_backlog: u64,
 }
 
 impl Nodes {
@@ -76,12 +80,14 @@ impl Nodes {
 
     pub fn list(&self, now_ms: u64) -> Vec<NodeStatus> {
         let newest = self.newest_change_ms.load(Ordering::Relaxed);
+        let backlog = self.backlog.load(Ordering::Relaxed);
         let map = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         map.values()
             .map(|(b, at)| NodeStatus {
                 heartbeat: b.clone(),
                 heard_secs_ago: now_ms.saturating_sub(*at) / 1000,
                 lag_ms: newest.saturating_sub(b.newest_change_ms),
+                planner_backlog: backlog,
             })
             .collect()
     }
@@ -211,6 +217,7 @@ impl Publisher {
                 info!(devices = self.changes.len(), "publishing every device's view");
             }
             let batch = self.changes.take(BATCH);
+            self.nodes.backlog.store((self.changes.len() + batch.len()) as u64, Ordering::Relaxed);
             let (planner, fleet) = (self.planner.clone(), self.fleet.clone());
             let views = tokio::task::spawn_blocking(move || {
                 let now = crate::now_secs();
@@ -271,6 +278,7 @@ impl Publisher {
             }
             self.telemetry.set_cluster_views(self.published.len());
             self.telemetry.set_cluster_backlog(self.changes.len());
+            self.nodes.backlog.store(self.changes.len() as u64, Ordering::Relaxed);
         }
     }
 

@@ -46,6 +46,7 @@ struct Op {
     state: OpState,
     meta: Arc<ImageMeta>,
     resume: bool,
+    foreign: bool,
     version: String,
     /// Progress not reported yet.
     progress: Option<u32>,
@@ -118,13 +119,14 @@ impl Replica {
                 Answer::Wait { poll } => Held::Wait(poll),
                 Answer::Held { why } => Held::Held(why),
                 Answer::Refused { why } => Held::Refused(why),
-                Answer::Active { seq, state, image, resume, version } => {
+                Answer::Active { seq, state, image, resume, foreign, version } => {
                     let mut op = Op {
                         seq,
                         told: state,
                         state,
                         meta: Arc::new(image),
                         resume,
+                        foreign,
                         version,
                         progress: None,
                         sent_ms: 0,
@@ -269,7 +271,11 @@ impl Source for Replica {
                     state: op.state,
                     meta: op.meta.clone(),
                     image,
-                    resume: op.resume,
+                    // Another node may have served this image's first bytes, which the planner
+                    // learns only from its report: unless the planner knows another image's
+                    // bytes were served, the device's offset for this version is taken.
+                    resume: op.resume || !op.foreign,
+                    foreign: op.foreign,
                     version: op.version.clone(),
                 }),
                 None => {
@@ -346,7 +352,8 @@ mod tests {
     }
 
     fn active(seq: u64, state: OpState) -> View {
-        let answer = Answer::Active { seq, state, image: meta("aa"), resume: false, version: "1.0.0".into() };
+        let answer =
+            Answer::Active { seq, state, image: meta("aa"), resume: false, foreign: true, version: "1.0.0".into() };
         View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }
     }
 
@@ -366,6 +373,7 @@ mod tests {
         r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
         let Lookup::Active(a) = r.lookup("d1", "main", 1).unwrap() else { panic!("active") };
         assert_eq!((a.seq, a.state, &a.image[..]), (7, OpState::Pending, &b"abcd"[..]));
+        assert!(!a.resume, "the planner knows another image's bytes were served last");
         assert!(matches!(r.lookup("d1", "other", 1).unwrap(), Lookup::Nothing));
         r.apply("d1", None);
         assert!(matches!(r.lookup("d1", "main", 1).unwrap(), Lookup::Nothing));
@@ -398,6 +406,23 @@ mod tests {
         r.apply("d1", Some(active(7, OpState::Canceled)));
         let Lookup::Active(a) = r.lookup("d1", "main", 1).unwrap() else { panic!("active") };
         assert_eq!(a.state, OpState::Canceled);
+    }
+
+    #[test]
+    fn without_another_images_bytes_a_device_resumes_where_another_node_left_it() {
+        let (r, _, _) = replica();
+        let answer = Answer::Active {
+            seq: 1,
+            state: OpState::Pending,
+            image: meta("aa"),
+            resume: false,
+            foreign: false,
+            version: "1.0.0".into(),
+        };
+        r.apply("d1", Some(View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }));
+        r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
+        let Lookup::Active(a) = r.lookup("d1", "main", 1).unwrap() else { panic!("active") };
+        assert!(a.resume);
     }
 
     #[test]
