@@ -65,7 +65,7 @@ run() {
   local TIMEFORMAT='%U %S'
   { time FWGATE_TOKEN=bench "$bin" load --quiet --transport mqtt --devices "$devices" --register --image-kib "$kib" \
     --seed "$round" --server "http://$planner_admin" --mqtt "127.0.0.1:$port" --report "$report" \
-    --connect-rate 2000 --timeout 300 >"$work/load-$name.out" 2>"$work/load-$name.err"; } 2>"$work/load-$name.time" || echo "(exit status $?)"
+    --connect-rate 2000 >"$work/load-$name.out" 2>"$work/load-$name.err"; } 2>"$work/load-$name.time" || echo "(exit status $?)"
   sed -n "1,4p;6p" "$work/load-$name.out"
   python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); [print("error:", e) for e in r.get("errors", [])[:5]]' "$report" || true
   local line="cpu s: broker $(awk "BEGIN{print $(cpu "$broker") - ${c0[$broker]}}"), planner $(awk "BEGIN{print $(cpu "$planner") - ${c0[$planner]}}")"

@@ -106,7 +106,7 @@ async fn two_thousand_devices_update_through_two_dataplane_nodes_across_a_node_k
     let n2 = dataplane(&sub("n2"), &broker, "dp-2", &base).await;
 
     let report = dir.path().join("report.json");
-    let args = ["--devices", "2000", "--image-kib", "64", "--mtu", "512", "--connect-rate", "1000", "--timeout", "240"];
+    let args = ["--devices", "2000", "--image-kib", "64", "--mtu", "512", "--connect-rate", "1000"];
     let run = load(&base, &broker, &report, &args);
     // 2,000 × 128 blocks. Both nodes serve a share of them (the shared subscription).
     wait_metric(&n1.admin, BLOCKS, 5_000.0, 120).await;

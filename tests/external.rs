@@ -135,7 +135,7 @@ async fn the_documented_mosquitto_acl_confines_each_device_to_its_own_topics() {
     let port = broker.port.to_string();
     let thief = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port, "-u", "dev-a", "-P", "token-a", "-i", "dev-a-thief", "-v"])
-        .args(["-t", "dfu/dev-b/command", "-t", "dfu/+/command", "-t", "#", "-W", "6"])
+        .args(["-t", "dfu/dev-b/command", "-t", "dfu/+/command", "-t", "#", "-W", "12"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -165,12 +165,36 @@ async fn the_documented_mosquitto_acl_confines_each_device_to_its_own_topics() {
     again.disconnect().await;
     assert_eq!(metric(&base, STATUSES).await, seen + 1.0, "only dev-a's own Status reached the gateway");
 
+    // The cluster's topics (a planner's views, nodes' reports) are the fwgate user's only:
+    // dev-a neither reads a view nor forges a report the planner would read.
+    let listener = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-u", "fwgate", "-P", "node-secret", "-i", "planner-probe", "-v"])
+        .args(["-t", "fwgate/report/+", "-W", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let publish = |user: &str, password: &str, topic: &str, message: &str| {
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-u", user, "-P", password, "-t", topic, "-m", message])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    publish("fwgate", "node-secret", "fwgate/view/dev-b", "view-of-dev-b");
+    publish("dev-a", "token-a", "fwgate/report/dev-a", "forged-report");
+    publish("fwgate", "node-secret", "fwgate/report/node-1", "a-node-report");
+    let heard = String::from_utf8_lossy(&listener.wait_with_output().unwrap().stdout).into_owned();
+    assert!(heard.contains("a-node-report"), "the fwgate user's own report was not delivered: {heard}");
+    assert!(!heard.contains("forged-report"), "a device forged a report: {heard}");
+
     // Through its wildcard subscriptions dev-a got its own commands (so they were live) and
     // none of dev-b's.
     let out = thief.wait_with_output().unwrap();
     let read = String::from_utf8_lossy(&out.stdout);
     assert!(read.contains("dfu/dev-a/command"), "dev-a's subscriptions saw nothing at all: {read}");
     assert!(!read.contains("dev-b"), "dev-a read dev-b's messages: {read}");
+    assert!(!read.contains("fwgate/"), "dev-a read the cluster's topics: {read}");
     // A wrong password is refused outright.
     let out = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port, "-u", "dev-a", "-P", "wrong", "-t", "dfu/dev-a/command", "-W", "2"])

@@ -437,18 +437,28 @@ async fn mqtt_device(s: &Shared, i: usize) -> Result<[u8; 32], Failure> {
     let mut pause_at = pause_point(p);
     let mut lost = 0;
     let ended = loop {
-        match dev.run(pause_at, &s.stats).await {
-            // Stopped on purpose (--disconnect-at): come back once.
-            Ok(Ended::Paused(_)) => pause_at = None,
+        let lost_connection = match dev.run(pause_at, &s.stats).await {
+            // Stopped on purpose (--disconnect-at): close the connection and come back once.
+            Ok(Ended::Paused(_)) => {
+                pause_at = None;
+                false
+            }
             Ok(end) => break end,
             // The broker dropped the connection (it restarted, say): come back and go on
             // from where the device is, as a real device does.
-            Err(MqttError::Lost(_)) if lost < MAX_LOST => lost += 1,
+            Err(MqttError::Lost(_)) if lost < MAX_LOST => {
+                lost += 1;
+                true
+            }
             Err(e) => return Err(e.into()),
-        }
+        };
         let state = dev.dev.clone();
-        dev.disconnect().await;
         Stats::add(&s.stats.reconnects, 1);
+        // A dead connection is dropped, not closed: closing it would poll its event loop,
+        // which connects again under the same client id first.
+        if !lost_connection {
+            dev.disconnect().await;
+        }
         dev = connect(s, i, state).await?;
     };
     let out = updated(&dev, ended, &p.expected.version);
