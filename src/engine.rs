@@ -45,6 +45,17 @@ impl OpState {
         matches!(self, OpState::Succeeded | OpState::Failed | OpState::TimedOut | OpState::Canceled)
     }
 
+    /// How far along an operation in this state is: pending 0, downloading 1, swapping 2,
+    /// finished 3. Operations only move up.
+    pub fn stage(self) -> u8 {
+        match self {
+            OpState::Pending => 0,
+            OpState::Downloading => 1,
+            OpState::Swapping => 2,
+            _ => 3,
+        }
+    }
+
     /// Started but not finished: what the time limit applies to.
     pub fn in_flight(self) -> bool {
         matches!(self, OpState::Downloading | OpState::Swapping)

@@ -536,7 +536,7 @@ impl Planner {
     /// with the reason): production devices get only verified production targets, whatever
     /// planned the operation.
     pub fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, PlannerError> {
-        Ok(match self.lookup_meta(device, component, now)? {
+        Ok(match self.lookup_meta(device, component, now, true)? {
             Lookup::Active(a) => {
                 let image = self.firmware.bytes(&a.meta)?;
                 Lookup::Active(ActiveOp {
@@ -558,7 +558,14 @@ impl Planner {
 
     /// [`Planner::lookup`] without the image's bytes (with the same effects: a refused image
     /// fails its operation, a held one is counted): what a data-plane node is told.
-    pub fn lookup_meta(&self, device: &str, component: &str, now: u64) -> Result<Lookup<()>, PlannerError> {
+    /// `asked`: a device asked now, so an operation held for trust is not silent.
+    pub fn lookup_meta(
+        &self,
+        device: &str,
+        component: &str,
+        now: u64,
+        asked: bool,
+    ) -> Result<Lookup<()>, PlannerError> {
         let (seq, state, meta, resume, foreign, version) = {
             let Some(ops) = self.ops.get(device) else { return Ok(Lookup::Nothing) };
             let o = match head(&ops, component) {
@@ -581,7 +588,7 @@ impl Planner {
         };
         if let Some(d) = self.refusal(device, component, state, &meta, now) {
             if d.transient && !state.is_terminal() {
-                self.hold(device, seq, &d.reason, now);
+                self.hold(device, seq, &d.reason, now, asked);
                 return Ok(Lookup::Held(d.to_string()));
             }
             if !state.is_terminal() {
@@ -728,12 +735,12 @@ mod tests {
     use crate::config::FirmwareConfig;
     use crate::fleet::{DeviceSpec, MAIN_COMPONENT};
 
-    struct World {
+    pub(super) struct World {
         _dir: tempfile::TempDir,
-        planner: Planner,
+        pub(super) planner: Planner,
     }
 
-    fn world() -> World {
+    pub(super) fn world() -> World {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), false).unwrap();
         let fleet = Arc::new(Fleet::open(store.clone(), 100).unwrap());

@@ -202,10 +202,6 @@ impl Telemetry {
         self.cluster.get_or_create(&[("event", event)]).inc_by(n);
     }
 
-    pub fn cluster_count(&self, event: &'static str) -> u64 {
-        self.cluster.get_or_create(&[("event", event)]).get()
-    }
-
     pub fn set_cluster_views(&self, n: usize) {
         self.cluster_views.set(n as i64);
     }

@@ -168,6 +168,7 @@ async fn apply(mut rx: mpsc::Receiver<Reports>, planner: Arc<Planner>, fleet: Ar
                         .advance(&device, seq, to, progress, served.as_deref(), reported.as_deref(), at.min(now))
                         .map_err(|e| e.to_string()),
                     Report::Seen { device, component, version, at } => {
+                        planner.touch(&device, at.min(now));
                         fleet.observe(&device, &component, &version, at.min(now)).map_err(|e| e.to_string())
                     }
                 };

@@ -20,16 +20,6 @@ const SEEN_EVERY_SECS: u64 = 10;
 /// A transition the planner has not confirmed in a view is sent again after this long.
 const RESEND_MS: u64 = 2_000;
 
-/// How far along an operation is (as the planner ranks reports).
-fn rank(s: OpState) -> u8 {
-    match s {
-        OpState::Pending => 0,
-        OpState::Downloading => 1,
-        OpState::Swapping => 2,
-        _ => 3,
-    }
-}
-
 /// One component's answer as this node holds it.
 enum Held {
     Nothing,
@@ -136,7 +126,7 @@ impl Replica {
                         _ => None,
                     });
                     if let Some(b) = before {
-                        if rank(b.state) > rank(state) && !state.is_terminal() {
+                        if b.state.stage() > state.stage() && !state.is_terminal() {
                             op.state = b.state;
                             op.sent_ms = b.sent_ms;
                         }
@@ -210,7 +200,7 @@ impl Replica {
             let device = d.key().clone();
             for (_, held) in d.components.iter_mut() {
                 let Held::Active(op) = held else { continue };
-                let ahead = rank(op.state) > rank(op.told) && now_ms.saturating_sub(op.sent_ms) >= RESEND_MS;
+                let ahead = op.state.stage() > op.told.stage() && now_ms.saturating_sub(op.sent_ms) >= RESEND_MS;
                 if op.progress.is_none() && !ahead {
                     continue;
                 }

@@ -145,3 +145,10 @@ fn a_whole_transfer_driven_through_the_step_reassembles_the_image() {
     assert_eq!(got, img);
     assert_eq!(state, OpState::Swapping);
 }
+
+#[test]
+fn states_are_staged_in_the_order_operations_move() {
+    let order = [OpState::Pending, OpState::Downloading, OpState::Swapping, OpState::Succeeded];
+    assert!(order.windows(2).all(|w| w[0].stage() < w[1].stage()));
+    assert!(OpState::ALL.iter().filter(|s| s.is_terminal()).all(|s| s.stage() == 3));
+}

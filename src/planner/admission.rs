@@ -111,8 +111,8 @@ impl Planner {
     /// Notes that operation `seq` of a device waits for trust; an operation in flight gets a
     /// fresh time limit (its device is there, asking): an outage of the TUF repository does
     /// not time transfers out.
-    pub(super) fn hold(&self, device: &str, seq: u64, why: &str, now: u64) {
-        if let Some(mut ops) = self.ops.get_mut(device) {
+    pub(super) fn hold(&self, device: &str, seq: u64, why: &str, now: u64, asked: bool) {
+        if let Some(mut ops) = self.ops.get_mut(device).filter(|_| asked) {
             if let Some(o) = ops.iter_mut().find(|o| o.seq == seq && o.state.in_flight()) {
                 o.last_activity = o.last_activity.max(now);
             }

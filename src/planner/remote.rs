@@ -3,16 +3,6 @@
 use super::{Lookup, Planner, PlannerError};
 use crate::engine::OpState;
 
-/// How far along an operation is: reports only ever move an operation forward.
-fn rank(s: OpState) -> u8 {
-    match s {
-        OpState::Pending => 0,
-        OpState::Downloading => 1,
-        OpState::Swapping => 2,
-        _ => 3,
-    }
-}
-
 impl Planner {
     /// The components a device has operations for (queued, in flight or finished).
     pub fn components_of(&self, device: &str) -> Vec<String> {
@@ -22,14 +12,25 @@ impl Planner {
         c
     }
 
-    /// Each component's answer, without bytes: a device's view for data-plane nodes.
+    /// Each component's answer, without bytes: a device's view for data-plane nodes. Computing
+    /// it is not the device asking: a held operation's time limit runs on.
     pub fn view_of(&self, device: &str, now: u64) -> Result<Vec<(String, Lookup<()>)>, PlannerError> {
         let mut out = Vec::new();
         for c in self.components_of(device) {
-            let l = self.lookup_meta(device, &c, now)?;
+            let l = self.lookup_meta(device, &c, now, false)?;
             out.push((c, l));
         }
         Ok(out)
+    }
+
+    /// A data-plane node saw the device ask: its operations in flight are not silent (as a
+    /// Status handled here would have kept them).
+    pub fn touch(&self, device: &str, now: u64) {
+        if let Some(mut ops) = self.ops.get_mut(device) {
+            for o in ops.iter_mut().filter(|o| o.state.in_flight()) {
+                o.last_activity = o.last_activity.max(now);
+            }
+        }
     }
 
     /// Applies a data-plane node's report on operation `seq`: the state the device reached
@@ -54,7 +55,7 @@ impl Planner {
         if from.is_terminal() {
             return Ok(false);
         }
-        let to = to.filter(|t| rank(*t) > rank(from));
+        let to = to.filter(|t| t.stage() > from.stage());
         // A report of progress only is for a transfer under way.
         let progress = progress.filter(|_| to.is_some() || from == OpState::Downloading);
         if to.is_none() && progress.is_none() {
@@ -67,11 +68,44 @@ impl Planner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::MAIN_COMPONENT;
 
     #[test]
-    fn reports_rank_the_states_in_their_order() {
-        let order = [OpState::Pending, OpState::Downloading, OpState::Swapping, OpState::Succeeded];
-        assert!(order.windows(2).all(|w| rank(w[0]) < rank(w[1])));
-        assert_eq!(rank(OpState::Failed), rank(OpState::Canceled));
+    fn a_nodes_reports_move_an_operation_only_forward_and_never_twice() {
+        let w = super::super::tests::world();
+        let p = &w.planner;
+        let op = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap();
+        let Lookup::Active(a) = p.lookup_meta("d1", MAIN_COMPONENT, 1, false).unwrap() else { panic!("active") };
+        assert!(!a.resume && !a.foreign, "nothing served yet");
+        let sha = a.meta.sha256.clone();
+        let down = Some(OpState::Downloading);
+        assert!(p.advance("d1", op.seq, down, Some(4), Some(&sha), None, 2).unwrap());
+        // The same report again, or one from before it, changes nothing.
+        assert!(!p.advance("d1", op.seq, down, None, Some(&sha), None, 3).unwrap());
+        assert!(!p.advance("d1", op.seq, Some(OpState::Pending), None, None, None, 3).unwrap());
+        assert_eq!(p.head_state("d1", MAIN_COMPONENT), Some((op.seq, OpState::Downloading)));
+        // Progress of a transfer under way is taken; a jump to the end is too.
+        assert!(p.advance("d1", op.seq, None, Some(8), None, None, 4).unwrap());
+        assert_eq!(p.operation("d1", MAIN_COMPONENT).unwrap().offset, 8);
+        assert!(p.advance("d1", op.seq, Some(OpState::Succeeded), None, None, Some("2.0"), 5).unwrap());
+        // Nothing moves a finished operation, and an unknown one is no error.
+        assert!(!p.advance("d1", op.seq, Some(OpState::Failed), None, None, None, 6).unwrap());
+        assert!(!p.advance("d1", op.seq + 100, down, None, None, None, 6).unwrap());
+        assert!(!p.advance("nope", 1, down, None, None, None, 6).unwrap());
+        let (c, l) = p.view_of("d1", 7).unwrap().pop().unwrap();
+        assert_eq!(c, MAIN_COMPONENT);
+        assert!(matches!(l, Lookup::Active(a) if a.state == OpState::Succeeded && a.resume));
+    }
+
+    #[test]
+    fn a_device_seen_by_a_node_keeps_its_transfer_from_timing_out() {
+        let w = super::super::tests::world();
+        let p = &w.planner;
+        let op = p.assign("d1", MAIN_COMPONENT, "app@2.0", 1).unwrap();
+        assert!(p.advance("d1", op.seq, Some(OpState::Downloading), Some(4), None, None, 10).unwrap());
+        p.touch("d1", 90);
+        // The planner's limit is 100 s: from 90, not from 10.
+        assert_eq!(p.sweep_timeouts(150).unwrap(), 0);
+        assert_eq!(p.sweep_timeouts(191).unwrap(), 1);
     }
 }
