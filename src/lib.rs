@@ -17,6 +17,9 @@
 //!   `tough`'s key schema), and which images are admissible for which class of device.
 //! - [`transport`]: the MQTT (fwgate's own listener) and CoAP (UDP) shells around one shared DFU
 //!   exchange.
+//! - [`cluster`]: scale-out behind the fleet's broker — a planner publishing each device's
+//!   view and applying data-plane nodes' reports, and a node's replica of those views, which
+//!   its transports' DFU step runs against.
 //! - [`admin`]: the axum admin API and its OpenAPI document, `/metrics`, probes.
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
 //! - [`loadgen`]: simulated devices (DFU device logic, a CoAP client) for tests, load runs and
