@@ -116,7 +116,7 @@ pub async fn run(
         topics: topics.clone(),
         planner,
         fleet,
-        changes,
+        changes: changes.clone(),
         nodes: nodes.clone(),
         telemetry: telemetry.clone(),
         published: HashMap::new(),
@@ -126,6 +126,7 @@ pub async fn run(
     let on_event = |event: &'static str| {
         if event == "subscribed" {
             connected.store(true, Ordering::Relaxed);
+            changes.wake();
         }
         telemetry.cluster(match event {
             "connected" => "bus_connected",

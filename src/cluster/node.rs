@@ -108,10 +108,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<DataPl
         node.clone(),
         report_rx,
         replica.clone(),
-        {
-            let ms = config.cluster.report_ms;
-            Duration::from_millis(ms)
-        },
+        Duration::from_millis(config.cluster.report_ms),
         telemetry.clone(),
         shutdown.clone(),
     ));

@@ -57,6 +57,11 @@ impl Changes {
         self.len() == 0
     }
 
+    /// Wakes the reader without marking anything (it has something else to look at).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// Resolves once something is marked (or was marked since the last take).
     pub async fn marked(&self) {
         self.wake.notified().await
