@@ -15,18 +15,7 @@ cd "$(dirname "$0")/.."
 devices="${1:-2000}"
 kib="${2:-64}"
 rounds="${3:-2}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fwgate-target}"
-bin="${FWGATE_BIN:-$CARGO_TARGET_DIR/release/fwgate}"
-[ -x "$bin" ] || cargo build --release --locked --bin fwgate
-mosquitto="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-work="$(mktemp -d)"
-pids=()
-stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
-trap 'stop; rm -rf "$work"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat"; }
+. bench/broker_common.sh
 metric() { curl -s "http://$1/metrics" | awk -v s="$2" '$1 == s {print $2; found=1} END {if (!found) print 0}'; }
 
 # `fwgate serve` in $work/$1 with role $2 and extra environment; sets pid, admin.
@@ -46,19 +35,15 @@ start_node() {
 
 run() {
   local n="$1" name="$round-$1"
-  port="$(free_port)"
-  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' "$port" >"$work/mosquitto-$name.conf"
-  "$mosquitto" -c "$work/mosquitto-$name.conf" 2>"$work/mosquitto-$name.log" &
-  broker=$!; pids+=("$broker")
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+  start_mosquitto "$name"
   start_node "planner-$name" planner; planner=$pid; planner_admin=$admin
-  nodes=(); node_admins=()
+  nodes=()
   for i in $(seq "$n"); do
     start_node "dp$i-$name" dataplane FWGATE_CLUSTER__PLANNER_URL="http://$planner_admin" \
       FWGATE_CLUSTER__PLANNER_TOKEN=bench FWGATE_DFU__WAIT_POLL_SECS=1
-    nodes+=("$pid"); node_admins+=("$admin")
+    nodes+=("$pid")
   done
-  local report="$work/load-$name.json" t0 t1
+  local report="$work/load-$name.json"
   echo "\$ fwgate load --transport mqtt --devices $devices --register --image-kib $kib   # $n data-plane node(s)"
   declare -A c0
   for p in "$broker" "$planner" "${nodes[@]}"; do c0[$p]="$(cpu "$p")"; done

@@ -16,19 +16,7 @@ cd "$(dirname "$0")/.."
 devices="${1:-1000}"
 kib="${2:-64}"
 rounds="${3:-3}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/fwgate-target}"
-bin="${FWGATE_BIN:-$CARGO_TARGET_DIR/release/fwgate}"
-[ -x "$bin" ] || cargo build --release --locked --bin fwgate
-mosquitto="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-work="$(mktemp -d)"
-pids=()
-stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
-trap 'stop; rm -rf "$work"' EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# user+system seconds a process has used
-cpu() { awk -v t="$(getconf CLK_TCK)" '{print ($14+$15)/t}' "/proc/$1/stat"; }
+. bench/broker_common.sh
 
 # A fresh gateway in $work/$1 with extra environment ($2…); sets gw, admin, mqtt.
 start_gateway() {
@@ -63,11 +51,7 @@ for round in $(seq "$rounds"); do
   load "$mqtt" embedded; embedded=$bps
   stop
 
-  port="$(free_port)"
-  printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n' "$port" >"$work/mosquitto-$round.conf"
-  "$mosquitto" -c "$work/mosquitto-$round.conf" 2>"$work/mosquitto-$round.log" &
-  broker=$!; pids+=("$broker")
-  for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+  start_mosquitto "$round"
   start_gateway "external-$round" FWGATE_MQTT__MODE=external FWGATE_MQTT__BROKER_URL="mqtt://127.0.0.1:$port"
   for _ in $(seq 100); do curl -s "http://$admin/metrics" | grep -q '^fwgate_broker_events_total{event="subscribed"} 1' && break; sleep 0.1; done
   load "127.0.0.1:$port" external; external=$bps

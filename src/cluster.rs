@@ -68,6 +68,18 @@ impl ClusterTopics {
     }
 }
 
+/// The `cluster_events` name of an event of a cluster connection (see
+/// [`crate::transport::external::drive`]).
+fn bus_event(event: &'static str) -> &'static str {
+    match event {
+        "connected" => "bus_connected",
+        "subscribed" => "bus_subscribed",
+        "subscribe_refused" => "bus_subscribe_refused",
+        "disconnected" => "bus_disconnected",
+        _ => "bus_connection_failed",
+    }
+}
+
 /// A device's view: what each of its components gets now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct View {

@@ -170,7 +170,7 @@ async fn register(c: &Client, a: &LoadArgs, ids: &[String]) -> Result<Expected> 
 /// changes made so far — the planner has published every changed view and each node's
 /// heartbeat, sent after now, names the newest — so no device asks a node that has not heard
 /// of its assignment yet. Returns at once for a single node (no nodes listed).
-pub(super) async fn nodes_hold_changes(c: &Client) -> Result<()> {
+async fn nodes_hold_changes(c: &Client) -> Result<()> {
     let since = crate::now_millis();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::{Answer, ClusterTopics, Entry, Heartbeat, Report, Reports, View};
+use super::{bus_event, Answer, ClusterTopics, Entry, Heartbeat, Report, Reports, View};
 use crate::fleet::changes::Changes;
 use crate::fleet::Fleet;
 use crate::planner::Planner;
@@ -58,17 +58,16 @@ pub struct NodeStatus {
 
 impl Nodes {
     fn heard(&self, payload: &[u8], name: &str, now_ms: u64) -> bool {
-        let mut map = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        let beat = if payload.is_empty() {
+        if payload.is_empty() {
             // The retained heartbeat was cleared: the node is gone for good.
-            map.remove(name);
+            self.heard.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
             return true;
-        } else {
-            match serde_json::from_slice::<Heartbeat>(payload) {
-                Ok(b) if b.node == name => b,
-                _ => return false,
-            }
+        }
+        let beat = match serde_json::from_slice::<Heartbeat>(payload) {
+            Ok(b) if b.node == name => b,
+            _ => return false,
         };
+        let mut map = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_NODES && !map.contains_key(name) {
             if let Some(oldest) = map.iter().min_by_key(|(_, (_, at))| *at).map(|(n, _)| n.clone()) {
                 map.remove(&oldest);
@@ -128,13 +127,7 @@ pub async fn run(
             connected.store(true, Ordering::Relaxed);
             changes.wake();
         }
-        telemetry.cluster(match event {
-            "connected" => "bus_connected",
-            "subscribed" => "bus_subscribed",
-            "subscribe_refused" => "bus_subscribe_refused",
-            "disconnected" => "bus_disconnected",
-            _ => "bus_connection_failed",
-        });
+        telemetry.cluster(bus_event(event));
     };
     let on_publish = |p: rumqttc::v5::mqttbytes::v5::Publish| {
         if let Some(name) = topics.name("node", &p.topic) {
@@ -226,14 +219,8 @@ impl Publisher {
                 batch
                     .into_iter()
                     .map(|(device, at_ms)| {
-                        let view = if fleet.contains(&device) {
-                            match planner.view_of(&device, now) {
-                                Ok(v) => Some(Ok(v)),
-                                Err(e) => Some(Err(e.to_string())),
-                            }
-                        } else {
-                            None
-                        };
+                        // None: no longer registered.
+                        let view = fleet.contains(&device).then(|| planner.view_of(&device, now));
                         (device, at_ms, view)
                     })
                     .collect::<Vec<_>>()

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::replica::Replica;
-use super::{ClusterTopics, Heartbeat, Report, Reports, View};
+use super::{bus_event, ClusterTopics, Heartbeat, Report, Reports, View};
 use crate::config::Config;
 use crate::telemetry::Telemetry;
 use crate::transport::external::{self, drive, REQUEST_QUEUE};
@@ -133,16 +133,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<DataPl
     tasks.spawn(external::run(opts, dfu_topics, dfu, telemetry.clone(), workers, shutdown.clone()));
     info!(%admin, node, planner = %config.cluster.planner_url, "data-plane node started");
     Ok(DataPlane { admin, node, telemetry, replica, tasks, shutdown })
-}
-
-fn bus_event(event: &'static str) -> &'static str {
-    match event {
-        "connected" => "bus_connected",
-        "subscribed" => "bus_subscribed",
-        "subscribe_refused" => "bus_subscribe_refused",
-        "disconnected" => "bus_disconnected",
-        _ => "bus_connection_failed",
-    }
 }
 
 fn take_view(replica: &Replica, telemetry: &Telemetry, delays: &Delays, topics: &ClusterTopics, p: Publish) {
