@@ -404,9 +404,11 @@ async fn delete_device(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    let waves = s.waves.clone();
     let gone = id.clone();
-    match blocking(move || waves.delete_device(&gone)).await? {
+    let deleted = blocking(move || {
+        crate::planner::delete_device(&s.planner, &s.fleet, &s.waves, Some(&s.rollouts), &gone, now_secs())
+    });
+    match deleted.await? {
         Some(n) => Ok(Json(serde_json::json!({"deleted": id, "unfinished_operations": n}))),
         None => Err(FleetError::NotFound(id).into()),
     }

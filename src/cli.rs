@@ -16,6 +16,7 @@ mod images;
 mod load;
 mod nodes;
 mod rollouts;
+mod sim;
 mod snapshots;
 mod tags;
 mod tuf;
@@ -141,6 +142,9 @@ pub enum Command {
     /// Simulate devices against a running gateway and report how fast and how correctly they
     /// update (MQTT, CoAP DFU or CoAP Block2).
     Load(Box<load::LoadArgs>),
+    /// Run the planner's deterministic simulator: seeded operators, devices and crashes
+    /// against the real store and plans, invariants checked after every step. Runs locally.
+    Sim(sim::SimArgs),
 }
 
 #[derive(Subcommand)]
@@ -383,5 +387,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Tags { command, remote } => tags::tags(command, &remote).await,
         Command::Tuf { command, remote } => tuf_remote(command, &remote).await,
         Command::Load(args) => load::load(*args).await,
+        Command::Sim(args) => sim::sim(args),
     }
 }

@@ -144,6 +144,9 @@ struct Entry {
     /// Changed running versions written at once in the minute that started at `window`.
     version_writes: u8,
     window: u64,
+    /// Its deletion is being committed: nothing writes its record any more, and it is no
+    /// longer a device to plan for.
+    deleting: bool,
 }
 
 /// A device's changed running version is written at once this many times a minute (an
@@ -154,7 +157,7 @@ const VERSION_WRITES_PER_MINUTE: u8 = 4;
 
 impl Entry {
     fn new(device: Device) -> Entry {
-        Entry { device, dirty: false, fresh: false, version_writes: 0, window: 0 }
+        Entry { device, dirty: false, fresh: false, version_writes: 0, window: 0, deleting: false }
     }
 }
 
@@ -178,6 +181,10 @@ pub struct Fleet {
     /// Told of every device registered, changed or deleted, when a planner feeds data-plane
     /// nodes (see [`Fleet::report_changes`]).
     changes: std::sync::OnceLock<std::sync::Arc<changes::Changes>>,
+    /// Held by the last-seen flush from gathering records to committing them, and by a
+    /// deletion while it marks its device: a flush never writes back a device deleted after
+    /// it gathered it.
+    flushing: std::sync::Mutex<()>,
 }
 
 fn facts(d: &Device) -> DeviceFacts<'_> {
@@ -199,7 +206,14 @@ impl Fleet {
             index.upsert(facts(&d))?;
             devices.insert(d.spec.id.clone(), Entry::new(d));
         }
-        Ok(Fleet { store, devices, max_devices, index: std::sync::RwLock::new(index), changes: Default::default() })
+        Ok(Fleet {
+            store,
+            devices,
+            max_devices,
+            index: std::sync::RwLock::new(index),
+            changes: Default::default(),
+            flushing: Default::default(),
+        })
     }
 
     /// Runs `f` over the selection index (read-locked: keep it short).
@@ -296,29 +310,72 @@ impl Fleet {
         Ok(out)
     }
 
-    /// Deletes a device's record. Its wave memberships and operations go first (see
-    /// `Waves::device_deleted`, `Planner::forget`). Returns whether it existed.
+    /// Deletes a device's record (alone: a device with operations or plan memberships is
+    /// deleted by `planner::delete_device`, in one step with them). Returns whether it existed.
     pub fn delete(&self, id: &str) -> Result<bool, FleetError> {
-        if !self.devices.contains_key(id) {
+        let mut b = self.store.batch();
+        if !self.stage_delete(&mut b, id) {
             return Ok(false);
         }
-        let mut b = self.store.batch();
+        if let Err(e) = b.commit() {
+            self.cancel_delete(id);
+            return Err(e.into());
+        }
+        self.finish_delete(id);
+        Ok(true)
+    }
+
+    /// Adds a device's deletion to `b` and marks it deleting: from now on nothing writes its
+    /// record (a Status, a last-seen flush) and it is no longer found. After `b` is committed,
+    /// [`Fleet::finish_delete`]; if that failed, [`Fleet::cancel_delete`]. False for an
+    /// unknown device.
+    pub fn stage_delete(&self, b: &mut crate::store::Batch<'_>, id: &str) -> bool {
+        let _flush = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut e) = self.devices.get_mut(id) else { return false };
+        if e.deleting {
+            return false;
+        }
+        e.deleting = true;
         b.delete(Cf::Devices, id.as_bytes());
-        b.commit()?;
+        true
+    }
+
+    /// The deletion staged by [`Fleet::stage_delete`] is committed: the device goes.
+    pub fn finish_delete(&self, id: &str) {
         self.devices.remove(id);
         self.index_mut().remove(id);
         if let Some(c) = self.changes.get() {
             c.mark(id);
         }
-        Ok(true)
+    }
+
+    /// The deletion staged by [`Fleet::stage_delete`] was not committed: the device stays.
+    pub fn cancel_delete(&self, id: &str) {
+        if let Some(mut e) = self.devices.get_mut(id) {
+            e.deleting = false;
+        }
+    }
+
+    /// The registered devices are exactly the stored ones (what a restart would load): a
+    /// check of the simulator's (`crate::sim`).
+    pub fn audit_store(&self) -> Result<(), String> {
+        let mut stored: Vec<String> =
+            self.store.load_all::<Device>(Cf::Devices).map_err(|e| e.to_string())?.into_iter().map(|d| d.spec.id).collect();
+        stored.sort();
+        let memory = self.ids_where(|_| true);
+        let memory: Vec<String> = memory.into_iter().filter(|id| self.contains(id)).collect();
+        if stored != memory {
+            return Err(format!("registered devices {memory:?}, stored {stored:?}"));
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Device> {
-        self.devices.get(id).map(|e| e.device.clone())
+        self.devices.get(id).filter(|e| !e.deleting).map(|e| e.device.clone())
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.devices.contains_key(id)
+        self.devices.get(id).is_some_and(|e| !e.deleting)
     }
 
     /// Whether a device is a production device (`None`: unknown device).
@@ -337,7 +394,7 @@ impl Fleet {
     }
 
     pub fn hardware(&self, id: &str) -> Option<Option<String>> {
-        self.devices.get(id).map(|e| e.device.spec.hardware.clone())
+        self.devices.get(id).filter(|e| !e.deleting).map(|e| e.device.spec.hardware.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -373,7 +430,7 @@ impl Fleet {
     /// last-seen is only marked dirty and written by [`Fleet::flush_last_seen`].
     /// Returns false for an unknown device.
     pub fn observe(&self, id: &str, component: &str, version: &str, now: u64) -> Result<bool, FleetError> {
-        let Some(mut e) = self.devices.get_mut(id) else { return Ok(false) };
+        let Some(mut e) = self.devices.get_mut(id).filter(|e| !e.deleting) else { return Ok(false) };
         e.device.last_seen = Some(now);
         e.fresh = true;
         if e.device.running.get(component).map(String::as_str) == Some(version) {
@@ -416,6 +473,7 @@ impl Fleet {
     /// Writes last-seen times that changed since the last flush, in one batch, and hands
     /// them to the selection index.
     pub fn flush_last_seen(&self) -> Result<usize, FleetError> {
+        let _flush = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         let mut b = self.store.batch();
         let mut n = 0;
         let mut seen = Vec::new();
@@ -426,7 +484,7 @@ impl Fleet {
                     seen.push((e.key().clone(), t));
                 }
             }
-            if e.dirty {
+            if e.dirty && !e.deleting {
                 b.put_json(Cf::Devices, e.key().as_bytes(), &e.device)?;
                 e.dirty = false;
                 n += 1;
@@ -509,6 +567,39 @@ mod tests {
         assert_eq!(a.running.get(MAIN_COMPONENT).map(String::as_str), Some("1.0.0"));
         assert_eq!(a.created_at, 1);
         assert_eq!(f.list(Some("a"), 10).iter().map(|d| d.spec.id.as_str()).collect::<Vec<_>>(), ["b"]);
+    }
+
+    /// Finding 7 of issue 28: a last-seen flush gathered a device's record, the device was
+    /// deleted, and the flush then wrote the record back: after a restart the device was there
+    /// again. Deletion now waits for a flush in progress and marks the device first.
+    #[test]
+    fn a_deleted_device_never_comes_back_from_a_last_seen_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let f = std::sync::Arc::new(Fleet::open(Store::open(dir.path(), false).unwrap(), 1000).unwrap());
+            let ids: Vec<String> = (0..300).map(|i| format!("d{i:03}")).collect();
+            f.upsert(ids.iter().map(|i| spec(i)).collect(), 0).unwrap();
+            let seen = {
+                let (f, ids) = (f.clone(), ids.clone());
+                std::thread::spawn(move || {
+                    for round in 1..40u64 {
+                        for id in &ids {
+                            f.observe(id, MAIN_COMPONENT, "1.0.0", round).unwrap();
+                        }
+                        f.flush_last_seen().unwrap();
+                    }
+                })
+            };
+            for id in &ids {
+                assert!(f.delete(id).unwrap());
+                std::thread::yield_now();
+            }
+            seen.join().unwrap();
+            f.flush_last_seen().unwrap();
+            assert!(f.is_empty());
+        }
+        let f = Fleet::open(Store::open(dir.path(), false).unwrap(), 1000).unwrap();
+        assert_eq!(f.ids_where(|_| true), Vec::<String>::new(), "no deleted device came back");
     }
 
     #[test]

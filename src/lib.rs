@@ -24,6 +24,8 @@
 //! - [`cli`]: the `fwgate` command line; operator commands are HTTP calls to `admin`.
 //! - [`loadgen`]: simulated devices (DFU device logic, a CoAP client) for tests, load runs and
 //!   benchmarks; it knows the gateway only through the wire.
+//! - [`sim`]: the deterministic simulator of the planner — seeded, a simulated clock, crashes
+//!   between any two writes — and the invariants it checks after every step.
 //! - [`config`], [`telemetry`]: configuration and metrics, used by all of the above.
 //!
 //! [`start`] runs a gateway until its shutdown token is cancelled; `fwgate serve` and the
@@ -43,6 +45,7 @@ pub mod fuzzing;
 pub mod loadgen;
 pub mod planner;
 pub mod protocol;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod transport;

@@ -6,10 +6,16 @@
 
 pub mod actions;
 mod admission;
+mod audit;
+mod deletion;
 mod outcomes;
 mod remote;
 pub mod rollouts;
+mod step;
 pub mod waves;
+
+pub use deletion::delete_device;
+pub use step::Step;
 
 pub(crate) use outcomes::{next_batch, spawn_worker};
 pub use outcomes::{Ended, POLL};
@@ -49,6 +55,9 @@ pub enum PlannerError {
     #[error(transparent)]
     Firmware(#[from] FirmwareError),
 }
+
+/// The operations map's hasher: keys are registered device ids, not chosen by devices.
+type Fixed = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 
 /// Weight of an operator's direct assignment: ahead of everything a plan queued.
 pub const ASSIGN_WEIGHT: u16 = 1000;
@@ -199,8 +208,9 @@ pub struct Planner {
     fleet: Arc<Fleet>,
     firmware: Arc<Firmware>,
     /// Per device, its operations (queued, in flight, and recent history); the map entry is
-    /// the device's lock.
-    ops: DashMap<String, Vec<Operation>>,
+    /// the device's lock. A fixed hasher and shard count: the order of a pass over every
+    /// device is the same in every run, so a simulation replays exactly from its seed.
+    ops: DashMap<String, Vec<Operation>, Fixed>,
     op_timeout_secs: u64,
     next_seq: std::sync::atomic::AtomicU64,
     /// Which images may reach which class of device.
@@ -214,7 +224,21 @@ pub struct Planner {
     watchers: std::sync::RwLock<Vec<(&'static str, std::sync::mpsc::Sender<Ended>)>>,
     /// Told of every device whose operations changed, when data-plane nodes are fed.
     changes: std::sync::OnceLock<Arc<crate::fleet::changes::Changes>>,
+    /// Writers of one device's operations hold it shared, taken before the device's entry; a
+    /// [`Step`] over many devices holds it exclusively, so its one batch is never interleaved
+    /// with another writer's change of a device it touches.
+    gate: parking_lot::RwLock<()>,
+    /// No sequence number below this is ever handed out again: stored (`Meta`, [`SEQ_KEY`])
+    /// in the batch of any commit that uses one at or above it.
+    seq_mark: std::sync::atomic::AtomicU64,
 }
+
+/// Where the sequence numbers' high-water mark is stored: a deleted device's or trimmed
+/// operation's number is never reused after a restart.
+const SEQ_KEY: &[u8] = b"ops.next_seq";
+/// How far ahead of the sequence numbers in use the stored mark is moved, so it is written
+/// once per this many operations.
+const SEQ_STRIDE: u64 = 1024;
 
 impl Planner {
     /// Loads operations. In-flight ones get a fresh time limit from `now`: while the gateway
@@ -226,9 +250,13 @@ impl Planner {
         op_timeout_secs: u64,
         now: u64,
     ) -> Result<Planner, PlannerError> {
-        let ops: DashMap<String, Vec<Operation>> = DashMap::new();
+        let ops: DashMap<String, Vec<Operation>, Fixed> = DashMap::with_hasher_and_shard_amount(Fixed::default(), 64);
         let mut loaded = store.load_all::<Operation>(Cf::Ops)?;
-        let mut next_seq = loaded.iter().map(|o| o.seq).max().unwrap_or(0) + 1;
+        let mark = store
+            .get(Cf::Meta, SEQ_KEY)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut next_seq = (loaded.iter().map(|o| o.seq).max().unwrap_or(0) + 1).max(mark);
         // Records from before the queue have no sequence number: give them one, under the
         // new key, in one batch with the removal of the old key.
         let mut migrate = store.batch();
@@ -263,6 +291,8 @@ impl Planner {
             holds: 0.into(),
             watchers: Default::default(),
             changes: Default::default(),
+            gate: Default::default(),
+            seq_mark: mark.max(next_seq).into(),
         })
     }
 
@@ -352,7 +382,32 @@ impl Planner {
         origin: &str,
         now: u64,
     ) -> Result<Operation, PlannerError> {
+        let _g = self.gate.read_recursive();
+        // Checked under the gate: a device being deleted (its deletion is a step) is gone.
+        if !self.fleet.contains(device) {
+            return Err(PlannerError::UnknownDevice(device.into()));
+        }
         let mut ops = self.ops.entry(device.to_owned()).or_default();
+        let mut next = ops.clone();
+        let op = self.queue(&mut next, device, component, meta, version, weight, origin, now);
+        self.commit(&mut ops, next)?;
+        Ok(op)
+    }
+
+    /// Adds a new pending operation to `next` (a device's operations), canceling a queued one
+    /// of the same component and the same kind of origin, which it replaces.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &self,
+        next: &mut Vec<Operation>,
+        device: &str,
+        component: &str,
+        meta: &ImageMeta,
+        version: &str,
+        weight: u16,
+        origin: &str,
+        now: u64,
+    ) -> Operation {
         let op = Operation {
             seq: self.next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             device: device.into(),
@@ -371,7 +426,6 @@ impl Planner {
             digest: None,
         };
         let kind = origin_kind(origin);
-        let mut next = ops.clone();
         for o in next
             .iter_mut()
             .filter(|o| o.component == component && origin_kind(&o.origin) == kind && o.state == OpState::Pending)
@@ -379,12 +433,9 @@ impl Planner {
             o.end(OpState::Canceled, format!("replaced by operation {} ({})", op.seq, op.origin), now);
         }
         next.push(op.clone());
-        self.commit(&mut ops, next)?;
-        Ok(op)
+        op
     }
 
-    /// Writes a device's changed operations (and deletes the history beyond [`MAX_HISTORY`])
-    /// in one batch, then makes them current.
     /// From now on, marks in `changes` every device whose operations change (committed).
     pub fn report_changes(&self, changes: Arc<crate::fleet::changes::Changes>) {
         let _ = self.changes.set(changes);
@@ -396,8 +447,22 @@ impl Planner {
         }
     }
 
-    fn commit(&self, current: &mut Vec<Operation>, mut next: Vec<Operation>) -> Result<(), PlannerError> {
+    fn commit(&self, current: &mut Vec<Operation>, next: Vec<Operation>) -> Result<(), PlannerError> {
         let mut b = self.store.batch();
+        let drop = self.stage(&mut b, current, &next)?;
+        b.commit()?;
+        self.apply(current, next, &drop);
+        Ok(())
+    }
+
+    /// Adds to `b` what turns a device's `current` operations into `next` (and the deletion of
+    /// the history beyond [`MAX_HISTORY`]); returns the sequence numbers of that history.
+    fn stage(
+        &self,
+        b: &mut crate::store::Batch<'_>,
+        current: &[Operation],
+        next: &[Operation],
+    ) -> Result<std::collections::HashSet<u64>, PlannerError> {
         // Per component, the newest MAX_HISTORY finished operations stay.
         let mut finished: Vec<&Operation> = next.iter().filter(|o| o.state.is_terminal()).collect();
         finished
@@ -406,14 +471,33 @@ impl Planner {
             .chunk_by(|a, b| a.component == b.component)
             .flat_map(|same| same.iter().skip(MAX_HISTORY).map(|o| o.seq))
             .collect();
-        for o in &next {
+        for o in next {
             if drop.contains(&o.seq) {
                 b.delete(Cf::Ops, op_key(o).as_bytes());
             } else if current.iter().find(|c| c.seq == o.seq) != Some(o) {
                 b.put_json(Cf::Ops, op_key(o).as_bytes(), o)?;
             }
         }
-        b.commit()?;
+        self.stage_seq_mark(b, next.iter().map(|o| o.seq).max().unwrap_or(0));
+        Ok(drop)
+    }
+
+    /// Moves the stored high-water mark of sequence numbers past `used`, in `b`, when `used`
+    /// reaches it.
+    fn stage_seq_mark(&self, b: &mut crate::store::Batch<'_>, used: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mark = self.seq_mark.load(Relaxed);
+        if used >= mark {
+            let to = used + SEQ_STRIDE;
+            if self.seq_mark.fetch_max(to, Relaxed) < to {
+                b.put(Cf::Meta, SEQ_KEY, &to.to_be_bytes());
+            }
+        }
+    }
+
+    /// Makes a committed `next` a device's current operations, less the trimmed history, and
+    /// tells who watches of the operations that ended.
+    fn apply(&self, current: &mut Vec<Operation>, mut next: Vec<Operation>, drop: &std::collections::HashSet<u64>) {
         if let Some(o) = next.first().or(current.first()) {
             self.changed(&o.device);
         }
@@ -427,7 +511,6 @@ impl Planner {
         // onto a one-element clone would otherwise keep room for four).
         next.shrink_to_fit();
         *current = next;
-        Ok(())
     }
 
     /// Cancels every unfinished operation queued by `origin` (e.g. a wave); a transfer under
@@ -438,6 +521,7 @@ impl Planner {
 
     /// Cancels every unfinished operation whose origin `pick` chooses, in one pass.
     pub fn cancel_origins(&self, pick: impl Fn(&str) -> bool, now: u64) -> Result<usize, PlannerError> {
+        let _g = self.gate.read_recursive();
         let mut n = 0;
         for mut e in self.ops.iter_mut() {
             if !e.iter().any(|o| !o.state.is_terminal() && pick(&o.origin)) {
@@ -462,6 +546,7 @@ impl Planner {
         why: &str,
         now: u64,
     ) -> Result<usize, PlannerError> {
+        let _g = self.gate.read_recursive();
         let Some(mut e) = self.ops.get_mut(device) else { return Ok(0) };
         let n = e.iter().filter(|o| o.state == OpState::Pending && pick(o)).count();
         if n > 0 {
@@ -477,21 +562,10 @@ impl Planner {
     /// Deletes every operation of a deleted device (queued ones included: there is no one
     /// left to serve); returns how many unfinished ones there were.
     pub fn forget(&self, device: &str) -> Result<usize, PlannerError> {
-        let Some(ops) = self.ops.get(device).map(|o| o.clone()) else { return Ok(0) };
-        let mut b = self.store.batch();
-        for o in &ops {
-            b.delete(Cf::Ops, op_key(o).as_bytes());
-        }
-        b.commit()?;
-        self.ops.remove(device);
-        self.held.remove(device);
-        self.changed(device);
-        let mut open: Vec<Operation> = ops.into_iter().filter(|o| !o.state.is_terminal()).collect();
-        for o in &mut open {
-            o.state = OpState::Canceled;
-        }
-        self.tell(&open);
-        Ok(open.len())
+        let mut step = self.step();
+        let open = step.forget(device);
+        step.commit()?;
+        Ok(open)
     }
 
     /// Visits every operation (queued, in flight, recent history), device by device.
@@ -586,7 +660,7 @@ impl Planner {
             let resume = held == Some(meta.sha256.as_str());
             (o.seq, o.state, meta, resume, held.is_some() && !resume, o.version.clone())
         };
-        if let Some(d) = self.refusal(device, component, state, &meta, now) {
+        if let Some(d) = self.refusal(device, component, state, &meta, &version, now) {
             if d.transient && !state.is_terminal() {
                 self.hold(device, seq, &d.reason, now, asked);
                 return Ok(Lookup::Held(d.to_string()));
@@ -607,6 +681,7 @@ impl Planner {
     /// (a plan's own time limit; a transfer under way is answered SYNC at its next Status).
     /// Returns whether it ended it.
     pub fn expire(&self, device: &str, seq: u64, why: &str, now: u64) -> Result<bool, PlannerError> {
+        let _g = self.gate.read_recursive();
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
         let Some(at) = ops.iter().position(|o| o.seq == seq && !o.state.is_terminal()) else { return Ok(false) };
         let mut next = ops.clone();
@@ -617,6 +692,7 @@ impl Planner {
 
     /// Fails operation `seq` of a device (if it is still in `from`), saying why.
     fn fail(&self, device: &str, seq: u64, from: OpState, why: &str, now: u64) -> Result<(), PlannerError> {
+        let _g = self.gate.read_recursive();
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(()) };
         let Some(at) = ops.iter().position(|o| o.seq == seq && o.state == from) else { return Ok(()) };
         let mut next = ops.clone();
@@ -665,9 +741,16 @@ impl Planner {
         reported: Option<&str>,
         now: u64,
     ) -> Result<bool, PlannerError> {
+        let _g = self.gate.read_recursive();
         let Some(mut ops) = self.ops.get_mut(device) else { return Ok(false) };
         let Some(at) = ops.iter().position(|o| o.seq == seq) else { return Ok(false) };
         if ops[at].state != from {
+            return Ok(false);
+        }
+        // At most one transfer per device: a start computed while another component's
+        // transfer was starting (two Statuses at once, or two data-plane nodes) loses.
+        let starts = !from.in_flight() && !from.is_terminal() && to.is_some_and(OpState::in_flight);
+        if starts && ops.iter().any(|o| o.seq != seq && o.state.in_flight()) {
             return Ok(false);
         }
         let new_digest = served.filter(|d| ops[at].digest.as_deref() != Some(*d));
@@ -702,6 +785,7 @@ impl Planner {
 
     /// Times out in-flight operations silent for longer than the limit; returns how many.
     pub fn sweep_timeouts(&self, now: u64) -> Result<usize, PlannerError> {
+        let _g = self.gate.read_recursive();
         let mut n = 0;
         for mut e in self.ops.iter_mut() {
             // Each device is written under its own entry lock, so a Status racing the sweep
@@ -726,6 +810,8 @@ impl Planner {
     }
 }
 
+#[cfg(test)]
+mod queue_tests;
 #[cfg(test)]
 mod trust_tests;
 

@@ -16,6 +16,9 @@ pub enum StoreError {
     Corrupt { cf: &'static str, key: String, message: String },
     #[error("cannot encode a record: {0}")]
     Encode(String),
+    /// A crash the simulator injected: this write, and every one after it, did not happen.
+    #[error("the store is down (a simulated crash)")]
+    Down,
 }
 
 /// The column families, one per kind of record.
@@ -66,6 +69,9 @@ impl Cf {
 pub struct Store {
     db: Arc<DB>,
     sync: bool,
+    /// Batches that may still be written before the store goes down, the simulator's crash
+    /// between two writes; negative: no limit (always, outside the simulator).
+    budget: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
@@ -80,7 +86,41 @@ impl Store {
         opts.set_max_log_file_size(8 << 20);
         let cfs = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        Ok(Store { db: Arc::new(db), sync })
+        Ok(Store { db: Arc::new(db), sync, budget: Arc::new((-1).into()) })
+    }
+
+    /// The simulator's crash: after `writes` more batches, every commit fails with
+    /// [`StoreError::Down`] and writes nothing, as if the process had died between two
+    /// writes. `None` lifts the limit.
+    #[doc(hidden)]
+    pub fn crash_after(&self, writes: Option<u32>) {
+        self.budget.store(writes.map_or(-1, i64::from), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a crash set by [`Store::crash_after`] has happened: a commit was refused.
+    #[doc(hidden)]
+    pub fn is_down(&self) -> bool {
+        self.budget.load(std::sync::atomic::Ordering::SeqCst) == -2
+    }
+
+    /// Takes one write from the budget; false when the store is down.
+    fn spend(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut left = self.budget.load(SeqCst);
+        loop {
+            let next = match left {
+                -1 => return true,
+                0 | -2 => {
+                    self.budget.store(-2, SeqCst);
+                    return false;
+                }
+                n => n - 1,
+            };
+            match self.budget.compare_exchange(left, next, SeqCst, SeqCst) {
+                Ok(_) => return true,
+                Err(now) => left = now,
+            }
+        }
     }
 
     fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
@@ -187,6 +227,9 @@ impl Batch<'_> {
 
     /// Writes the batch through the WAL; returns once it is durable against a process crash.
     pub fn commit(self) -> Result<(), StoreError> {
+        if !self.store.spend() {
+            return Err(StoreError::Down);
+        }
         self.store.db.write_opt(self.wb, &self.store.write_opts())?;
         Ok(())
     }

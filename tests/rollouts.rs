@@ -390,3 +390,97 @@ async fn a_sigkill_in_the_middle_of_group_2_loses_nothing_and_counts_nothing_twi
     assert_eq!(gw.status("k").await["state"], "finished");
     drop(serve);
 }
+
+/// The first sequence: a member deleted while its group runs, then a SIGKILL. The
+/// deletion is stored with the group (its total drops to 3), so after the restart the group
+/// ends when the other three have updated — before, it waited for the deleted one forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_deleted_while_its_group_runs_then_a_sigkill_does_not_stall_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let gw = Gw::of_serve(&serve);
+    let img = image(4 * KIB, 37);
+    let len = img.len() as u32;
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.1.0"]);
+    assert!(ok, "{out}");
+    let ids = ["st-0", "st-1", "st-2", "st-3"];
+    fleet(&gw, &ids, "stall").await;
+    let create = ["rollouts", "create", "r1", "--filter", "tag==stall", "--image", "app@2.1.0", "--success", "100"];
+    let (ok, out) = serve.cli(&create);
+    assert!(ok && out.contains("4 devices in 1 groups"), "{out}");
+    let (ok, out) = serve.cli(&["rollouts", "start", "r1"]);
+    assert!(ok && out.contains("running"), "{out}");
+    assert_eq!(gw.device("st-0", Via::Mqtt, Outcome::Updates, len).await, Ended::Updated);
+    let (ok, out) = serve.cli(&["devices", "delete", "st-2"]);
+    assert!(ok && out.contains("deleted st-2 (1 unfinished operations withdrawn)"), "{out}");
+    serve.kill();
+
+    let serve = Serve::start(dir.path()).await;
+    let gw = Gw::of_serve(&serve);
+    let v = gw.status("r1").await;
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert_eq!(group_row(&v, 0), ("running".into(), 1, 0, 3), "the deleted member left the group's total");
+    assert_eq!(gw.device("st-1", Via::Coap, Outcome::Updates, len).await, Ended::Updated);
+    assert_eq!(gw.device("st-3", Via::Mqtt, Outcome::Updates, len).await, Ended::Updated);
+    let v = gw.wait_for("r1", "finished", &["finished"]).await;
+    assert_eq!(group_row(&v, 0), ("finished".into(), 3, 0, 3));
+    let (ok, out) = serve.cli(&["rollouts", "status", "r1"]);
+    assert!(ok && out.contains("finished"), "{out}");
+    drop(serve);
+}
+
+/// The second sequence: a rate-limited group whose success threshold (50 %) is met by
+/// its first slice. The next group would start there; the group itself keeps handing out its
+/// rest at its rate, and the rollout finishes only when every member has updated — before, it
+/// finished with two devices never handed out. Takes a rate period (a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_rollout_finishes_only_when_every_member_has_updated() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path()).await;
+    let gw = Gw::of_serve(&serve);
+    let img = image(4 * KIB, 38);
+    let len = img.len() as u32;
+    let file = dir.path().join("app.bin");
+    std::fs::write(&file, &img).unwrap();
+    let (ok, out) = serve.cli(&["images", "add", file.to_str().unwrap(), "--name", "app", "--version", "2.1.0"]);
+    assert!(ok, "{out}");
+    let ids = ["rt-0", "rt-1", "rt-2", "rt-3"];
+    fleet(&gw, &ids, "rated").await;
+    let (ok, out) =
+        serve.cli(&["rollouts", "create", "r2", "--filter", "tag==rated", "--image", "app@2.1.0", "--rate", "2"]);
+    assert!(ok, "{out}");
+    let (ok, out) = serve.cli(&["rollouts", "start", "r2"]);
+    assert!(ok && out.contains("running"), "{out}");
+    let mut handed: Vec<&str> = Vec::new();
+    for id in ids {
+        if !gw.ops(id).await.is_empty() {
+            handed.push(id);
+        }
+    }
+    assert_eq!(handed.len(), 2, "two a minute");
+    for id in &handed {
+        assert_eq!(gw.device(id, Via::Mqtt, Outcome::Updates, len).await, Ended::Updated);
+    }
+    // 2 of 4 succeeded: the group's 50 % threshold is met, its turn is over — but the rollout
+    // runs on for the two not handed out yet.
+    let v = gw.wait_for("r2", "running", &["finished"]).await;
+    assert_eq!(v["groups"][0]["waiting"], 2, "{v:#}");
+    let rest: Vec<&str> = ids.iter().copied().filter(|id| !handed.contains(id)).collect();
+    // The next slice comes a minute after the first.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for id in &rest {
+        while gw.ops(id).await.is_empty() {
+            assert!(Instant::now() < deadline, "{id} was never handed out");
+            assert_eq!(gw.status("r2").await["state"], "running", "finished with {id} never updated");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    for id in &rest {
+        assert_eq!(gw.device(id, Via::Coap, Outcome::Updates, len).await, Ended::Updated);
+    }
+    let v = gw.wait_for("r2", "finished", &["finished"]).await;
+    assert_eq!(group_row(&v, 0), ("finished".into(), 4, 0, 4));
+    drop(serve);
+}

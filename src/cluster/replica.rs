@@ -290,6 +290,13 @@ impl Source for Replica {
         now: u64,
     ) -> Result<bool, SourceError> {
         let Some(mut d) = self.devices.get_mut(device) else { return Ok(false) };
+        // One transfer per device: a second component does not start while one is in flight
+        // here (the planner's view grants one start, and refuses any other).
+        let starts = from == OpState::Pending && to.is_some_and(|t| t.in_flight());
+        let busy = d.components.iter().any(|(_, h)| matches!(h, Held::Active(o) if o.seq != seq && o.state.in_flight()));
+        if starts && busy {
+            return Ok(false);
+        }
         let Some(op) = d.components.iter_mut().find_map(|(_, h)| match h {
             Held::Active(o) if o.seq == seq => Some(o),
             _ => None,

@@ -58,8 +58,19 @@ impl Planner {
     /// Why the image of a device's head operation may not reach it, if so: not a verified
     /// target for its class, or not released for its tag (checked whatever the operation's
     /// state, so a finished operation's image is not handed out either), or, before the
-    /// transfer starts, a downgrade by the target's signed version.
-    pub fn refusal(&self, device: &str, component: &str, state: OpState, meta: &ImageMeta, now: u64) -> Option<Denial> {
+    /// transfer starts, a downgrade by the version the device will report: the target's
+    /// signed `custom.version` where there is one, else `reports` (the operation's version —
+    /// the image's label, or the `firmwareVersion` of its FAS identity), which is what the
+    /// device's running version is comparable with.
+    pub fn refusal(
+        &self,
+        device: &str,
+        component: &str,
+        state: OpState,
+        meta: &ImageMeta,
+        reports: &str,
+        now: u64,
+    ) -> Option<Denial> {
         let admitted = self
             .fleet
             .with_class(device, |production, tag| self.admit(production, meta, tag, now).map(|()| production))?;
@@ -69,7 +80,10 @@ impl Planner {
         };
         if state == OpState::Pending && !self.allow_downgrade {
             let running = self.fleet.running(device, component)?;
-            let to = self.signed_version(production, meta);
+            let to = self
+                .trust
+                .signed_version(production, &meta.sha256, meta.length)
+                .unwrap_or_else(|| reports.to_owned());
             if let (Some(from), Some(order)) = (version_order(&running), version_order(&to)) {
                 if order < from {
                     let label = if to == meta.version { String::new() } else { format!(" (image {})", meta.id()) };
@@ -91,7 +105,9 @@ impl Planner {
         }
         let (name, version) = op.image.split_once('@')?;
         let meta = self.firmware.get(name, version)?;
-        self.refusal(&op.device, &op.component, op.state, &meta, now).filter(|d| d.transient).map(|d| d.to_string())
+        self.refusal(&op.device, &op.component, op.state, &meta, &op.version, now)
+            .filter(|d| d.transient)
+            .map(|d| d.to_string())
     }
 
     /// Why a device's head operation waits for trust, if it does.

@@ -14,13 +14,35 @@ impl Planner {
 
     /// Each component's answer, without bytes: a device's view for data-plane nodes. Computing
     /// it is not the device asking: a held operation's time limit runs on.
+    /// A node may start only the operation the view grants (see [`Planner::grant`]): another
+    /// component's queued head is told to wait, so two nodes, or one node answering two
+    /// components at once, never start two transfers on one device.
     pub fn view_of(&self, device: &str, now: u64) -> Result<Vec<(String, Lookup<()>)>, PlannerError> {
         let mut out = Vec::new();
+        let grant = self.grant(device);
         for c in self.components_of(device) {
-            let l = self.lookup_meta(device, &c, now, false)?;
+            let mut l = self.lookup_meta(device, &c, now, false)?;
+            if let Lookup::Active(a) = &l {
+                if a.state == OpState::Pending && Some(a.seq) != grant {
+                    l = Lookup::Wait(self.polling_hint(&a.meta.id()));
+                }
+            }
             out.push((c, l));
         }
         Ok(out)
+    }
+
+    /// The one operation of a device that may start now: none while one is in flight, else
+    /// the queued one of the highest weight, oldest first, across its components.
+    pub fn grant(&self, device: &str) -> Option<u64> {
+        let ops = self.ops.get(device)?;
+        if ops.iter().any(|o| o.state.in_flight()) {
+            return None;
+        }
+        ops.iter()
+            .filter(|o| o.state == OpState::Pending)
+            .max_by(|a, b| a.weight.cmp(&b.weight).then(b.seq.cmp(&a.seq)))
+            .map(|o| o.seq)
     }
 
     /// A data-plane node saw the device ask: its operations in flight are not silent (as a
@@ -56,6 +78,11 @@ impl Planner {
             return Ok(false);
         }
         let to = to.filter(|t| t.stage() > from.stage());
+        // A start the planner did not grant (from an older view, or a second component) is
+        // refused: at most one transfer per device, and in queue order.
+        if from == OpState::Pending && to.is_some_and(|t| t.in_flight()) && self.grant(device) != Some(seq) {
+            return Ok(false);
+        }
         // A report of progress only is for a transfer under way.
         let progress = progress.filter(|_| to.is_some() || from == OpState::Downloading);
         if to.is_none() && progress.is_none() {

@@ -18,13 +18,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::info;
 
+mod audit;
 mod cascade;
 pub mod groups;
+mod leaving;
 mod model;
 pub mod state;
 mod status;
 
 pub use groups::{split_defined, split_evenly, Conditions, Counts, ErrorThreshold, GroupSpec, SuccessAction, Verdict};
+pub use leaving::RolloutsLeaving;
 pub use model::*;
 pub use state::{Action, GroupState, Illegal, Progress, RolloutState};
 
@@ -49,15 +52,31 @@ struct Live {
     window: Vec<VecDeque<u64>>,
     /// Every device in the rollout: kept for dynamic rollouts, to tell a newcomer.
     joined: Option<HashSet<String>>,
+    /// Per group, members that left it and why (deleted, or no image fits them): stored, so
+    /// a group's total is its members less these, after a restart as before.
+    left: Vec<HashMap<String, String>>,
 }
 
 impl Live {
-    fn new(r: Rollout, members: Vec<Vec<String>>) -> Live {
+    fn new(r: Rollout, members: Vec<Vec<String>>, left: Vec<HashMap<String, String>>) -> Live {
         let filter = Filter::parse(&r.filter).ok().filter(|_| !r.filter.is_empty());
-        let counts = members.iter().map(|m| Counts { total: m.len() as u64, ..Counts::default() }).collect();
+        let mut left = left;
+        left.resize_with(members.len(), HashMap::new);
+        let counts = members
+            .iter()
+            .zip(&left)
+            .map(|(m, l)| Counts { total: (m.len() - l.len().min(m.len())) as u64, ..Counts::default() })
+            .collect();
         let n = members.len();
         let joined = r.dynamic_group_size.map(|_| members.iter().flatten().cloned().collect());
-        Live { r, filter, members, counts, released: vec![0; n], window: vec![VecDeque::new(); n], joined }
+        Live { r, filter, members, counts, released: vec![0; n], window: vec![VecDeque::new(); n], joined, left }
+    }
+
+    /// Every member of group `g` has been handed out (or left) and has ended (or left): the
+    /// group has nothing more to do, whatever its conditions decided earlier.
+    fn settled(&self, g: usize) -> bool {
+        let c = &self.counts[g];
+        self.released[g] >= self.members[g].len() && c.succeeded + c.failed + c.canceled >= c.total
     }
 }
 
@@ -94,6 +113,11 @@ fn rollout_key(name: &str) -> Vec<u8> {
 
 fn group_key(name: &str, group: usize) -> Vec<u8> {
     format!("g\0{name}\0{group:04x}").into_bytes()
+}
+
+/// A member that left a group, and why: `x` \0 rollout \0 group \0 device → reason.
+fn left_key(name: &str, group: usize, device: &str) -> Vec<u8> {
+    format!("x\0{name}\0{group:04x}\0{device}").into_bytes()
 }
 
 /// A group's device ids as stored: one per line (an id has no white space), which writes a
@@ -138,12 +162,19 @@ impl Rollouts {
                 continue;
             }
             let mut members = Vec::with_capacity(r.groups.len());
+            let mut left = vec![HashMap::new(); r.groups.len()];
             for g in 0..r.groups.len() {
                 members.push(
                     store.get(Cf::Rollouts, &group_key(&r.name, g))?.map(|v| decode_members(&v)).unwrap_or_default(),
                 );
+                let prefix = format!("x\0{}\0{g:04x}\0", r.name);
+                store.scan(Cf::Rollouts, prefix.as_bytes(), None, |k, v| {
+                    let device = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                    left[g].insert(device, String::from_utf8_lossy(v).into_owned());
+                    Ok(true)
+                })?;
             }
-            book.live.insert(r.name.clone(), Live::new(r, members));
+            book.live.insert(r.name.clone(), Live::new(r, members, left));
         }
         let rollouts = Rollouts {
             store,
@@ -161,7 +192,14 @@ impl Rollouts {
         for name in names {
             rollouts.settle(&mut book, &name, now)?;
         }
+        let dynamic = book.live.values().any(|l| l.r.dynamic_group_size.is_some() && !l.r.state.is_final());
         drop(book);
+        // A registration or a tag change is written before the dynamic rollouts hear of it: a
+        // crash in between is finished here (joining is idempotent: members stay members).
+        if dynamic {
+            let ids = rollouts.fleet.ids_where(|_| true);
+            rollouts.devices_changed(&ids, now)?;
+        }
         Ok(rollouts)
     }
 
@@ -176,6 +214,9 @@ impl Rollouts {
         let mut staged: HashMap<(String, usize), HashSet<String>> = HashMap::new();
         for ((name, g, device), Latest { state, created, .. }) in latest {
             let Some(live) = book.live.get_mut(&name) else { continue };
+            if live.left.get(g).is_some_and(|l| l.contains_key(&device)) {
+                continue;
+            }
             let Some(c) = live.counts.get_mut(g) else { continue };
             count(c, state);
             if live.r.rate.is_some() && created + 60 > now {
@@ -185,8 +226,12 @@ impl Rollouts {
         }
         for (name, live) in book.live.iter_mut() {
             for g in 0..live.members.len() {
-                let Some(set) = staged.get(&(name.clone(), g)) else { continue };
-                live.released[g] = live.members[g].iter().rposition(|d| set.contains(d)).map_or(0, |i| i + 1);
+                // Handed out: as the group's record says (written with the operations), or as
+                // far as its members have operations (records from before it said).
+                let set = staged.get(&(name.clone(), g));
+                let by_ops =
+                    live.members[g].iter().rposition(|d| set.is_some_and(|s| s.contains(d))).map_or(0, |i| i + 1);
+                live.released[g] = by_ops.max(live.r.groups[g].released as usize).min(live.members[g].len());
                 live.window[g].make_contiguous().sort_unstable();
             }
         }
@@ -308,6 +353,7 @@ impl Rollouts {
                     conditions: c,
                     total: m.len() as u64,
                     dynamic: false,
+                    released: 0,
                     started_at: None,
                     ended_at: None,
                 })
@@ -391,7 +437,7 @@ impl Rollouts {
         b.put_json(Cf::Rollouts, &rollout_key(&r.name), &*r)?;
         b.commit()?;
         info!(rollout = %r.name, devices = r.total(), groups = r.groups.len(), state = r.state.as_str(), "rollout created");
-        book.live.insert(r.name.clone(), Live::new(r.clone(), members));
+        book.live.insert(r.name.clone(), Live::new(r.clone(), members, Vec::new()));
         Ok(r.clone())
     }
 
@@ -459,6 +505,9 @@ impl Rollouts {
         let mut b = self.store.batch();
         for g in 0..live.r.groups.len() {
             b.delete(Cf::Rollouts, &group_key(name, g));
+            for device in live.left[g].keys() {
+                b.delete(Cf::Rollouts, &left_key(name, g, device));
+            }
         }
         b.put_json(Cf::Rollouts, &rollout_key(name), &live.r)?;
         b.commit()?;

@@ -595,21 +595,10 @@ impl Waves {
     /// Deletes a device: out of every wave's members (counts stay exact; registered again, it
     /// is staged like any joiner), its operations, its record. Returns how many unfinished
     /// operations it had, or `None` for an unknown device.
-    pub fn delete_device(&self, id: &str) -> Result<Option<usize>, WaveError> {
-        let mut book = self.lock();
-        let Some(i) = self.fleet.with_index(|x| x.lookup(id)) else { return Ok(None) };
-        for m in book.members.values_mut() {
-            m.remove(i);
-        }
-        for w in book.waves.values_mut().filter(|w| w.deferred.iter().any(|d| d == id)) {
-            w.deferred.retain(|d| d != id);
-            let w = w.clone();
-            self.put(&w)?;
-        }
-        let open = self.planner.forget(id)?;
-        self.fleet.delete(id)?;
-        info!(device = id, operations = open, "device deleted");
-        Ok(Some(open))
+    /// Locks the waves for a device's deletion (see `planner::delete_device`): before the
+    /// step opens, as every plan takes its own lock before the planner's.
+    pub fn leaving(&self) -> WavesLeaving<'_> {
+        WavesLeaving { book: self.lock(), index: None, deferred: Vec::new() }
     }
 
     /// After devices were registered or changed: a device now following a tag with a
@@ -669,3 +658,35 @@ impl Waves {
 
 #[cfg(test)]
 mod tests;
+
+/// The waves' part in a device's deletion: the waves that deferred it are written without it
+/// in the deletion's step; once it is committed, its memberships are forgotten.
+pub struct WavesLeaving<'a> {
+    book: MutexGuard<'a, Book>,
+    index: Option<Idx>,
+    deferred: Vec<Wave>,
+}
+
+impl WavesLeaving<'_> {
+    pub fn stage(&mut self, step: &mut super::Step<'_>, fleet: &Fleet, id: &str) -> Result<(), StoreError> {
+        self.index = fleet.with_index(|x| x.lookup(id));
+        for w in self.book.waves.values().filter(|w| w.deferred.iter().any(|d| d == id)) {
+            let mut w = w.clone();
+            w.deferred.retain(|d| d != id);
+            step.batch().put_json(Cf::Waves, w.name.as_bytes(), &w)?;
+            self.deferred.push(w);
+        }
+        Ok(())
+    }
+
+    pub fn apply(mut self) {
+        if let Some(i) = self.index {
+            for m in self.book.members.values_mut() {
+                m.remove(i);
+            }
+        }
+        for w in std::mem::take(&mut self.deferred) {
+            self.book.waves.insert(w.name.clone(), w);
+        }
+    }
+}

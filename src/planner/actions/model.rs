@@ -78,6 +78,9 @@ pub struct StateComponentFilter {
     pub groups: Vec<String>,
     #[serde(default)]
     pub device_types: Vec<String>,
+    /// FAS's partition filter: not supported, and refused when given (see `PlanError`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitions: Vec<String>,
 }
 
 /// Which devices, by what their hardware says of itself.

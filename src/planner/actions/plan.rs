@@ -15,6 +15,10 @@ pub enum PlanError {
     ExplicitWithoutImage,
     #[error("imageFilter.imageID {0}: no image with a FAS identity has this id")]
     UnknownImage(String),
+    /// A FAS filter fwgate does not implement: refused, never ignored (ignoring it would
+    /// select devices the operator meant to leave out).
+    #[error("{0} is not supported by fwgate: remove it, or select the devices with xnames, groups or deviceTypes")]
+    Unsupported(&'static str),
 }
 
 fn same(a: &str, b: &str) -> bool {
@@ -57,6 +61,9 @@ pub fn plan(
     devices: impl IntoIterator<Item = Xname>,
     images: &[ImageRecord],
 ) -> Result<Vec<PlannedOperation>, PlanError> {
+    if !req.state_component_filter.partitions.is_empty() {
+        return Err(PlanError::Unsupported("stateComponentFilter.partitions"));
+    }
     let cmd = &req.command;
     let named = match &req.image_filter.image_id {
         Some(id) => Some(images.iter().find(|i| &i.id == id).ok_or_else(|| PlanError::UnknownImage(id.clone()))?),

@@ -64,6 +64,10 @@ pub struct Action {
     /// The plan, as made at creation (live states: [`Actions::operations`]).
     pub operations: Vec<PlannedOperation>,
     pub create_time: u64,
+    /// The snapshot a restore puts back: its plan is made from it again when it starts after
+    /// waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,13 +214,14 @@ impl Actions {
     pub fn create(&self, req: ActionRequest, now: u64) -> Result<Action, ActionError> {
         let (devices, images) = self.inputs();
         let operations = plan(&req, devices, &images)?;
-        self.create_planned(req, operations, now)
+        self.create_planned(req, operations, None, now)
     }
 
     fn create_planned(
         &self,
         req: ActionRequest,
         mut operations: Vec<PlannedOperation>,
+        restore: Option<String>,
         now: u64,
     ) -> Result<Action, ActionError> {
         let mut book = self.lock();
@@ -233,6 +238,7 @@ impl Actions {
             request: req,
             operations,
             create_time: now,
+            restore,
             start_time: None,
             end_time: dryrun.then_some(now),
             order,
@@ -311,7 +317,7 @@ impl Actions {
         req.command.time_limit = time_limit.unwrap_or(req.command.time_limit);
         req.command.description = format!("restore snapshot {name}");
         req.state_component_filter.xnames = snap.devices.iter().map(|d| d.xname.clone()).collect();
-        let a = self.create_planned(req, operations, now)?;
+        let a = self.create_planned(req, operations, Some(name.to_owned()), now)?;
         Ok((a, skipped))
     }
 
@@ -345,15 +351,21 @@ impl Actions {
         }
     }
 
-    /// Runs an action: its state written first, then every operation that may run queued (the
-    /// queue lets one transfer per device go at a time, so siblings wait their turn).
+    /// Runs an action: its state and every operation that may run queued in one step (the
+    /// queue lets one transfer per device go at a time, so siblings wait their turn). A crash
+    /// before the step's commit leaves the action waiting, and open starts it again; after it,
+    /// running with all its operations queued.
+    /// An action that waited for another is planned again first: FAS plans against what the
+    /// devices run when it starts, and the action before it may have changed that.
     fn start(&self, book: &mut Book, id: &str, now: u64) -> Result<(), ActionError> {
-        let a = book.actions.get_mut(id).expect("caller checked");
+        let mut a = book.actions.get(id).expect("caller checked").clone();
+        if a.state == ActionState::Blocked {
+            a.operations = self.replan(&a)?;
+        }
         a.state = ActionState::Running;
         a.start_time = Some(now);
-        let a = a.clone();
-        self.put(&a)?;
         let origin = origin(id);
+        let mut step = self.planner.step();
         let mut pushed = 0;
         for op in
             a.operations.iter().filter(|o| matches!(o.state, OperationState::Configured | OperationState::Blocked))
@@ -369,12 +381,29 @@ impl Actions {
                 warn!(action = id, xname = %op.xname, "the device was deleted: operation not queued");
                 continue;
             }
-            self.planner.push_expecting(&op.xname, &op.target, &meta, expect, ASSIGN_WEIGHT, &origin, now)?;
+            step.push_expecting(&op.xname, &op.target, &meta, expect, ASSIGN_WEIGHT, &origin, now);
             pushed += 1;
         }
+        step.batch().put_json(Cf::Actions, a.action_id.as_bytes(), &a)?;
+        step.commit()?;
+        book.actions.insert(id.to_owned(), a);
         book.open.insert(id.to_owned(), pushed);
         info!(action = id, operations = pushed, "action running");
         Ok(())
+    }
+
+    /// An action's plan made again over the registry as it is now: a restore from its
+    /// snapshot, any other from its request. Operation ids stay of the form `ACTIONID-N`.
+    fn replan(&self, a: &Action) -> Result<Vec<PlannedOperation>, ActionError> {
+        let (devices, images) = self.inputs();
+        let mut operations = match &a.restore {
+            Some(name) => restore_plan(&self.get_snapshot(name)?, &devices).0,
+            None => plan(&a.request, devices, &images)?,
+        };
+        for (i, op) in operations.iter_mut().enumerate() {
+            op.operation_id = format!("{}-{i}", a.action_id);
+        }
+        Ok(operations)
     }
 
     /// Counts ended operations; an action whose last one ended completes and the next starts.
@@ -552,3 +581,6 @@ fn new_id() -> String {
         b & 0xffff_ffff_ffff
     )
 }
+
+#[path = "audit.rs"]
+mod audit;

@@ -19,6 +19,7 @@ struct World {
     firmware: Arc<Firmware>,
     planner: Arc<Planner>,
     actions: Actions,
+    store: Store,
 }
 
 fn open_at(dir: tempfile::TempDir) -> World {
@@ -41,13 +42,13 @@ fn open_at(dir: tempfile::TempDir) -> World {
             firmware.set_identity(&name, v, identity).unwrap();
         }
     }
-    let actions = Actions::open(store, fleet.clone(), firmware.clone(), planner.clone(), 0).unwrap();
-    World { dir, fleet, firmware, planner, actions }
+    let actions = Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), 0).unwrap();
+    World { dir, fleet, firmware, planner, actions, store }
 }
 
 fn reopen(w: World) -> World {
-    let World { dir, fleet, firmware, planner, actions } = w;
-    drop((actions, planner, fleet, firmware));
+    let World { dir, fleet, firmware, planner, actions, store } = w;
+    drop((actions, planner, fleet, firmware, store));
     open_at(dir)
 }
 
@@ -291,4 +292,70 @@ fn an_images_hints_set_the_wait_poll_and_bound_each_stage_of_its_update() {
         .map(|o| (o.xname.as_str(), o.target.as_str()))
         .collect();
     assert_eq!(failed, [("x1", "BMC"), ("x2", "BMC")], "the BMC updates failed, counted once each");
+}
+
+/// Finding 2 of issue 28: starting an action wrote its state, then one commit per operation;
+/// a crash between them left it running with operations never queued, then `completed`. Now
+/// the start is one step: a crash at any write leaves it not started (and open starts it) or
+/// started with every operation.
+#[test]
+fn a_crash_at_any_write_of_an_actions_start_queues_all_of_it_or_none() {
+    for writes in 0..3 {
+        let w = world();
+        w.store.crash_after(Some(writes));
+        let _ = w.actions.create(live(), 1);
+        let crashed = w.store.is_down();
+        w.store.crash_after(None);
+        let w = reopen(w);
+        let all = w.actions.list();
+        if all.is_empty() {
+            assert_eq!(writes, 0, "the action's record is its first write");
+            continue;
+        }
+        let a = &all[0];
+        assert_eq!(a.state, ActionState::Running, "writes {writes}, crashed {crashed}");
+        let queued: Vec<(String, String)> = ["x1", "x2"]
+            .iter()
+            .flat_map(|x| w.planner.operations_of(x))
+            .map(|o| (o.device, o.component))
+            .collect();
+        assert_eq!(
+            queued,
+            [("x1", "BIOS"), ("x1", "BMC"), ("x2", "BIOS"), ("x2", "BMC")].map(|(x, t)| (x.to_owned(), t.to_owned())),
+            "writes {writes}: every planned operation queued, once"
+        );
+    }
+}
+
+/// Finding 5 of issue 28: a restore that waited behind a running action ran the plan made
+/// when it was created, so targets that action changed were never put back, yet it said
+/// completed. An action leaving `blocked` is planned again.
+#[test]
+fn a_restore_blocked_behind_an_action_restores_what_that_action_changed() {
+    let w = world();
+    w.actions.snapshot(SnapshotRequest { name: "before".into(), ..Default::default() }, 1).unwrap();
+    let mut bios = live();
+    bios.target_filter.targets = vec!["BIOS".into()];
+    let update = w.actions.create(bios, 2).unwrap();
+    assert_eq!(update.state, ActionState::Running);
+    // Created now, every target still runs its snapshot version: nothing to do, as planned.
+    let (restore, _) = w.actions.restore("before", true, None, 3).unwrap();
+    assert_eq!(restore.state, ActionState::Blocked);
+    assert!(restore.operations.iter().all(|o| o.state == OperationState::NoOperation));
+    for x in ["x1", "x2"] {
+        run(&w, x, "BIOS", OpState::Succeeded, 4);
+        w.fleet.observe(x, "BIOS", "BIOS-2", 4).unwrap();
+    }
+    w.actions.pump(5).unwrap();
+    assert_eq!(w.actions.get(&update.action_id).unwrap().state, ActionState::Completed);
+    let restore = w.actions.get(&restore.action_id).unwrap();
+    assert_eq!(restore.state, ActionState::Running);
+    let back: Vec<(&str, &str, Option<&str>)> = restore
+        .operations
+        .iter()
+        .filter(|o| o.state == OperationState::Configured || o.state == OperationState::Blocked)
+        .map(|o| (o.xname.as_str(), o.target.as_str(), o.to_image_id.as_deref()))
+        .collect();
+    assert_eq!(back, [("x1", "BIOS", Some("bios@1")), ("x2", "BIOS", Some("bios@1"))]);
+    assert_eq!(w.planner.operation("x1", "BIOS").unwrap().image, "bios@1", "queued: the BIOS goes back");
 }

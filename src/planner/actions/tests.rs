@@ -169,6 +169,12 @@ fn a_fas_action_json_is_read_with_fas_defaults_and_unknown_fields_ignored() {
         "somethingNew": 1
     }"#;
     let req: ActionRequest = serde_json::from_str(text).unwrap();
+    // A filter fwgate does not implement is read, then refused by name, never ignored
+    // (before, the partition was dropped and the action selected every device).
+    assert_eq!(req.state_component_filter.partitions, ["p1"]);
+    let refused = plan(&req, Vec::new(), &[]).unwrap_err();
+    assert_eq!(refused, PlanError::Unsupported("stateComponentFilter.partitions"));
+    assert!(refused.to_string().contains("stateComponentFilter.partitions is not supported"), "{refused}");
     assert!(!req.command.override_dryrun, "a dry run unless told otherwise");
     assert_eq!((req.command.time_limit, req.command.tag.as_str()), (1000, "default"));
     assert_eq!(req.image_filter.image_id.as_deref(), Some("bios@1.1"));

@@ -22,6 +22,17 @@ impl Rollouts {
     /// queued.
     pub(super) fn advance(&self, book: &mut Book, name: &str, now: u64) -> Result<(), RolloutError> {
         let Some(live) = book.live.get_mut(name) else { return Ok(()) };
+        let before = live.r.clone();
+        let moved = self.advance_live(live, name, now);
+        // Whatever changed and was not written on the way (a group ended with nothing after
+        // it) is written now: the record in memory is always the stored one.
+        if moved.is_ok() && live.r != before {
+            self.put(&live.r)?;
+        }
+        moved
+    }
+
+    fn advance_live(&self, live: &mut Live, name: &str, now: u64) -> Result<(), RolloutError> {
         loop {
             if !live.r.state.is_active() {
                 return Ok(());
@@ -77,9 +88,16 @@ impl Rollouts {
                     info!(rollout = name, group = g + 1, devices = live.members[g].len(), "group started");
                 }
                 None => {
-                    // A dynamic rollout keeps running for devices that match later.
-                    let progress =
-                        if live.r.dynamic_group_size.is_some() { Progress::Started } else { Progress::AllGroupsDone };
+                    // A dynamic rollout keeps running for devices that match later, and any
+                    // rollout until every member of every group has been handed out and has
+                    // ended: a group's threshold starts the next group, it does not excuse the
+                    // rest of its own.
+                    let all_settled = (0..live.members.len()).all(|g| live.settled(g));
+                    let progress = if live.r.dynamic_group_size.is_some() || !all_settled {
+                        Progress::Started
+                    } else {
+                        Progress::AllGroupsDone
+                    };
                     if let Some(next) = live.r.state.advance(progress) {
                         live.r.state = next;
                         live.r.updated_at = now;
@@ -95,7 +113,9 @@ impl Rollouts {
     }
 
     /// Hands a running group's devices to the planner: all of them, or as many as its rate
-    /// allows within the last minute.
+    /// allows within the last minute. One step: the operations, the members that left (with
+    /// why) and the rollout record with its groups' totals are one batch, so a crash hands out
+    /// all of a slice or none of it, and a member left out stays left out.
     fn release(&self, live: &mut Live, g: usize, now: u64) -> Result<(), RolloutError> {
         let members = &live.members[g];
         if live.released[g] >= members.len() {
@@ -109,6 +129,9 @@ impl Rollouts {
             }
             allowance = (rate.now(live.counts[g].succeeded) as usize).saturating_sub(window.len());
         }
+        if allowance == 0 {
+            return Ok(());
+        }
         let images = match self.images(&live.r.image) {
             Ok(i) => i,
             Err(e) => {
@@ -117,28 +140,48 @@ impl Rollouts {
             }
         };
         let origin = live.r.origin(g);
-        while allowance > 0 && live.released[g] < members.len() {
-            let id = &members[live.released[g]];
-            live.released[g] += 1;
+        let mut step = self.planner.step();
+        let (mut released, mut handed, mut left) = (live.released[g], Vec::new(), Vec::new());
+        while allowance > 0 && released < members.len() {
+            let id = &members[released];
+            released += 1;
+            if live.left[g].contains_key(id) {
+                continue;
+            }
             let picked = match self.fleet.hardware(id) {
                 None => Err("the device was deleted".to_owned()),
                 Some(hw) => pick(&images, hw.as_deref()).map(Arc::clone),
             };
             match picked {
                 Ok(meta) => {
-                    self.planner.push(id, MAIN_COMPONENT, &meta, live.r.weight, &origin, now)?;
+                    step.push(id, MAIN_COMPONENT, &meta, live.r.weight, &origin, now);
                     allowance -= 1;
-                    if live.r.rate.is_some() {
-                        live.window[g].push_back(now);
-                    }
+                    handed.push(now);
                 }
                 Err(why) => {
-                    // It cannot take part any more: it counts as canceled, so the group can end.
+                    // It cannot take part any more: it leaves the group (its total drops), so
+                    // the group can end; the reason is stored with the step.
                     warn!(rollout = %live.r.name, device = %id, why, "device left out of its group");
-                    count(&mut live.counts[g], crate::engine::OpState::Canceled);
+                    step.batch().put(Cf::Rollouts, &super::left_key(&live.r.name, g, id), why.as_bytes());
+                    left.push((id.clone(), why));
                 }
             }
         }
+        let mut r = live.r.clone();
+        r.groups[g].total = r.groups[g].total.saturating_sub(left.len() as u64);
+        r.groups[g].released = released as u64;
+        if !left.is_empty() {
+            r.updated_at = now;
+        }
+        step.batch().put_json(Cf::Rollouts, &super::rollout_key(&r.name), &r)?;
+        step.commit()?;
+        live.r = r;
+        live.released[g] = released;
+        live.counts[g].total = live.counts[g].total.saturating_sub(left.len() as u64);
+        if live.r.rate.is_some() {
+            live.window[g].extend(handed);
+        }
+        live.left[g].extend(left);
         Ok(())
     }
 
@@ -146,11 +189,19 @@ impl Rollouts {
     pub(super) fn on_outcome(&self, book: &mut Book, e: &Ended, now: u64) -> Result<(), RolloutError> {
         let Some((name, g)) = parse_origin(&e.origin) else { return Ok(()) };
         let Some(live) = book.live.get_mut(name) else { return Ok(()) };
+        if live.left.get(g).is_some_and(|l| l.contains_key(&e.device)) {
+            // Its leaving already took it out of the group's total.
+            return Ok(());
+        }
         let Some(c) = live.counts.get_mut(g) else { return Ok(()) };
         count(c, e.state);
+        let verdict = live.r.groups[g].conditions.evaluate(c);
         self.outcomes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let running = live.r.state.is_active() && live.r.groups[g].state == GroupState::Running;
-        if running && live.r.groups[g].conditions.evaluate(c) != Verdict::Pending {
+        // The last member of a group whose turn is over ending may be what finishes the
+        // rollout.
+        let finishing = live.r.state.is_active() && live.r.groups[g].state.is_done() && live.settled(g);
+        if finishing || running && verdict != Verdict::Pending {
             let name = name.to_owned();
             self.advance(book, &name, now)?;
         }
@@ -170,9 +221,15 @@ impl Rollouts {
     /// work: what the worker does with each batch it receives (public for the benchmarks).
     pub fn handle_outcomes(&self, batch: &[Ended], now: u64) -> Result<(), RolloutError> {
         let mut book = self.lock();
+        // Every outcome is counted even when acting on one fails (a store error): the batch
+        // has left the channel, and the counts must not drift.
+        let mut failed = Ok(());
         for e in batch {
-            self.on_outcome(&mut book, e, now)?;
+            if let Err(err) = self.on_outcome(&mut book, e, now) {
+                failed = failed.and(Err(err));
+            }
         }
+        failed?;
         self.tick(&mut book, now)
     }
 
@@ -243,8 +300,12 @@ impl Rollouts {
             }
             let mut touched = Vec::new();
             for id in newcomers {
-                let open =
-                    live.r.groups.last().is_some_and(|g| g.dynamic && !g.state.is_done() && (g.total as usize) < size);
+                // The last dynamic group takes newcomers until it is full, as in hawkBit, even
+                // once its turn is over (it hands them out at once: see `advance`); past
+                // MAX_GROUPS the last group takes them all.
+                let last = live.r.groups.last();
+                let open = last.is_some_and(|g| g.dynamic && (g.total as usize) < size)
+                    || (live.r.groups.len() >= super::MAX_GROUPS && last.is_some());
                 if !open {
                     let conditions = live.r.groups.last().map(|g| g.conditions).unwrap_or_default();
                     let state =
@@ -259,6 +320,7 @@ impl Rollouts {
                         conditions,
                         total: 0,
                         dynamic: true,
+                        released: 0,
                         started_at: None,
                         ended_at: None,
                     });
@@ -266,6 +328,7 @@ impl Rollouts {
                     live.counts.push(Default::default());
                     live.released.push(0);
                     live.window.push(Default::default());
+                    live.left.push(Default::default());
                 }
                 let g = live.r.groups.len() - 1;
                 live.members[g].push(id.clone());

@@ -95,6 +95,10 @@ pub struct Group {
     /// Made while the rollout ran, for devices that matched its filter later.
     #[serde(default)]
     pub dynamic: bool,
+    /// How many of its members (in order) have been handed to the planner: written in the
+    /// same batch as their operations.
+    #[serde(default)]
+    pub released: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

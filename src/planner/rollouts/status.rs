@@ -105,6 +105,7 @@ impl Rollouts {
                 conditions,
                 total: ids.len() as u64,
                 dynamic: false,
+                released: 0,
                 started_at: None,
                 ended_at: None,
             }],

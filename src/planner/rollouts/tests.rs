@@ -293,6 +293,109 @@ fn devices_that_match_later_join_a_trailing_group_of_a_dynamic_rollout() {
     assert_eq!(w.rollouts.devices_changed(&ids, 5).unwrap(), 0, "already in it");
 }
 
+/// Finding 6 of issue 28: a late joiner arriving after the trailing dynamic group had
+/// finished got a group of its own, one group per joiner without bound. The trailing group
+/// takes newcomers until it is full, as in hawkBit, and hands them out at once.
+#[test]
+fn late_joiners_fill_the_trailing_dynamic_group_before_a_new_one_opens() {
+    let w = world(1, false);
+    let req = CreateRequest {
+        name: "dyn".into(),
+        filter: "tag==release".into(),
+        image: "app@2.1".into(),
+        dynamic_group_size: Some(3),
+        ..Default::default()
+    };
+    w.rollouts.create(req, 0).unwrap();
+    w.rollouts.act("dyn", Action::Start, None, 1).unwrap();
+    finish(&w, "d00", true, 2);
+    w.rollouts.pump(2).unwrap();
+    for (i, id) in ["n1", "n2", "n3", "n4"].iter().enumerate() {
+        let now = 3 + i as u64;
+        let spec = DeviceSpec { id: id.to_string(), tag: Some("release".into()), ..Default::default() };
+        w.fleet.upsert(vec![spec], now).unwrap();
+        assert_eq!(w.rollouts.devices_changed(&[id.to_string()], now).unwrap(), 1);
+        // Each one is handed out and updates before the next joins.
+        finish(&w, id, true, now);
+        w.rollouts.pump(now).unwrap();
+    }
+    let r = w.rollouts.get("dyn").unwrap();
+    assert_eq!(r.groups.iter().map(|g| (g.total, g.dynamic)).collect::<Vec<_>>(), [(1, false), (3, true), (1, true)]);
+    w.rollouts.audit().unwrap();
+}
+
+/// A member deleted while its group runs leaves it with a stored reason: the total drops,
+/// and after a restart the counts are the same (before, the group waited for it forever).
+#[test]
+fn a_deleted_member_leaves_its_group_for_good_across_a_restart() {
+    let w = world(4, false);
+    create(&w, "r", 1, "100%");
+    w.rollouts.act("r", Action::Start, None, 2).unwrap();
+    finish(&w, "d00", true, 3);
+    w.rollouts.pump(3).unwrap();
+    let waves = crate::planner::waves::Waves::open(
+        w.planner.store.clone(),
+        w.fleet.clone(),
+        w.firmware.clone(),
+        w.planner.clone(),
+        3600,
+        3,
+    )
+    .unwrap();
+    // One that had succeeded and one still queued are deleted.
+    for id in ["d00", "d02"] {
+        crate::planner::delete_device(&w.planner, &w.fleet, &waves, Some(&w.rollouts), id, 4).unwrap().unwrap();
+    }
+    w.rollouts.pump(4).unwrap();
+    w.rollouts.audit().unwrap();
+    assert_eq!(w.rollouts.get("r").unwrap().groups[0].total, 2);
+    drop(waves);
+    let w = reopen(w);
+    w.rollouts.audit().unwrap();
+    assert_eq!(w.rollouts.status("r").unwrap().groups[0].counts, Counts { total: 2, ..Default::default() });
+    finish(&w, "d01", true, 5);
+    finish(&w, "d03", true, 5);
+    w.rollouts.pump(5).unwrap();
+    assert_eq!(states(&w, "r"), (RolloutState::Finished, vec![Fin]));
+}
+
+/// The second sequence of issue 28 without the wall clock: a rate-limited group meets its
+/// threshold with its first slice; the rollout runs on until every member is handed out and
+/// has ended.
+#[test]
+fn a_rate_limited_group_hands_out_every_member_whatever_its_threshold_did() {
+    let w = world(8, false);
+    let req = CreateRequest {
+        name: "rate".into(),
+        filter: "tag==release".into(),
+        image: "app@2.1".into(),
+        rate: Some(Rate { per_minute: 2, factor: None, every: None }),
+        ..Default::default()
+    };
+    w.rollouts.create(req, 0).unwrap();
+    w.rollouts.act("rate", Action::Start, None, 0).unwrap();
+    let mut now = 0;
+    let mut updated = 0;
+    while updated < 8 {
+        let ready = queued(&w, "rate", 1);
+        assert!(!ready.is_empty() || now < 1000, "nothing handed out for too long");
+        for d in ready {
+            finish(&w, &d, true, now);
+            updated += 1;
+        }
+        w.rollouts.pump(now).unwrap();
+        w.rollouts.audit().unwrap();
+        let r = w.rollouts.get("rate").unwrap();
+        if updated < 8 {
+            assert_eq!(r.state, RolloutState::Running, "finished with {updated} of 8 updated");
+        }
+        now += 30;
+        w.rollouts.pump(now).unwrap();
+    }
+    assert_eq!(states(&w, "rate"), (RolloutState::Finished, vec![Fin]));
+    assert_eq!(w.rollouts.status("rate").unwrap().groups[0].counts.succeeded, 8);
+}
+
 #[test]
 fn retry_makes_a_rollout_of_the_devices_that_failed() {
     let w = world(4, false);

@@ -496,8 +496,8 @@ fn a_device_that_leaves_a_tag_leaves_its_waves_and_is_staged_again_when_it_retur
 #[test]
 fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
     let w = complete_c_and_active_a();
-    assert_eq!(w.waves.delete_device("p00").unwrap(), Some(1));
-    assert_eq!(w.waves.delete_device("p00").unwrap(), None, "gone");
+    assert_eq!(crate::planner::delete_device(&w.planner, &w.fleet, &w.waves, None, "p00", 5).unwrap(), Some(1));
+    assert_eq!(crate::planner::delete_device(&w.planner, &w.fleet, &w.waves, None, "p00", 5).unwrap(), None, "gone");
     assert!(w.planner.operations_of("p00").is_empty() && w.fleet.get("p00").is_none());
     let status = w.waves.status("a", 5).unwrap();
     assert_eq!((status.total, status.scheduled), (29, 1));
@@ -509,7 +509,7 @@ fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
     let r = w.waves.rollout("a", uuids("p00"), 7).unwrap();
     assert_eq!((r.staged, r.rejected.len()), (1, 0), "{:?}", r.rejected);
     // A crash right after a delete: the device stays deleted and out of every count.
-    assert_eq!(w.waves.delete_device("p01").unwrap(), Some(1));
+    assert_eq!(crate::planner::delete_device(&w.planner, &w.fleet, &w.waves, None, "p01", 7).unwrap(), Some(1));
     let w = reopen(w);
     assert!(w.fleet.get("p01").is_none() && w.planner.operations_of("p01").is_empty());
     let status = w.waves.status("a", 8).unwrap();

@@ -1,0 +1,284 @@
+//! A deterministic simulator of the whole planner (DESIGN §4, invariant 11), after
+//! FoundationDB's simulation and TigerBeetle's VOPR: from one seed it drives the real store
+//! (RocksDB in a temp dir), fleet, operation queue, rollouts and actions, and the real DFU
+//! step, with a simulated clock. Operators create, start, pause, stop and delete rollouts,
+//! assign images, run and abort FAS actions, take and restore snapshots, register, retag and
+//! delete devices; devices ask for their components, download, swap, roll back, go silent and
+//! report other versions. At random points the process **crashes**: the store refuses every
+//! write from some point on (a crash between two writes), everything in memory is dropped
+//! without a shutdown step, and the gateway is opened again from the RocksDB directory.
+//!
+//! After every step the invariants are checked ([`check`]); at the end the fleet quiesces
+//! (every device asks until it is told to wait, time runs on) and every plan must have ended
+//! or be waiting with a reason. A failure names its seed, step and invariant; the same seed
+//! replays it exactly (randomness, time and crashes all come from the seed; maps the planner
+//! iterates are fixed-hashed).
+//!
+//! It knows the gateway through the planner's public API and the DFU step, as the
+//! transports do; it must not reach into a plan's memory except through its `audit`.
+
+mod check;
+mod devices;
+mod operator;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{DfuConfig, FirmwareConfig};
+use crate::firmware::Firmware;
+use crate::fleet::Fleet;
+use crate::planner::actions::Actions;
+use crate::planner::rollouts::Rollouts;
+use crate::planner::waves::Waves;
+use crate::planner::Planner;
+use crate::store::Store;
+use crate::telemetry::Telemetry;
+use crate::transport::Dfu;
+
+/// What one simulation runs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Steps before the fleet quiesces.
+    pub steps: u64,
+    /// Devices registered at the start (more are registered as it runs).
+    pub devices: usize,
+    /// In every how many steps, on average, a crash is armed.
+    pub crash_every: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig { seed: 1, steps: 2_000, devices: 10, crash_every: 40 }
+    }
+}
+
+/// What a simulation did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub seed: u64,
+    pub steps: u64,
+    pub crashes: u64,
+    /// Invariant checks made (each check of each invariant counts once).
+    pub checks: u64,
+    /// Status messages the DFU step handled.
+    pub statuses: u64,
+    pub failure: Option<Failure>,
+}
+
+/// A broken invariant: where, which, and what was seen.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub step: u64,
+    pub invariant: &'static str,
+    pub detail: String,
+    /// The last events before it, oldest first.
+    pub trail: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "step {}: invariant '{}' broken: {}", self.step, self.invariant, self.detail)?;
+        for t in &self.trail {
+            writeln!(f, "  … {t}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Events kept to show before a failure.
+const TRAIL: usize = 40;
+
+/// Seconds the operation queue gives a silent transfer in the simulation.
+const OP_TIMEOUT: u64 = 600;
+
+/// One gateway process: everything it holds in memory, opened from the store.
+struct Node {
+    store: Store,
+    fleet: Arc<Fleet>,
+    firmware: Arc<Firmware>,
+    planner: Arc<Planner>,
+    waves: Arc<Waves>,
+    rollouts: Arc<Rollouts>,
+    actions: Arc<Actions>,
+    dfu: Dfu,
+}
+
+impl Node {
+    fn open(dir: &Path, now: u64) -> Result<Node, String> {
+        let e = |e: &dyn std::fmt::Display| format!("opening the store again failed: {e}");
+        let store = Store::open(dir, false).map_err(|x| e(&x))?;
+        let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).map_err(|x| e(&x))?);
+        let fleet = Arc::new(Fleet::open(store.clone(), 10_000).map_err(|x| e(&x))?);
+        let planner =
+            Arc::new(Planner::open(store.clone(), fleet.clone(), firmware.clone(), OP_TIMEOUT, now).map_err(|x| e(&x))?);
+        let waves = Arc::new(
+            Waves::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), 3600, now).map_err(|x| e(&x))?,
+        );
+        let rollouts = Arc::new(
+            Rollouts::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), false, now)
+                .map_err(|x| e(&x))?,
+        );
+        let actions = Arc::new(
+            Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now).map_err(|x| e(&x))?,
+        );
+        let engine = DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine();
+        let dfu = Dfu::new(planner.clone(), fleet.clone(), engine, Arc::new(Telemetry::new()));
+        Ok(Node { store, fleet, firmware, planner, waves, rollouts, actions, dfu })
+    }
+
+    /// Handles the outcomes the plans were told of (what their worker threads do).
+    /// Acting on outcomes may end more operations (a rollout's slice replacing another's
+    /// queued one, an action's time limit): pumped until nothing is left, as the workers do.
+    fn pump(&self, now: u64) {
+        let mut quiet = 0;
+        for _ in 0..32 {
+            // A store error here is a crash the step armed: the next check reopens.
+            let r = self.rollouts.pump(now).unwrap_or(0);
+            let a = self.actions.pump(now).unwrap_or(0);
+            // A pass that handled nothing may still have ended something (timed work): one
+            // more quiet pass says nothing is left.
+            quiet = if r + a == 0 { quiet + 1 } else { 0 };
+            if quiet == 2 || self.store.is_down() {
+                return;
+            }
+        }
+    }
+}
+
+/// The simulation's state beside the gateway: the clock, the devices (they outlive crashes)
+/// and the last events.
+struct Sim {
+    rng: fastrand::Rng,
+    now: u64,
+    step: u64,
+    devices: devices::Devices,
+    trail: std::collections::VecDeque<String>,
+    report: Report,
+    names: u64,
+}
+
+impl Sim {
+    fn note(&mut self, event: String) {
+        if self.trail.len() == TRAIL {
+            self.trail.pop_front();
+        }
+        self.trail.push_back(event);
+    }
+
+    fn fail(&self, invariant: &'static str, detail: String) -> Failure {
+        Failure { step: self.step, invariant, detail, trail: self.trail.iter().cloned().collect() }
+    }
+}
+
+/// Runs one simulation to its end or its first broken invariant.
+pub fn run(cfg: &SimConfig) -> Report {
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            let failure = Failure { step: 0, invariant: "setup", detail: e.to_string(), trail: Vec::new() };
+            return Report { seed: cfg.seed, failure: Some(failure), ..Report::default() };
+        }
+    };
+    // Action ids come from fastrand's thread-local generator: seeded too.
+    fastrand::seed(cfg.seed ^ 0x5eed);
+    let mut sim = Sim {
+        rng: fastrand::Rng::with_seed(cfg.seed),
+        now: 1_000_000,
+        step: 0,
+        devices: devices::Devices::default(),
+        trail: Default::default(),
+        report: Report { seed: cfg.seed, ..Report::default() },
+        names: 0,
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(cfg, dir.path(), &mut sim)));
+    let failure = match result {
+        Ok(r) => r.err(),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Some(sim.fail("no panic", what))
+        }
+    };
+    sim.report.failure = failure;
+    sim.report
+}
+
+fn drive(cfg: &SimConfig, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
+    let mut node = Node::open(dir, sim.now).map_err(|e| sim.fail("open", e))?;
+    devices::setup(&node, sim, cfg.devices).map_err(|e| sim.fail("setup", e))?;
+    while sim.step < cfg.steps {
+        sim.step += 1;
+        sim.report.steps += 1;
+        let fault = sim.rng.u64(0..cfg.crash_every.max(1)) == 0;
+        if fault && sim.rng.bool() {
+            let writes = sim.rng.u32(0..4);
+            node.store.crash_after(Some(writes));
+            sim.note(format!("a crash armed after {writes} more writes"));
+        } else if fault {
+            sim.note("the gateway is killed".into());
+            node = restart(node, dir, sim)?;
+        }
+        let roll = sim.rng.u32(0..94);
+        match roll {
+            0..=39 => devices::status_round(&node, sim)?,
+            40..=49 => {
+                let dt = sim.rng.u64(1..90);
+                sim.now += dt;
+                sim.note(format!("{dt} s pass; time-outs swept"));
+                let _ = node.planner.sweep_timeouts(sim.now);
+                if sim.rng.bool() {
+                    let _ = node.fleet.flush_last_seen();
+                }
+            }
+            50..=89 => operator::act(&node, sim, roll),
+            _ => devices::misbehave(sim),
+        }
+        node.pump(sim.now);
+        if node.store.is_down() {
+            sim.note("the store went down: crash".into());
+            node = restart(node, dir, sim)?;
+            node.pump(sim.now);
+        }
+        check::all(&node, sim, sim.step % 8 == 0)?;
+    }
+    node.store.crash_after(None);
+    devices::quiesce(&node, sim)?;
+    check::settled(&node, sim)
+}
+
+/// Drops everything in memory (no shutdown step: nothing is flushed or finished) and opens
+/// the gateway again from the store, then checks what it loaded.
+fn restart(node: Node, dir: &Path, sim: &mut Sim) -> Result<Node, Failure> {
+    sim.report.crashes += 1;
+    node.store.crash_after(None);
+    drop(node);
+    let node = Node::open(dir, sim.now).map_err(|e| sim.fail("open after a crash", e))?;
+    // What open finished may have ended operations (a slice replacing a queued one): the
+    // workers' first pass.
+    node.pump(sim.now);
+    if node.store.is_down() {
+        return Err(sim.fail("open after a crash", "the store is down after a reopen".into()));
+    }
+    check::all(&node, sim, true)?;
+    Ok(node)
+}
+
+/// Runs simulations from `first` on, one seed after another, until `seconds` have passed or
+/// `seeds` ran; calls `each` with every report. Returns the reports.
+pub fn soak(first: u64, seeds: u64, seconds: u64, cfg: &SimConfig, mut each: impl FnMut(&Report)) -> Vec<Report> {
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    for seed in first..first.saturating_add(seeds) {
+        if start.elapsed().as_secs() >= seconds {
+            break;
+        }
+        let r = run(&SimConfig { seed, ..cfg.clone() });
+        each(&r);
+        out.push(r);
+    }
+    out
+}
