@@ -118,7 +118,26 @@ pub enum Answer {
         #[serde(default)]
         foreign: bool,
         version: String,
+        /// Unix seconds from which TUF admits nothing for the device's class (the verified
+        /// metadata expires): from then the node answers WAIT, whether or not it hears from
+        /// the planner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        trusted_until: Option<u64>,
+        /// Downgrades are refused: a pending operation to a version below what the device
+        /// reports is not started by the node (WAIT until the planner's view refuses it).
+        #[serde(default)]
+        no_downgrade: bool,
     },
+}
+
+impl Answer {
+    /// Adds the trust facts of [`Planner::trust_facts`] to an active answer.
+    pub fn with_trust(mut self, facts: (Option<u64>, bool)) -> Answer {
+        if let Answer::Active { trusted_until, no_downgrade, .. } = &mut self {
+            (*trusted_until, *no_downgrade) = facts;
+        }
+        self
+    }
 }
 
 impl From<Lookup<()>> for Answer {
@@ -135,6 +154,8 @@ impl From<Lookup<()>> for Answer {
                 resume: a.resume,
                 foreign: a.foreign,
                 version: a.version,
+                trusted_until: None,
+                no_downgrade: false,
             },
         }
     }

@@ -11,6 +11,7 @@ mod deletion;
 mod outcomes;
 mod remote;
 pub mod rollouts;
+pub mod rules;
 mod step;
 pub mod waves;
 
@@ -159,7 +160,7 @@ fn head(ops: &[Operation], component: &str) -> Result<Option<usize>, usize> {
         .filter(|(_, o)| o.state == OpState::Pending)
         .max_by(|(_, a), (_, b)| a.weight.cmp(&b.weight).then(b.seq.cmp(&a.seq)));
     if let Some((i, _)) = queued {
-        if ops.iter().any(|o| o.state.in_flight()) {
+        if ops.iter().any(|o| o.state.in_flight()) && !rules::broken(rules::Rule::OneTransfer) {
             return Err(i);
         }
         return Ok(Some(i));
@@ -228,6 +229,10 @@ pub struct Planner {
     /// [`Step`] over many devices holds it exclusively, so its one batch is never interleaved
     /// with another writer's change of a device it touches.
     gate: parking_lot::RwLock<()>,
+    /// Plans whose operations' outcomes are still counted (`rollout:NAME`, `action:ID`):
+    /// their operations are kept beyond [`MAX_HISTORY`], so a recount after a restart finds
+    /// every one (see [`Planner::pin`]).
+    pinned: std::sync::RwLock<std::collections::HashSet<String>>,
     /// No sequence number below this is ever handed out again: stored (`Meta`, [`SEQ_KEY`])
     /// in the batch of any commit that uses one at or above it.
     seq_mark: std::sync::atomic::AtomicU64,
@@ -292,6 +297,7 @@ impl Planner {
             watchers: Default::default(),
             changes: Default::default(),
             gate: Default::default(),
+            pinned: Default::default(),
             seq_mark: mark.max(next_seq).into(),
         })
     }
@@ -463,14 +469,18 @@ impl Planner {
         current: &[Operation],
         next: &[Operation],
     ) -> Result<std::collections::HashSet<u64>, PlannerError> {
-        // Per component, the newest MAX_HISTORY finished operations stay.
-        let mut finished: Vec<&Operation> = next.iter().filter(|o| o.state.is_terminal()).collect();
+        // Per component, the newest MAX_HISTORY finished operations stay, and every one a
+        // live plan still counts.
+        let pinned = self.pinned.read().unwrap_or_else(|e| e.into_inner());
+        let counted = |o: &Operation| !pinned.is_empty() && pinned.contains(o.origin.split('/').next().unwrap_or(""));
+        let mut finished: Vec<&Operation> = next.iter().filter(|o| o.state.is_terminal() && !counted(o)).collect();
         finished
             .sort_by(|a, b| (&a.component, std::cmp::Reverse(a.seq)).cmp(&(&b.component, std::cmp::Reverse(b.seq))));
         let drop: std::collections::HashSet<u64> = finished
             .chunk_by(|a, b| a.component == b.component)
             .flat_map(|same| same.iter().skip(MAX_HISTORY).map(|o| o.seq))
             .collect();
+        std::mem::drop(pinned);
         for o in next {
             if drop.contains(&o.seq) {
                 b.delete(Cf::Ops, op_key(o).as_bytes());
@@ -480,6 +490,18 @@ impl Planner {
         }
         self.stage_seq_mark(b, next.iter().map(|o| o.seq).max().unwrap_or(0));
         Ok(drop)
+    }
+
+    /// Keeps the operations of a plan (`rollout:NAME` for every group of a rollout,
+    /// `action:ID`) out of history trimming while the plan counts them: a device's later
+    /// operations must not push its outcome of a live plan out of the store.
+    pub fn pin(&self, plan: &str) {
+        self.pinned.write().unwrap_or_else(|e| e.into_inner()).insert(plan.to_owned());
+    }
+
+    /// The plan no longer counts its operations (deleted, ended): they are history again.
+    pub fn unpin(&self, plan: &str) {
+        self.pinned.write().unwrap_or_else(|e| e.into_inner()).remove(plan);
     }
 
     /// Moves the stored high-water mark of sequence numbers past `used`, in `b`, when `used`
@@ -660,7 +682,8 @@ impl Planner {
             let resume = held == Some(meta.sha256.as_str());
             (o.seq, o.state, meta, resume, held.is_some() && !resume, o.version.clone())
         };
-        if let Some(d) = self.refusal(device, component, state, &meta, &version, now) {
+        let refused = self.refusal(device, component, state, &meta, &version, now);
+        if let Some(d) = refused.filter(|_| !rules::broken(rules::Rule::Admission)) {
             if d.transient && !state.is_terminal() {
                 self.hold(device, seq, &d.reason, now, asked);
                 return Ok(Lookup::Held(d.to_string()));
@@ -750,7 +773,7 @@ impl Planner {
         // At most one transfer per device: a start computed while another component's
         // transfer was starting (two Statuses at once, or two data-plane nodes) loses.
         let starts = !from.in_flight() && !from.is_terminal() && to.is_some_and(OpState::in_flight);
-        if starts && ops.iter().any(|o| o.seq != seq && o.state.in_flight()) {
+        if starts && ops.iter().any(|o| o.seq != seq && o.state.in_flight()) && !rules::broken(rules::Rule::OneTransfer) {
             return Ok(false);
         }
         let new_digest = served.filter(|d| ops[at].digest.as_deref() != Some(*d));

@@ -31,7 +31,7 @@ use crate::planner::actions::Actions;
 use crate::planner::rollouts::Rollouts;
 use crate::planner::waves::Waves;
 use crate::planner::Planner;
-use crate::store::Store;
+use crate::store::{Disk, Store};
 use crate::telemetry::Telemetry;
 use crate::transport::Dfu;
 
@@ -43,13 +43,17 @@ pub struct SimConfig {
     pub steps: u64,
     /// Devices registered at the start (more are registered as it runs).
     pub devices: usize,
-    /// In every how many steps, on average, a crash is armed.
+    /// In every how many steps, on average, a crash comes (half of them a kill between two
+    /// steps, half armed to strike between two writes of the steps that follow).
     pub crash_every: u64,
+    /// RocksDB on the file system (a temp dir) instead of its in-memory environment: the same
+    /// database code and crash recovery, slower.
+    pub on_disk: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> SimConfig {
-        SimConfig { seed: 1, steps: 2_000, devices: 10, crash_every: 40 }
+        SimConfig { seed: 1, steps: 2_000, devices: 10, crash_every: 40, on_disk: false }
     }
 }
 
@@ -105,9 +109,9 @@ struct Node {
 }
 
 impl Node {
-    fn open(dir: &Path, now: u64) -> Result<Node, String> {
+    fn open(disk: &Disk, dir: &Path, now: u64) -> Result<Node, String> {
         let e = |e: &dyn std::fmt::Display| format!("opening the store again failed: {e}");
-        let store = Store::open(dir, false).map_err(|x| e(&x))?;
+        let store = Store::open_on(disk, dir, false).map_err(|x| e(&x))?;
         let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).map_err(|x| e(&x))?);
         let fleet = Arc::new(Fleet::open(store.clone(), 10_000).map_err(|x| e(&x))?);
         let planner =
@@ -191,7 +195,11 @@ pub fn run(cfg: &SimConfig) -> Report {
         report: Report { seed: cfg.seed, ..Report::default() },
         names: 0,
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(cfg, dir.path(), &mut sim)));
+    let disk = if cfg.on_disk { Ok(Disk::real()) } else { Disk::memory() };
+    let result = match disk {
+        Ok(disk) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(cfg, &disk, dir.path(), &mut sim))),
+        Err(e) => Ok(Err(sim.fail("setup", e.to_string()))),
+    };
     let failure = match result {
         Ok(r) => r.err(),
         Err(panic) => {
@@ -207,8 +215,8 @@ pub fn run(cfg: &SimConfig) -> Report {
     sim.report
 }
 
-fn drive(cfg: &SimConfig, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
-    let mut node = Node::open(dir, sim.now).map_err(|e| sim.fail("open", e))?;
+fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
+    let mut node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open", e))?;
     devices::setup(&node, sim, cfg.devices).map_err(|e| sim.fail("setup", e))?;
     while sim.step < cfg.steps {
         sim.step += 1;
@@ -220,7 +228,7 @@ fn drive(cfg: &SimConfig, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
             sim.note(format!("a crash armed after {writes} more writes"));
         } else if fault {
             sim.note("the gateway is killed".into());
-            node = restart(node, dir, sim)?;
+            node = restart(node, disk, dir, sim)?;
         }
         let roll = sim.rng.u32(0..94);
         match roll {
@@ -240,7 +248,7 @@ fn drive(cfg: &SimConfig, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
         node.pump(sim.now);
         if node.store.is_down() {
             sim.note("the store went down: crash".into());
-            node = restart(node, dir, sim)?;
+            node = restart(node, disk, dir, sim)?;
             node.pump(sim.now);
         }
         check::all(&node, sim, sim.step % 8 == 0)?;
@@ -252,11 +260,11 @@ fn drive(cfg: &SimConfig, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
 
 /// Drops everything in memory (no shutdown step: nothing is flushed or finished) and opens
 /// the gateway again from the store, then checks what it loaded.
-fn restart(node: Node, dir: &Path, sim: &mut Sim) -> Result<Node, Failure> {
+fn restart(node: Node, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<Node, Failure> {
     sim.report.crashes += 1;
     node.store.crash_after(None);
     drop(node);
-    let node = Node::open(dir, sim.now).map_err(|e| sim.fail("open after a crash", e))?;
+    let node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open after a crash", e))?;
     // What open finished may have ended operations (a slice replacing a queued one): the
     // workers' first pass.
     node.pump(sim.now);

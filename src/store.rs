@@ -64,6 +64,22 @@ impl Cf {
     }
 }
 
+/// Where a store's files live: the machine's file system, or RocksDB's in-memory one (the
+/// simulator's: its files outlive a dropped database as a disk outlives a killed process, and
+/// reopening replays the write-ahead log as after a crash, without a disk's cost).
+#[derive(Clone, Default)]
+pub struct Disk(Option<rocksdb::Env>);
+
+impl Disk {
+    pub fn real() -> Disk {
+        Disk(None)
+    }
+
+    pub fn memory() -> Result<Disk, StoreError> {
+        Ok(Disk(Some(rocksdb::Env::mem_env()?)))
+    }
+}
+
 /// A shared handle to the database.
 #[derive(Clone)]
 pub struct Store {
@@ -78,7 +94,15 @@ impl Store {
     /// Opens (creating if needed) the database under `dir`. `sync` fsyncs the WAL on every
     /// write; without it, acknowledged writes survive a process crash but not power loss.
     pub fn open(dir: &Path, sync: bool) -> Result<Store, StoreError> {
+        Store::open_on(&Disk::real(), dir, sync)
+    }
+
+    /// [`Store::open`] on a given [`Disk`].
+    pub fn open_on(disk: &Disk, dir: &Path, sync: bool) -> Result<Store, StoreError> {
         let mut opts = Options::default();
+        if let Some(env) = &disk.0 {
+            opts.set_env(env);
+        }
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         // Bounded log files: operators do not want RocksDB's info logs to fill the disk.

@@ -431,6 +431,20 @@ impl Trust {
         }
     }
 
+    /// Until when anything is admissible for a class by TUF: the expiry of the verified
+    /// metadata of the repository that decides for it (0 when it is configured but not
+    /// verified); `None` when no repository decides (CI devices without a CI repository,
+    /// production devices without one, which get nothing anyway).
+    pub fn deadline(&self, production: bool) -> Option<u64> {
+        let configured = if production { self.production.is_some() } else { self.ci.is_some() };
+        if !configured {
+            return None;
+        }
+        let repo = if production { PRODUCTION } else { CI };
+        let verified = self.verified.read().unwrap_or_else(|e| e.into_inner());
+        Some(verified.get(repo).map_or(0, |v| v.expires))
+    }
+
     /// The signed `custom.version` of the verified target with these bytes, in the repository
     /// that decides for a class (`None`: not a target there, or it states no version).
     pub fn signed_version(&self, production: bool, sha256: &str, length: u64) -> Option<String> {

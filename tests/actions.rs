@@ -384,3 +384,91 @@ async fn fwgate_load_drives_multi_target_devices_through_one_live_action() {
     let (ok, text) = serve.cli(&["load", "--targets", "BIOS", "--register", "--transport", "coap-block2"]);
     assert!(!ok && text.contains("Block2"), "{text}");
 }
+
+/// Issue 28: starting an action was one write for its state, then one per operation; a kill
+/// in between left it running with operations never queued. Through the binary: 5,000 xnames
+/// × 2 targets, the gateway SIGKILLed while `actions create` of a 10,000-operation live action
+/// runs, at a later moment on each try until one lands after the action's record was written.
+/// After each restart the action either does not exist, or all 10,000 of its operations are
+/// queued, none twice (the gateway's operation counts, which see every queued operation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_while_a_10000_operation_action_starts_queues_all_of_it_or_none() {
+    use common::serve::Serve;
+    const XNAMES: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Serve::start(dir.path()).await;
+    let ok = |(ok, out): (bool, String)| {
+        assert!(ok, "{out}");
+        out
+    };
+    for (t, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
+        let bin = dir.path().join(format!("{t}-{v}.bin"));
+        std::fs::write(&bin, format!("{t} firmware {v}")).unwrap();
+        let meta = dir.path().join(format!("{t}-{v}.json"));
+        let identity = json!({"deviceType": "nodeBMC", "target": t, "tag": ["default"],
+            "firmwareVersion": format!("{t}-{v}"), "semanticFirmwareVersion": format!("{v}.0.0")});
+        std::fs::write(&meta, identity.to_string()).unwrap();
+        let name = t.to_lowercase();
+        let (bin, meta) = (bin.to_str().unwrap().to_owned(), meta.to_str().unwrap().to_owned());
+        ok(serve.cli(&["images", "add", &bin, "--name", &name, "--version", v, "--meta", &meta]));
+    }
+    let csv = dir.path().join("devices.csv");
+    let mut text = String::from("id,deviceType\n");
+    for i in 0..XNAMES {
+        text.push_str(&format!("x{i:05},nodeBMC\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    ok(serve.cli(&["devices", "import", csv.to_str().unwrap()]));
+    // Each xname reports what its two targets run: that is what an action plans from.
+    let coap: std::net::SocketAddr = ([127, 0, 0, 1], serve.coap).into();
+    let mut c = CoapClient::connect(coap, coap_cfg()).await.unwrap();
+    for i in 0..XNAMES {
+        let x = format!("x{i:05}");
+        for t in ["BIOS", "BMC"] {
+            let mut dev = DfuDevice::new(&x, Form::Packed, &format!("{t}-1"));
+            dev.component = Some(t.into());
+            c.post_status(&x, &dev.status_bytes()).await.unwrap();
+        }
+    }
+    let file = dir.path().join("all.json");
+    std::fs::write(&file, json!({"command": {"version": "latest", "overrideDryrun": true}}).to_string()).unwrap();
+    let mut landed = None;
+    for delay_ms in [5u64, 40, 80, 120, 160, 240, 400, 800, 1600] {
+        let create = std::process::Command::new(common::serve::BIN)
+            .args(["actions", "create", file.to_str().unwrap()])
+            .env("FWGATE_SERVER", &serve.admin)
+            .env("FWGATE_TOKEN", "test-token")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        serve.kill();
+        let _ = create.wait_with_output();
+        serve = Serve::start(dir.path()).await;
+        let actions = call(&serve.admin, Method::GET, "/api/v1/actions", None).await;
+        let metrics = reqwest::get(format!("{}/metrics", serve.admin)).await.unwrap().text().await.unwrap();
+        let queued: u64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("fwgate_operations{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|n| n as u64)
+            .sum();
+        match actions.as_array().unwrap().as_slice() {
+            [] => assert_eq!(queued, 0, "killed {delay_ms} ms in, no action, yet {queued} operations"),
+            [a] => {
+                assert_eq!(queued, 2 * XNAMES as u64, "killed {delay_ms} ms in: all 10,000 queued, none twice");
+                assert_eq!(a["state"], "running", "{a}");
+                landed = Some((delay_ms, a["actionID"].as_str().unwrap().to_owned()));
+                break;
+            }
+            more => panic!("one create, {} actions", more.len()),
+        }
+    }
+    let (delay_ms, id) = landed.expect("no try killed the gateway after the action was written");
+    let a = call(&serve.admin, Method::GET, &format!("/api/v1/actions/{id}"), None).await;
+    let ops = a["operations"].as_array().unwrap();
+    assert_eq!(ops.len(), 2 * XNAMES, "killed {delay_ms} ms in");
+    assert!(ops.iter().all(|o| o["state"] == "configured" || o["state"] == "blocked"), "all queued, none started");
+    drop(serve);
+}

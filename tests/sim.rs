@@ -27,6 +27,18 @@ fn no_invariant_breaks_over_the_fixed_seeds() {
     assert!(crashes > 0 && checks > steps, "{crashes} crashes, {checks} checks");
 }
 
+/// The same on the file system: RocksDB's own files in a temp dir, reopened after each crash.
+#[test]
+fn no_invariant_breaks_with_the_store_on_disk() {
+    for seed in [101, 102] {
+        let r = run(&SimConfig { seed, steps: 1_000, on_disk: true, ..SimConfig::default() });
+        assert!(r.crashes > 0, "seed {seed}: no crash");
+        if let Some(f) = r.failure {
+            panic!("seed {seed}: {f}");
+        }
+    }
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let cfg = SimConfig { seed: 7, steps: 800, ..SimConfig::default() };

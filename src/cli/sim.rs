@@ -26,13 +26,29 @@ pub struct SimArgs {
     /// A crash is armed in one of this many steps, on average.
     #[arg(long, default_value_t = 40)]
     crash_every: u64,
+    /// RocksDB on the file system (a temp dir) instead of its in-memory environment.
+    #[arg(long)]
+    on_disk: bool,
+    /// Break a rule of the planner on purpose (repeatable), to see which invariant catches
+    /// it and how soon.
+    #[arg(long = "break", value_enum)]
+    broken: Vec<crate::planner::rules::Rule>,
     /// Print a line per seed.
     #[arg(long)]
     verbose: bool,
 }
 
 pub fn sim(args: SimArgs) -> Result<()> {
-    let cfg = SimConfig { seed: args.seed, steps: args.steps, devices: args.devices, crash_every: args.crash_every };
+    let cfg = SimConfig {
+        seed: args.seed,
+        steps: args.steps,
+        devices: args.devices,
+        crash_every: args.crash_every,
+        on_disk: args.on_disk,
+    };
+    for rule in &args.broken {
+        crate::planner::rules::set_broken(*rule, true);
+    }
     let start = std::time::Instant::now();
     let (mut steps, mut crashes, mut checks, mut statuses, mut failed) = (0u64, 0u64, 0u64, 0u64, Vec::new());
     let reports = soak(args.seed, args.seeds, args.seconds, &cfg, |r| {

@@ -205,6 +205,10 @@ impl Publisher {
                     _ = self.changes.marked() => {}
                     _ = recheck.tick() => self.mark_all(),
                 }
+            } else if futures::FutureExt::now_or_never(recheck.tick()).is_some() {
+                // A busy planner rechecks too: trust that expired or came back reaches the
+                // nodes within the recheck interval, not after the backlog.
+                self.mark_all();
             }
             if connected.swap(false, Ordering::Relaxed) {
                 self.published.clear();
@@ -220,7 +224,10 @@ impl Publisher {
                     .into_iter()
                     .map(|(device, at_ms)| {
                         // None: no longer registered.
-                        let view = fleet.contains(&device).then(|| planner.view_of(&device, now));
+                        let view = fleet.contains(&device).then(|| {
+                            let facts = planner.trust_facts(&device);
+                            planner.view_of(&device, now).map(|v| (v, facts))
+                        });
                         (device, at_ms, view)
                     })
                     .collect::<Vec<_>>()
@@ -238,10 +245,10 @@ impl Publisher {
                         warn!(device, error = %e, "cannot compute a device's view");
                         continue;
                     }
-                    Some(Ok(components)) => {
+                    Some(Ok((components, facts))) => {
                         let components: Vec<Entry> = components
                             .into_iter()
-                            .map(|(component, l)| Entry { component, answer: Answer::from(l) })
+                            .map(|(component, l)| Entry { component, answer: Answer::from(l).with_trust(facts) })
                             .collect();
                         serde_json::to_vec(&View { at_ms, components }).unwrap_or_default()
                     }

@@ -38,6 +38,9 @@ struct Op {
     resume: bool,
     foreign: bool,
     version: String,
+    /// See `Answer::Active`.
+    trusted_until: Option<u64>,
+    no_downgrade: bool,
     /// Progress not reported yet.
     progress: Option<u32>,
     /// When the state (ahead of `told`) was last sent to the planner.
@@ -109,7 +112,7 @@ impl Replica {
                 Answer::Wait { poll } => Held::Wait(poll),
                 Answer::Held { why } => Held::Held(why),
                 Answer::Refused { why } => Held::Refused(why),
-                Answer::Active { seq, state, image, resume, foreign, version } => {
+                Answer::Active { seq, state, image, resume, foreign, version, trusted_until, no_downgrade } => {
                     let mut op = Op {
                         seq,
                         told: state,
@@ -118,6 +121,8 @@ impl Replica {
                         resume,
                         foreign,
                         version,
+                        trusted_until,
+                        no_downgrade,
                         progress: None,
                         sent_ms: 0,
                     };
@@ -247,7 +252,7 @@ impl Source for Replica {
         Ok(true)
     }
 
-    fn lookup(&self, device: &str, component: &str, _now: u64) -> Result<Lookup, SourceError> {
+    fn lookup(&self, device: &str, component: &str, now: u64) -> Result<Lookup, SourceError> {
         let Some(d) = self.devices.get(device) else { return Ok(Lookup::Nothing) };
         let Some((_, held)) = d.components.iter().find(|(c, _)| c == component) else { return Ok(Lookup::Nothing) };
         Ok(match held {
@@ -255,6 +260,17 @@ impl Source for Replica {
             Held::Wait(poll) => Lookup::Wait(*poll),
             Held::Held(why) => Lookup::Held(why.clone()),
             Held::Refused(why) => Lookup::Refused(why.clone()),
+            // Past the view's trust deadline nothing is served, planner or not.
+            Held::Active(op) if !op.state.is_terminal() && op.trusted_until.is_some_and(|t| now >= t) => {
+                self.telemetry.cluster("trust_expired");
+                Lookup::Held(format!("TUF metadata expired at {}", op.trusted_until.unwrap_or(0)))
+            }
+            // A downgrade is never started here: the planner refuses it once it hears what
+            // the device runs.
+            Held::Active(op) if op.state == OpState::Pending && op.no_downgrade && downgrade(&d.seen, component, &op.version) => {
+                self.telemetry.cluster("downgrade_held");
+                Lookup::Held(format!("{} would be a downgrade", op.version))
+            }
             Held::Active(op) => match self.image(&op.meta.sha256) {
                 Some(image) => Lookup::Active(ActiveOp {
                     seq: op.seq,
@@ -330,6 +346,12 @@ impl Source for Replica {
     }
 }
 
+/// Whether the version a device last reported for `component` is above `to`.
+fn downgrade(seen: &[(String, String, u64)], component: &str, to: &str) -> bool {
+    let Some((_, running, _)) = seen.iter().find(|(c, ..)| c == component) else { return false };
+    matches!((crate::firmware::version_order(running), crate::firmware::version_order(to)), (Some(a), Some(b)) if b < a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,8 +371,16 @@ mod tests {
     }
 
     fn active(seq: u64, state: OpState) -> View {
-        let answer =
-            Answer::Active { seq, state, image: meta("aa"), resume: false, foreign: true, version: "1.0.0".into() };
+        let answer = Answer::Active {
+            seq,
+            state,
+            image: meta("aa"),
+            resume: false,
+            foreign: true,
+            version: "1.0.0".into(),
+            trusted_until: None,
+            no_downgrade: false,
+        };
         View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }
     }
 
@@ -415,11 +445,65 @@ mod tests {
             resume: false,
             foreign: false,
             version: "1.0.0".into(),
+            trusted_until: None,
+            no_downgrade: false,
         };
         r.apply("d1", Some(View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }));
         r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
         let Lookup::Active(a) = r.lookup("d1", "main", 1).unwrap() else { panic!("active") };
         assert!(a.resume);
+    }
+
+    /// Finding 3 of issue 28: nodes served past TUF expiry while the planner was busy or down.
+    /// A view carries the deadline, and from it on the node answers WAIT by itself; nor does it
+    /// start a downgrade of what the device reports.
+    #[test]
+    fn past_the_views_trust_deadline_the_node_waits_and_it_never_starts_a_downgrade() {
+        let (r, _, mut reports) = replica();
+        let answer = Answer::Active {
+            seq: 1,
+            state: OpState::Pending,
+            image: meta("aa"),
+            resume: false,
+            foreign: false,
+            version: "1.0.0".into(),
+            trusted_until: Some(100),
+            no_downgrade: true,
+        };
+        r.apply("d1", Some(View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }));
+        r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
+        assert!(r.observe("d1", "main", "0.9.0", 10).unwrap());
+        assert!(matches!(r.lookup("d1", "main", 99).unwrap(), Lookup::Active(_)));
+        assert!(matches!(r.lookup("d1", "main", 100).unwrap(), Lookup::Held(why) if why.contains("expired")));
+        // The device comes back on 2.0.0: 1.0.0 would be a downgrade, so it waits.
+        let _ = reports.try_recv();
+        r.observe("d1", "main", "2.0.0", 50).unwrap();
+        assert!(matches!(r.lookup("d1", "main", 50).unwrap(), Lookup::Held(why) if why.contains("downgrade")));
+    }
+
+    /// Finding 1 of issue 28 (the node's side): a device asking for two components before the
+    /// next view got both started. A second start is refused while one is in flight.
+    #[test]
+    fn a_node_starts_one_transfer_per_device() {
+        let (r, _, _) = replica();
+        let answer = |seq| Answer::Active {
+            seq,
+            state: OpState::Pending,
+            image: meta("aa"),
+            resume: false,
+            foreign: false,
+            version: "1.0.0".into(),
+            trusted_until: None,
+            no_downgrade: false,
+        };
+        let components = vec![
+            Entry { component: "BIOS".into(), answer: answer(1) },
+            Entry { component: "BMC".into(), answer: answer(2) },
+        ];
+        r.apply("x1", Some(View { at_ms: 1, components }));
+        let start = |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
+        assert!(start(1).unwrap());
+        assert!(!start(2).unwrap(), "BMC may not start while BIOS is in flight");
     }
 
     #[test]

@@ -10,9 +10,18 @@ fn durable(o: &Operation) -> Operation {
 }
 
 impl Planner {
-    /// At most one transfer per device, across its components.
+    /// At most one transfer per device, across its components; and what a plan queued for a
+    /// device's component it queued once (an action's or a rollout group's origin appears on
+    /// one operation per device and component: a step replayed after a crash would repeat it).
     pub fn audit_transfers(&self) -> Result<(), String> {
         for e in self.ops.iter() {
+            let planned = e.iter().filter(|o| matches!(super::origin_kind(&o.origin), "action" | "rollout"));
+            let mut seen = std::collections::HashSet::new();
+            for o in planned {
+                if !seen.insert((&o.origin, &o.component)) {
+                    return Err(format!("{} has two operations of {} for {}", e.key(), o.origin, o.component));
+                }
+            }
             let busy: Vec<&Operation> = e.iter().filter(|o| o.state.in_flight()).collect();
             if busy.len() > 1 {
                 let what: Vec<String> = busy.iter().map(|o| format!("{}#{} {}", o.component, o.seq, o.state.as_str())).collect();

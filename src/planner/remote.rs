@@ -32,6 +32,15 @@ impl Planner {
         Ok(out)
     }
 
+    /// What a data-plane node needs to judge admission on its own between two views: until
+    /// when TUF admits anything for the device's class (past it, the node answers WAIT), and
+    /// whether a downgrade is refused (a node seeing the device report a higher version than
+    /// an operation installs answers WAIT instead of starting it).
+    pub fn trust_facts(&self, device: &str) -> (Option<u64>, bool) {
+        let deadline = self.fleet.is_production(device).and_then(|p| self.trust.deadline(p));
+        (deadline, !self.allow_downgrade)
+    }
+
     /// The one operation of a device that may start now: none while one is in flight, else
     /// the queued one of the highest weight, oldest first, across its components.
     pub fn grant(&self, device: &str) -> Option<u64> {

@@ -174,6 +174,7 @@ impl Rollouts {
                     Ok(true)
                 })?;
             }
+            planner.pin(&format!("{ORIGIN_PREFIX}{}", r.name));
             book.live.insert(r.name.clone(), Live::new(r, members, left));
         }
         let rollouts = Rollouts {
@@ -437,6 +438,7 @@ impl Rollouts {
         b.put_json(Cf::Rollouts, &rollout_key(&r.name), &*r)?;
         b.commit()?;
         info!(rollout = %r.name, devices = r.total(), groups = r.groups.len(), state = r.state.as_str(), "rollout created");
+        self.planner.pin(&format!("{ORIGIN_PREFIX}{}", r.name));
         book.live.insert(r.name.clone(), Live::new(r.clone(), members, Vec::new()));
         Ok(r.clone())
     }
@@ -512,6 +514,7 @@ impl Rollouts {
         b.put_json(Cf::Rollouts, &rollout_key(name), &live.r)?;
         b.commit()?;
         info!(rollout = name, "rollout deleted");
+        self.planner.unpin(&format!("{ORIGIN_PREFIX}{name}"));
         book.deleted.insert(name.to_owned(), live.r);
         Ok(())
     }

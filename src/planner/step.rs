@@ -110,6 +110,16 @@ impl<'p> Step<'p> {
         for o in self.forgotten.values().flatten() {
             self.batch.delete(Cf::Ops, op_key(o).as_bytes());
         }
+        if super::rules::broken(super::rules::Rule::AtomicStep) {
+            // The bug a step exists to prevent: the queue's changes, then the plan's records,
+            // in two batches.
+            let mut first = p.store.batch();
+            for (device, next) in &self.next {
+                let current = p.ops.get(device).map(|o| o.clone()).unwrap_or_default();
+                p.stage(&mut first, &current, next)?;
+            }
+            first.commit()?;
+        }
         self.batch.commit()?;
         for ((device, next), drop) in std::mem::take(&mut self.next).into_iter().zip(drops) {
             let mut current = p.ops.entry(device).or_default();

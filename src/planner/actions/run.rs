@@ -148,6 +148,9 @@ impl Actions {
         let events = planner.watch("action");
         let mut book = Book::default();
         for a in store.load_all::<Action>(Cf::Actions)? {
+            if !a.dryrun && !matches!(a.state, ActionState::Completed | ActionState::Aborted) {
+                planner.pin(&origin(&a.action_id));
+            }
             book.actions.insert(a.action_id.clone(), a);
         }
         let actions = Actions {
@@ -246,6 +249,10 @@ impl Actions {
         if !dryrun && book.actions.values().any(|o| matches!(o.state, ActionState::Running | ActionState::Blocked)) {
             a.state = ActionState::Blocked;
         }
+        if !dryrun {
+            // Its operations' outcomes are counted until it ends: kept out of trimming.
+            self.planner.pin(&origin(&a.action_id));
+        }
         self.put(&a)?;
         info!(action = %a.action_id, operations = a.operations.len(), dryrun, state = a.state.as_str(), "action created");
         let id = a.action_id.clone();
@@ -337,6 +344,7 @@ impl Actions {
                 let a = a.clone();
                 self.put(&a)?;
                 book.open.remove(&id);
+                self.planner.unpin(&origin(&id));
                 info!(action = %id, "action completed");
                 continue;
             }
@@ -516,6 +524,7 @@ impl Actions {
         let a = a.clone();
         self.put(&a)?;
         book.open.remove(id);
+        self.planner.unpin(&origin);
         info!(action = id, operations = n, "action aborted");
         Ok(())
     }

@@ -92,7 +92,8 @@ impl Rollouts {
                     // rollout until every member of every group has been handed out and has
                     // ended: a group's threshold starts the next group, it does not excuse the
                     // rest of its own.
-                    let all_settled = (0..live.members.len()).all(|g| live.settled(g));
+                    let all_settled = (0..live.members.len()).all(|g| live.settled(g))
+                        || crate::planner::rules::broken(crate::planner::rules::Rule::FinishSettled);
                     let progress = if live.r.dynamic_group_size.is_some() || !all_settled {
                         Progress::Started
                     } else {

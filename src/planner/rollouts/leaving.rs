@@ -63,9 +63,12 @@ impl RolloutsLeaving<'_> {
                     .max_by_key(|o| o.seq)
                     .map(|o| o.state)
                     .filter(|s| s.is_terminal());
+                self.staged.push((name.clone(), g, counted));
+                if crate::planner::rules::broken(crate::planner::rules::Rule::LeftStored) {
+                    continue;
+                }
                 step.batch().put(Cf::Rollouts, &left_key(name, g, id), DELETED.as_bytes());
                 r.groups[g].total = r.groups[g].total.saturating_sub(1);
-                self.staged.push((name.clone(), g, counted));
                 touched = true;
             }
             if touched {

@@ -321,7 +321,7 @@ fn late_joiners_fill_the_trailing_dynamic_group_before_a_new_one_opens() {
     }
     let r = w.rollouts.get("dyn").unwrap();
     assert_eq!(r.groups.iter().map(|g| (g.total, g.dynamic)).collect::<Vec<_>>(), [(1, false), (3, true), (1, true)]);
-    w.rollouts.audit().unwrap();
+    w.rollouts.audit(true).unwrap();
 }
 
 /// A member deleted while its group runs leaves it with a stored reason: the total drops,
@@ -347,11 +347,11 @@ fn a_deleted_member_leaves_its_group_for_good_across_a_restart() {
         crate::planner::delete_device(&w.planner, &w.fleet, &waves, Some(&w.rollouts), id, 4).unwrap().unwrap();
     }
     w.rollouts.pump(4).unwrap();
-    w.rollouts.audit().unwrap();
+    w.rollouts.audit(true).unwrap();
     assert_eq!(w.rollouts.get("r").unwrap().groups[0].total, 2);
     drop(waves);
     let w = reopen(w);
-    w.rollouts.audit().unwrap();
+    w.rollouts.audit(true).unwrap();
     assert_eq!(w.rollouts.status("r").unwrap().groups[0].counts, Counts { total: 2, ..Default::default() });
     finish(&w, "d01", true, 5);
     finish(&w, "d03", true, 5);
@@ -384,7 +384,7 @@ fn a_rate_limited_group_hands_out_every_member_whatever_its_threshold_did() {
             updated += 1;
         }
         w.rollouts.pump(now).unwrap();
-        w.rollouts.audit().unwrap();
+        w.rollouts.audit(true).unwrap();
         let r = w.rollouts.get("rate").unwrap();
         if updated < 8 {
             assert_eq!(r.state, RolloutState::Running, "finished with {updated} of 8 updated");
