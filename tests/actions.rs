@@ -455,7 +455,10 @@ async fn a_sigkill_while_a_10000_operation_action_starts_queues_all_of_it_or_non
             .map(|n| n as u64)
             .sum();
         match actions.as_array().unwrap().as_slice() {
-            [] => assert_eq!(queued, 0, "killed {delay_ms} ms in, no action, yet {queued} operations"),
+            [] => {
+                assert_eq!(queued, 0, "killed {delay_ms} ms in, no action, yet {queued} operations");
+                println!("killed {delay_ms} ms after `actions create` started: no action yet, nothing queued");
+            }
             [a] => {
                 assert_eq!(queued, 2 * XNAMES as u64, "killed {delay_ms} ms in: all 10,000 queued, none twice");
                 assert_eq!(a["state"], "running", "{a}");
@@ -466,6 +469,7 @@ async fn a_sigkill_while_a_10000_operation_action_starts_queues_all_of_it_or_non
         }
     }
     let (delay_ms, id) = landed.expect("no try killed the gateway after the action was written");
+    println!("killed {delay_ms} ms after `actions create` started: action {id} running with all 10,000 queued");
     let a = call(&serve.admin, Method::GET, &format!("/api/v1/actions/{id}"), None).await;
     let ops = a["operations"].as_array().unwrap();
     assert_eq!(ops.len(), 2 * XNAMES, "killed {delay_ms} ms in");
