@@ -190,19 +190,21 @@ impl Rollouts {
     pub(super) fn on_outcome(&self, book: &mut Book, e: &Ended, now: u64) -> Result<(), RolloutError> {
         let Some((name, g)) = parse_origin(&e.origin) else { return Ok(()) };
         let Some(live) = book.live.get_mut(name) else { return Ok(()) };
-        if live.left.get(g).is_some_and(|l| l.contains_key(&e.device)) {
+        if live.left.get(g).is_some_and(|l| !l.is_empty() && l.contains_key(&e.device)) {
             // Its leaving already took it out of the group's total.
             return Ok(());
         }
         let Some(c) = live.counts.get_mut(g) else { return Ok(()) };
         count(c, e.state);
-        let verdict = live.r.groups[g].conditions.evaluate(c);
         self.outcomes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let running = live.r.state.is_active() && live.r.groups[g].state == GroupState::Running;
-        // The last member of a group whose turn is over ending may be what finishes the
-        // rollout.
-        let finishing = live.r.state.is_active() && live.r.groups[g].state.is_done() && live.settled(g);
-        if finishing || running && verdict != Verdict::Pending {
+        let (active, group) = (live.r.state.is_active(), live.r.groups[g].state);
+        let act = match group {
+            GroupState::Running => active && live.r.groups[g].conditions.evaluate(&live.counts[g]) != Verdict::Pending,
+            // The last member of a group whose turn is over ending may be what finishes the
+            // rollout.
+            _ => active && group.is_done() && live.settled(g),
+        };
+        if act {
             let name = name.to_owned();
             self.advance(book, &name, now)?;
         }
