@@ -37,6 +37,23 @@ async fn images(base: &str) {
     }
 }
 
+/// BIOS and BMC images 1 and 2 for nodeBMCs, uploaded with their FAS imagefiles through
+/// the CLI (`images add --meta`).
+fn cli_images(serve: &common::serve::Serve, dir: &std::path::Path) {
+    for (t, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
+        let bin = dir.join(format!("{t}-{v}.bin"));
+        std::fs::write(&bin, format!("{t} firmware {v}")).unwrap();
+        let meta = dir.join(format!("{t}-{v}.json"));
+        let identity = json!({"deviceType": "nodeBMC", "target": t, "tag": ["default"],
+            "firmwareVersion": format!("{t}-{v}"), "semanticFirmwareVersion": format!("{v}.0.0")});
+        std::fs::write(&meta, identity.to_string()).unwrap();
+        let name = t.to_lowercase();
+        let (bin, meta) = (bin.to_str().unwrap().to_owned(), meta.to_str().unwrap().to_owned());
+        let (ok, out) = serve.cli(&["images", "add", &bin, "--name", &name, "--version", v, "--meta", &meta]);
+        assert!(ok, "{out}");
+    }
+}
+
 fn coap_cfg() -> ClientConfig {
     ClientConfig { ack_timeout: Duration::from_millis(500), max_retransmit: 4, ..ClientConfig::default() }
 }
@@ -239,26 +256,7 @@ async fn a_sigkill_mid_action_loses_nothing_and_a_snapshot_restore_skips_a_delet
         assert!(ok, "{out}");
         out
     };
-    for (t, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
-        let bin = dir.path().join(format!("{t}-{v}.bin"));
-        std::fs::write(&bin, format!("{t} firmware {v}")).unwrap();
-        let meta = dir.path().join(format!("{t}-{v}.json"));
-        let identity = json!({"deviceType": "nodeBMC", "target": t, "tag": ["default"],
-            "firmwareVersion": format!("{t}-{v}"), "semanticFirmwareVersion": format!("{v}.0.0")});
-        std::fs::write(&meta, identity.to_string()).unwrap();
-        let name = t.to_lowercase();
-        ok(serve.cli(&[
-            "images",
-            "add",
-            bin.to_str().unwrap(),
-            "--name",
-            &name,
-            "--version",
-            v,
-            "--meta",
-            meta.to_str().unwrap(),
-        ]));
-    }
+    cli_images(&serve, dir.path());
     let xnames = ["x1", "x2", "x3", "x4"];
     for x in xnames {
         ok(serve.cli(&["devices", "add", x, "--device-type", "nodeBMC"]));
@@ -401,17 +399,7 @@ async fn a_sigkill_while_a_10000_operation_action_starts_queues_all_of_it_or_non
         assert!(ok, "{out}");
         out
     };
-    for (t, v) in [("BIOS", "1"), ("BIOS", "2"), ("BMC", "1"), ("BMC", "2")] {
-        let bin = dir.path().join(format!("{t}-{v}.bin"));
-        std::fs::write(&bin, format!("{t} firmware {v}")).unwrap();
-        let meta = dir.path().join(format!("{t}-{v}.json"));
-        let identity = json!({"deviceType": "nodeBMC", "target": t, "tag": ["default"],
-            "firmwareVersion": format!("{t}-{v}"), "semanticFirmwareVersion": format!("{v}.0.0")});
-        std::fs::write(&meta, identity.to_string()).unwrap();
-        let name = t.to_lowercase();
-        let (bin, meta) = (bin.to_str().unwrap().to_owned(), meta.to_str().unwrap().to_owned());
-        ok(serve.cli(&["images", "add", &bin, "--name", &name, "--version", v, "--meta", &meta]));
-    }
+    cli_images(&serve, dir.path());
     let csv = dir.path().join("devices.csv");
     let mut text = String::from("id,deviceType\n");
     for i in 0..XNAMES {

@@ -384,6 +384,20 @@ mod tests {
         View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }
     }
 
+    /// A pending operation of image "aa" to 1.0.0, as a view carries it.
+    fn pending(seq: u64, trusted_until: Option<u64>, no_downgrade: bool) -> Answer {
+        Answer::Active {
+            seq,
+            state: OpState::Pending,
+            image: meta("aa"),
+            resume: false,
+            foreign: false,
+            version: "1.0.0".into(),
+            trusted_until,
+            no_downgrade,
+        }
+    }
+
     fn replica() -> (Replica, mpsc::Receiver<String>, mpsc::Receiver<Report>) {
         let (ftx, frx) = mpsc::channel(8);
         let (rtx, rrx) = mpsc::channel(8);
@@ -438,16 +452,7 @@ mod tests {
     #[test]
     fn without_another_images_bytes_a_device_resumes_where_another_node_left_it() {
         let (r, _, _) = replica();
-        let answer = Answer::Active {
-            seq: 1,
-            state: OpState::Pending,
-            image: meta("aa"),
-            resume: false,
-            foreign: false,
-            version: "1.0.0".into(),
-            trusted_until: None,
-            no_downgrade: false,
-        };
+        let answer = pending(1, None, false);
         r.apply("d1", Some(View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }));
         r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
         let Lookup::Active(a) = r.lookup("d1", "main", 1).unwrap() else { panic!("active") };
@@ -460,16 +465,7 @@ mod tests {
     #[test]
     fn past_the_views_trust_deadline_the_node_waits_and_it_never_starts_a_downgrade() {
         let (r, _, mut reports) = replica();
-        let answer = Answer::Active {
-            seq: 1,
-            state: OpState::Pending,
-            image: meta("aa"),
-            resume: false,
-            foreign: false,
-            version: "1.0.0".into(),
-            trusted_until: Some(100),
-            no_downgrade: true,
-        };
+        let answer = pending(1, Some(100), true);
         r.apply("d1", Some(View { at_ms: 1, components: vec![Entry { component: "main".into(), answer }] }));
         r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
         assert!(r.observe("d1", "main", "0.9.0", 10).unwrap());
@@ -486,19 +482,9 @@ mod tests {
     #[test]
     fn a_node_starts_one_transfer_per_device() {
         let (r, _, _) = replica();
-        let answer = |seq| Answer::Active {
-            seq,
-            state: OpState::Pending,
-            image: meta("aa"),
-            resume: false,
-            foreign: false,
-            version: "1.0.0".into(),
-            trusted_until: None,
-            no_downgrade: false,
-        };
         let components = vec![
-            Entry { component: "BIOS".into(), answer: answer(1) },
-            Entry { component: "BMC".into(), answer: answer(2) },
+            Entry { component: "BIOS".into(), answer: pending(1, None, false) },
+            Entry { component: "BMC".into(), answer: pending(2, None, false) },
         ];
         r.apply("x1", Some(View { at_ms: 1, components }));
         let start = |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
