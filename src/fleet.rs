@@ -359,8 +359,13 @@ impl Fleet {
     /// The registered devices are exactly the stored ones (what a restart would load): a
     /// check of the simulator's (`crate::sim`).
     pub fn audit_store(&self) -> Result<(), String> {
-        let mut stored: Vec<String> =
-            self.store.load_all::<Device>(Cf::Devices).map_err(|e| e.to_string())?.into_iter().map(|d| d.spec.id).collect();
+        let mut stored: Vec<String> = self
+            .store
+            .load_all::<Device>(Cf::Devices)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|d| d.spec.id)
+            .collect();
         stored.sort();
         let memory = self.ids_where(|_| true);
         let memory: Vec<String> = memory.into_iter().filter(|id| self.contains(id)).collect();

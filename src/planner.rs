@@ -773,7 +773,8 @@ impl Planner {
         // At most one transfer per device: a start computed while another component's
         // transfer was starting (two Statuses at once, or two data-plane nodes) loses.
         let starts = !from.in_flight() && !from.is_terminal() && to.is_some_and(OpState::in_flight);
-        if starts && ops.iter().any(|o| o.seq != seq && o.state.in_flight()) && !rules::broken(rules::Rule::OneTransfer) {
+        if starts && ops.iter().any(|o| o.seq != seq && o.state.in_flight()) && !rules::broken(rules::Rule::OneTransfer)
+        {
             return Ok(false);
         }
         let new_digest = served.filter(|d| ops[at].digest.as_deref() != Some(*d));

@@ -114,10 +114,12 @@ impl Node {
         let store = Store::open_on(disk, dir, false).map_err(|x| e(&x))?;
         let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).map_err(|x| e(&x))?);
         let fleet = Arc::new(Fleet::open(store.clone(), 10_000).map_err(|x| e(&x))?);
-        let planner =
-            Arc::new(Planner::open(store.clone(), fleet.clone(), firmware.clone(), OP_TIMEOUT, now).map_err(|x| e(&x))?);
+        let planner = Arc::new(
+            Planner::open(store.clone(), fleet.clone(), firmware.clone(), OP_TIMEOUT, now).map_err(|x| e(&x))?,
+        );
         let waves = Arc::new(
-            Waves::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), 3600, now).map_err(|x| e(&x))?,
+            Waves::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), 3600, now)
+                .map_err(|x| e(&x))?,
         );
         let rollouts = Arc::new(
             Rollouts::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), false, now)
@@ -126,7 +128,8 @@ impl Node {
         let actions = Arc::new(
             Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now).map_err(|x| e(&x))?,
         );
-        let engine = DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine();
+        let engine =
+            DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine();
         let dfu = Dfu::new(planner.clone(), fleet.clone(), engine, Arc::new(Telemetry::new()));
         Ok(Node { store, fleet, firmware, planner, waves, rollouts, actions, dfu })
     }

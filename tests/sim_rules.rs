@@ -10,7 +10,14 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
     let expected: [(Rule, &[&str]); 5] = [
         (Rule::OneTransfer, &["one transfer per device"]),
         (Rule::Admission, &["admission"]),
-        (Rule::AtomicStep, &["one transfer per device", "actions: stored, recounted, nothing lost", "rollouts: stored, recounted, nothing lost"]),
+        (
+            Rule::AtomicStep,
+            &[
+                "one transfer per device",
+                "actions: stored, recounted, nothing lost",
+                "rollouts: stored, recounted, nothing lost",
+            ],
+        ),
         (Rule::LeftStored, &["rollouts: stored, recounted, nothing lost"]),
         (Rule::FinishSettled, &["rollouts: stored, recounted, nothing lost", "every plan ends"]),
     ];
@@ -29,7 +36,11 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
         }
         set_broken(rule, false);
         let (seed, f) = caught.unwrap_or_else(|| panic!("{rule:?} broken, and no invariant caught it in 40 seeds"));
-        assert!(invariants.contains(&f.invariant), "{rule:?} was caught by '{}', not by {invariants:?}: {f}", f.invariant);
+        assert!(
+            invariants.contains(&f.invariant),
+            "{rule:?} was caught by '{}', not by {invariants:?}: {f}",
+            f.invariant
+        );
         lines.push(format!("{rule:?}: caught by '{}' at seed {seed}, after {steps} steps in all", f.invariant));
     }
     println!("{}", lines.join("\n"));

@@ -54,7 +54,10 @@ pub fn sim(args: SimArgs) -> Result<()> {
     let reports = soak(args.seed, args.seeds, args.seconds, &cfg, |r| {
         if args.verbose || r.failure.is_some() {
             let end = r.failure.as_ref().map_or("ok".to_owned(), |f| format!("FAILED\n{f}"));
-            println!("seed {}: {} steps, {} crashes, {} checks, {} Statuses: {end}", r.seed, r.steps, r.crashes, r.checks, r.statuses);
+            println!(
+                "seed {}: {} steps, {} crashes, {} checks, {} Statuses: {end}",
+                r.seed, r.steps, r.crashes, r.checks, r.statuses
+            );
         }
     });
     for r in &reports {

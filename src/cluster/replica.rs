@@ -267,7 +267,9 @@ impl Source for Replica {
             }
             // A downgrade is never started here: the planner refuses it once it hears what
             // the device runs.
-            Held::Active(op) if op.state == OpState::Pending && op.no_downgrade && downgrade(&d.seen, component, &op.version) => {
+            Held::Active(op)
+                if op.state == OpState::Pending && op.no_downgrade && downgrade(&d.seen, component, &op.version) =>
+            {
                 self.telemetry.cluster("downgrade_held");
                 Lookup::Held(format!("{} would be a downgrade", op.version))
             }
@@ -309,7 +311,8 @@ impl Source for Replica {
         // One transfer per device: a second component does not start while one is in flight
         // here (the planner's view grants one start, and refuses any other).
         let starts = from == OpState::Pending && to.is_some_and(|t| t.in_flight());
-        let busy = d.components.iter().any(|(_, h)| matches!(h, Held::Active(o) if o.seq != seq && o.state.in_flight()));
+        let busy =
+            d.components.iter().any(|(_, h)| matches!(h, Held::Active(o) if o.seq != seq && o.state.in_flight()));
         if starts && busy {
             return Ok(false);
         }
@@ -487,7 +490,8 @@ mod tests {
             Entry { component: "BMC".into(), answer: pending(2, None, false) },
         ];
         r.apply("x1", Some(View { at_ms: 1, components }));
-        let start = |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
+        let start =
+            |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
         assert!(start(1).unwrap());
         assert!(!start(2).unwrap(), "BMC may not start while BIOS is in flight");
     }

@@ -80,10 +80,8 @@ impl Planner {
         };
         if state == OpState::Pending && !self.allow_downgrade {
             let running = self.fleet.running(device, component)?;
-            let to = self
-                .trust
-                .signed_version(production, &meta.sha256, meta.length)
-                .unwrap_or_else(|| reports.to_owned());
+            let to =
+                self.trust.signed_version(production, &meta.sha256, meta.length).unwrap_or_else(|| reports.to_owned());
             if let (Some(from), Some(order)) = (version_order(&running), version_order(&to)) {
                 if order < from {
                     let label = if to == meta.version { String::new() } else { format!(" (image {})", meta.id()) };

@@ -24,7 +24,8 @@ impl Planner {
             }
             let busy: Vec<&Operation> = e.iter().filter(|o| o.state.in_flight()).collect();
             if busy.len() > 1 {
-                let what: Vec<String> = busy.iter().map(|o| format!("{}#{} {}", o.component, o.seq, o.state.as_str())).collect();
+                let what: Vec<String> =
+                    busy.iter().map(|o| format!("{}#{} {}", o.component, o.seq, o.state.as_str())).collect();
                 return Err(format!("device {} has {} transfers at once: {}", e.key(), busy.len(), what.join(", ")));
             }
         }
@@ -44,7 +45,9 @@ impl Planner {
         if stored != memory {
             let only_memory: Vec<&Operation> = memory.iter().filter(|o| !stored.contains(o)).collect();
             let only_store: Vec<&Operation> = stored.iter().filter(|o| !memory.contains(o)).collect();
-            return Err(format!("operations in memory differ from the store: memory only {only_memory:?}, store only {only_store:?}"));
+            return Err(format!(
+                "operations in memory differ from the store: memory only {only_memory:?}, store only {only_store:?}"
+            ));
         }
         if let Some(o) = memory.iter().find(|o| !self.fleet.contains(&o.device)) {
             return Err(format!("operation {} outlives its device {}", o.seq, o.device));

@@ -24,7 +24,15 @@ fn open(dir: &std::path::Path) -> (Planner, Arc<Fleet>, Arc<Firmware>, Store) {
 fn sequence_numbers_are_never_reused_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (p, fleet, firmware, store) = open(dir.path());
-    fleet.upsert(vec![DeviceSpec { id: "a".into(), ..Default::default() }, DeviceSpec { id: "b".into(), ..Default::default() }], 0).unwrap();
+    fleet
+        .upsert(
+            vec![
+                DeviceSpec { id: "a".into(), ..Default::default() },
+                DeviceSpec { id: "b".into(), ..Default::default() },
+            ],
+            0,
+        )
+        .unwrap();
     firmware.add("app", "2.0", vec![], Bytes::from_static(b"0123456789"), 0).unwrap();
     p.assign("a", MAIN_COMPONENT, "app@2.0", 1).unwrap();
     let highest = p.assign("b", MAIN_COMPONENT, "app@2.0", 1).unwrap().seq;
@@ -88,7 +96,10 @@ fn a_second_start_on_one_device_loses_and_a_view_grants_one() {
     assert_eq!(active, [main], "the view grants the oldest of equal weight, the other waits");
     assert!(!p.advance("d1", bios, Some(OpState::Downloading), Some(0), None, None, 3).unwrap(), "not granted");
     assert!(p.record("d1", main, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap());
-    assert!(!p.record("d1", bios, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap(), "one transfer");
+    assert!(
+        !p.record("d1", bios, OpState::Pending, Some(OpState::Downloading), Some(0), None, 3).unwrap(),
+        "one transfer"
+    );
     p.audit_transfers().unwrap();
     assert_eq!(p.grant("d1"), None, "nothing may start while one is in flight");
 }

@@ -22,7 +22,8 @@ pub enum Rule {
 }
 
 impl Rule {
-    pub const ALL: [Rule; 5] = [Rule::OneTransfer, Rule::Admission, Rule::AtomicStep, Rule::LeftStored, Rule::FinishSettled];
+    pub const ALL: [Rule; 5] =
+        [Rule::OneTransfer, Rule::Admission, Rule::AtomicStep, Rule::LeftStored, Rule::FinishSettled];
 
     fn bit(self) -> u32 {
         1 << self as u32

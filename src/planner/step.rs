@@ -28,7 +28,13 @@ impl Planner {
     /// the plan adds to [`Step::batch`].
     pub fn step(&self) -> Step<'_> {
         let gate = self.gate.write();
-        Step { planner: self, _gate: gate, batch: self.store.batch(), next: BTreeMap::new(), forgotten: BTreeMap::new() }
+        Step {
+            planner: self,
+            _gate: gate,
+            batch: self.store.batch(),
+            next: BTreeMap::new(),
+            forgotten: BTreeMap::new(),
+        }
     }
 }
 
@@ -64,7 +70,15 @@ impl<'p> Step<'p> {
     }
 
     /// [`Planner::push`], within the step.
-    pub fn push(&mut self, device: &str, component: &str, meta: &ImageMeta, weight: u16, origin: &str, now: u64) -> Operation {
+    pub fn push(
+        &mut self,
+        device: &str,
+        component: &str,
+        meta: &ImageMeta,
+        weight: u16,
+        origin: &str,
+        now: u64,
+    ) -> Operation {
         self.push_expecting(device, component, meta, &meta.version, weight, origin, now)
     }
 

@@ -41,7 +41,9 @@ pub(super) fn served(
     starting: Option<&str>,
 ) -> Result<(), Failure> {
     sim.report.checks += 1;
-    let fail = |sim: &Sim, why: String| Err(sim.fail("admission", format!("{device}/{component} got a WRITE of {version} at {offset}: {why}")));
+    let fail = |sim: &Sim, why: String| {
+        Err(sim.fail("admission", format!("{device}/{component} got a WRITE of {version} at {offset}: {why}")))
+    };
     let Some(op) = node.planner.operation(device, component) else { return fail(sim, "no operation".into()) };
     if !op.state.in_flight() || op.version != version {
         return fail(sim, format!("its operation {} is {} for {}", op.seq, op.state.as_str(), op.version));
@@ -73,12 +75,17 @@ pub(super) fn settled(node: &Node, sim: &mut Sim) -> Result<(), Failure> {
         if busy || !dynamic {
             return Err(sim.fail(
                 "every plan ends",
-                format!("rollout {name} is still {} after the fleet quiesced (members left to do: {busy})", state.as_str()),
+                format!(
+                    "rollout {name} is still {} after the fleet quiesced (members left to do: {busy})",
+                    state.as_str()
+                ),
             ));
         }
     }
     if let Some((id, state)) = node.actions.unsettled().into_iter().next() {
-        return Err(sim.fail("every plan ends", format!("action {id} is still {} after the fleet quiesced", state.as_str())));
+        return Err(
+            sim.fail("every plan ends", format!("action {id} is still {} after the fleet quiesced", state.as_str()))
+        );
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 
 use super::devices::{self, COMPONENTS, IMAGES};
 use super::{Node, Sim};
-use crate::planner::rollouts::{Action, CreateRequest, Rate, SuccessAction};
 use crate::planner::actions::{ActionRequest, SnapshotRequest};
+use crate::planner::rollouts::{Action, CreateRequest, Rate, SuccessAction};
 
 /// At most this many rollouts are kept; past it the oldest is deleted.
 const MAX_ROLLOUTS: usize = 6;
@@ -50,7 +50,11 @@ fn assign(node: &Node, sim: &mut Sim) {
         .collect();
     let image = &candidates[sim.rng.usize(0..candidates.len())];
     let r = node.planner.assign(&id, COMPONENTS[c], image, sim.now);
-    sim.note(format!("assign {image} to {id}/{}: {}", COMPONENTS[c], r.map(|o| format!("operation {}", o.seq)).unwrap_or_else(|e| e.to_string())));
+    sim.note(format!(
+        "assign {image} to {id}/{}: {}",
+        COMPONENTS[c],
+        r.map(|o| format!("operation {}", o.seq)).unwrap_or_else(|e| e.to_string())
+    ));
 }
 
 fn create_rollout(node: &Node, sim: &mut Sim) {
@@ -58,7 +62,10 @@ fn create_rollout(node: &Node, sim: &mut Sim) {
     if live.len() >= MAX_ROLLOUTS {
         let oldest = live[0].name.clone();
         let r = node.rollouts.act(&oldest, Action::Delete, None, sim.now);
-        sim.note(format!("delete rollout {oldest}: {}", r.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())));
+        sim.note(format!(
+            "delete rollout {oldest}: {}",
+            r.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())
+        ));
         return;
     }
     sim.names += 1;
@@ -76,13 +83,25 @@ fn create_rollout(node: &Node, sim: &mut Sim) {
         dynamic_group_size: (rng.u32(0..5) == 0).then(|| rng.u64(1..4)),
         ..Default::default()
     };
-    let what = format!("{} {} groups {:?} success {:?} error {:?} rate {:?} dynamic {:?}", req.filter, req.image, req.groups, req.success, req.error, req.rate.map(|r| r.per_minute), req.dynamic_group_size);
+    let what = format!(
+        "{} {} groups {:?} success {:?} error {:?} rate {:?} dynamic {:?}",
+        req.filter,
+        req.image,
+        req.groups,
+        req.success,
+        req.error,
+        req.rate.map(|r| r.per_minute),
+        req.dynamic_group_size
+    );
     match node.rollouts.create(req, sim.now) {
         Ok(r) => {
             sim.note(format!("create rollout {name} ({what}): {} devices", r.total()));
             if sim.rng.u32(0..5) != 0 {
                 let s = node.rollouts.act(&name, Action::Start, None, sim.now);
-                sim.note(format!("start rollout {name}: {}", s.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())));
+                sim.note(format!(
+                    "start rollout {name}: {}",
+                    s.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())
+                ));
             }
         }
         Err(e) => sim.note(format!("create rollout {name} ({what}): {e}")),
@@ -103,7 +122,11 @@ fn rollout_action(node: &Node, sim: &mut Sim) {
         }
     };
     let r = node.rollouts.act(&name, action, None, sim.now);
-    sim.note(format!("{} rollout {name}: {}", action.as_str(), r.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())));
+    sim.note(format!(
+        "{} rollout {name}: {}",
+        action.as_str(),
+        r.map(|r| r.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())
+    ));
 }
 
 fn xnames(sim: &mut Sim) -> Vec<String> {
@@ -134,7 +157,8 @@ fn create_action(node: &Node, sim: &mut Sim) {
     sim.note(format!(
         "create action (live {live}, {targets:?}, {} xnames): {}",
         xnames.len(),
-        r.map(|a| format!("{} {} with {} operations", a.action_id, a.state.as_str(), a.operations.len())).unwrap_or_else(|e| e.to_string())
+        r.map(|a| format!("{} {} with {} operations", a.action_id, a.state.as_str(), a.operations.len()))
+            .unwrap_or_else(|e| e.to_string())
     ));
 }
 
@@ -145,7 +169,10 @@ fn abort_action(node: &Node, sim: &mut Sim) {
     }
     let id = all[sim.rng.usize(0..all.len())].action_id.clone();
     let r = node.actions.abort(&id, sim.now);
-    sim.note(format!("abort action {id}: {}", r.map(|a| a.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())));
+    sim.note(format!(
+        "abort action {id}: {}",
+        r.map(|a| a.state.as_str().to_owned()).unwrap_or_else(|e| e.to_string())
+    ));
 }
 
 fn snapshot_or_restore(node: &Node, sim: &mut Sim) {
@@ -153,17 +180,26 @@ fn snapshot_or_restore(node: &Node, sim: &mut Sim) {
     if !snaps.is_empty() && sim.rng.bool() {
         let name = snaps[sim.rng.usize(0..snaps.len())].name.clone();
         let r = node.actions.restore(&name, sim.rng.u32(0..4) != 0, Some(sim.rng.u64(100..2000)), sim.now);
-        sim.note(format!("restore snapshot {name}: {}", r.map(|(a, skipped)| format!("{} {} ({} skipped)", a.action_id, a.state.as_str(), skipped.len())).unwrap_or_else(|e| e.to_string())));
+        sim.note(format!(
+            "restore snapshot {name}: {}",
+            r.map(|(a, skipped)| format!("{} {} ({} skipped)", a.action_id, a.state.as_str(), skipped.len()))
+                .unwrap_or_else(|e| e.to_string())
+        ));
         return;
     }
     sim.names += 1;
     let name = format!("s{}", sim.names);
-    let req: SnapshotRequest = match serde_json::from_value(serde_json::json!({"name": name, "stateComponentFilter": {"xnames": xnames(sim)}})) {
+    let req: SnapshotRequest = match serde_json::from_value(
+        serde_json::json!({"name": name, "stateComponentFilter": {"xnames": xnames(sim)}}),
+    ) {
         Ok(r) => r,
         Err(e) => return sim.note(format!("snapshot request does not decode: {e}")),
     };
     let r = node.actions.snapshot(req, sim.now);
-    sim.note(format!("snapshot {name}: {}", r.map(|s| format!("{} devices", s.devices.len())).unwrap_or_else(|e| e.to_string())));
+    sim.note(format!(
+        "snapshot {name}: {}",
+        r.map(|s| format!("{} devices", s.devices.len())).unwrap_or_else(|e| e.to_string())
+    ));
 }
 
 fn register_or_retag(node: &Node, sim: &mut Sim) {

@@ -32,11 +32,17 @@ impl Actions {
                 return Err(format!("action {}: waits for {open} operations, {unfinished} unfinished", a.action_id));
             }
             let origin = origin(&a.action_id);
-            for op in a.operations.iter().filter(|o| matches!(o.state, OperationState::Configured | OperationState::Blocked)) {
+            for op in
+                a.operations.iter().filter(|o| matches!(o.state, OperationState::Configured | OperationState::Blocked))
+            {
                 if op.to_image_id.is_none() || !self.fleet.contains(&op.xname) {
                     continue;
                 }
-                let queued = self.planner.operations_of(&op.xname).iter().any(|o| o.origin == origin && o.component == op.target);
+                let queued = self
+                    .planner
+                    .operations_of(&op.xname)
+                    .iter()
+                    .any(|o| o.origin == origin && o.component == op.target);
                 if !queued {
                     return Err(format!(
                         "action {}: operation {} ({}/{}) was planned but is neither queued nor ended",

@@ -314,11 +314,8 @@ fn a_crash_at_any_write_of_an_actions_start_queues_all_of_it_or_none() {
         }
         let a = &all[0];
         assert_eq!(a.state, ActionState::Running, "writes {writes}, crashed {crashed}");
-        let queued: Vec<(String, String)> = ["x1", "x2"]
-            .iter()
-            .flat_map(|x| w.planner.operations_of(x))
-            .map(|o| (o.device, o.component))
-            .collect();
+        let queued: Vec<(String, String)> =
+            ["x1", "x2"].iter().flat_map(|x| w.planner.operations_of(x)).map(|o| (o.device, o.component)).collect();
         assert_eq!(
             queued,
             [("x1", "BIOS"), ("x1", "BMC"), ("x2", "BIOS"), ("x2", "BMC")].map(|(x, t)| (x.to_owned(), t.to_owned())),

@@ -22,7 +22,10 @@ impl Rollouts {
             }
             for g in 0..live.members.len() {
                 let (members, left) = (&live.members[g], &live.left[g]);
-                let mut c = Counts { total: members.iter().filter(|m| !left.contains_key(*m)).count() as u64, ..Default::default() };
+                let mut c = Counts {
+                    total: members.iter().filter(|m| !left.contains_key(*m)).count() as u64,
+                    ..Default::default()
+                };
                 for m in members.iter().filter(|m| !left.contains_key(*m)) {
                     if let Some(l) = latest.get(&(name.clone(), g, m.clone())) {
                         count(&mut c, l.state);
@@ -58,8 +61,9 @@ impl Rollouts {
                     return Err(format!("rollout {name} group {}: {} left, {stored_left} stored", g + 1, left.len()));
                 }
                 let handed = &members[..live.released[g].min(members.len())];
-                if let Some(lost) =
-                    handed.iter().find(|m| !left.contains_key(*m) && !latest.contains_key(&(name.clone(), g, (*m).clone())))
+                if let Some(lost) = handed
+                    .iter()
+                    .find(|m| !left.contains_key(*m) && !latest.contains_key(&(name.clone(), g, (*m).clone())))
                 {
                     let with_ops: Vec<&String> =
                         members.iter().filter(|m| latest.contains_key(&(name.clone(), g, (*m).clone()))).collect();

@@ -6,7 +6,7 @@ use std::sync::MutexGuard;
 
 use super::{left_key, rollout_key, Book, Rollouts};
 use crate::engine::OpState;
-use crate::planner::{Step, PlannerError};
+use crate::planner::{PlannerError, Step};
 use crate::store::Cf;
 
 /// Why a deleted member left its group.
