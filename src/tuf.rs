@@ -302,6 +302,8 @@ pub struct Trust {
     production: Option<Client>,
     ci: Option<Client>,
     verified: RwLock<HashMap<&'static str, Arc<Verified>>>,
+    /// Counts verified refreshes: whoever hands trust on (the cluster feed) sees it changed.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Why an image may not reach a device.
@@ -344,7 +346,12 @@ impl Trust {
                 fetch_timeout: FETCH_TIMEOUT,
             })
         };
-        Trust { production: client(PRODUCTION, production), ci: client(CI, ci), verified: RwLock::new(HashMap::new()) }
+        Trust {
+            production: client(PRODUCTION, production),
+            ci: client(CI, ci),
+            verified: RwLock::new(HashMap::new()),
+            generation: Default::default(),
+        }
     }
 
     /// Sets the connect and total limit of each HTTP fetch (`tuf.fetch_timeout_secs`).
@@ -357,7 +364,7 @@ impl Trust {
 
     /// No repository at all: production devices get nothing, CI devices anything.
     pub fn none() -> Trust {
-        Trust { production: None, ci: None, verified: RwLock::new(HashMap::new()) }
+        Trust { production: None, ci: None, verified: RwLock::new(HashMap::new()), generation: Default::default() }
     }
 
     fn client(&self, repo: &str) -> Result<(&'static str, &Client), TufError> {
@@ -385,7 +392,13 @@ impl Trust {
         let (name, client) = self.client(repo)?;
         let v = Arc::new(client.refresh().await?);
         self.verified.write().unwrap_or_else(|e| e.into_inner()).insert(name, v.clone());
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(v)
+    }
+
+    /// How many refreshes have verified new metadata since start.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn verified(&self, repo: &str) -> Option<Arc<Verified>> {

@@ -21,22 +21,6 @@ async fn call(base: &str, method: Method, path: &str, body: Option<Value>) -> Va
     v
 }
 
-/// Images v1 and v2 of each target, both tagged default, for nodeBMCs; a device held back
-/// from one is asked to come back after 7 s (`pollingSpeedSeconds`).
-async fn images(base: &str) {
-    for target in TARGETS {
-        for v in ["1", "2"] {
-            let name = target.to_lowercase();
-            let seed = v.parse::<u64>().unwrap() * 10 + target.len() as u64;
-            add_image(base, &name, v, image(4096, seed)).await;
-            let identity = json!({"deviceType": "nodeBMC", "manufacturer": "intel", "models": ["s2600"],
-                "target": target, "tags": ["default"], "firmwareVersion": format!("{target}-{v}"),
-                "semanticFirmwareVersion": format!("{v}.0.0"), "pollingSpeedSeconds": 7});
-            call(base, Method::PUT, &format!("/api/v1/images/{name}/{v}/identity"), Some(identity)).await;
-        }
-    }
-}
-
 /// BIOS and BMC images 1 and 2 for nodeBMCs, uploaded with their FAS imagefiles through
 /// the CLI (`images add --meta`).
 fn cli_images(serve: &common::serve::Serve, dir: &std::path::Path) {
@@ -97,7 +81,7 @@ async fn one_live_action_updates_100_xnames_times_3_targets_one_transfer_per_xna
     let dir = tempfile::tempdir().unwrap();
     let tg = TestGateway::start(test_config(dir.path())).await;
     let base = tg.admin.clone();
-    images(&base).await;
+    fas_images(&base, &TARGETS).await;
     let xnames: Vec<String> = (0..100).map(|i| format!("x0c0s{i}b0")).collect();
     let devices: Vec<Value> = xnames
         .iter()

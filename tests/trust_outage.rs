@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -15,22 +14,6 @@ use fwgate::protocol::{Command as DfuCommand, Form};
 use serde_json::{json, Value};
 
 const DEVICES: usize = 1000;
-
-/// Runs `fixtures/tuf/live_repo.py` with the Python that has python-tuf (`FWGATE_PYTHON`,
-/// which .ci/run sets, else `python3`).
-fn live_repo(args: &[&str]) {
-    let python = std::env::var("FWGATE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let script = tuf_fixtures().join("live_repo.py");
-    let out = Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
-        panic!("{python} does not run ({e}): this test signs a TUF repository with python-tuf; .ci/run installs it")
-    });
-    assert!(
-        out.status.success(),
-        "{python} {} failed (python-tuf 7 is needed: pip install tuf==7.0.1 'securesystemslib[crypto]'; .ci/run installs it):\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()

@@ -26,6 +26,8 @@ const BATCH: usize = 512;
 /// Every view is computed again this often, and published if it changed: what no write marks
 /// (trust expiring or verified, an image's hints) reaches the nodes too.
 const RECHECK: Duration = Duration::from_secs(10);
+/// How often an idle feed looks whether a TUF refresh verified new metadata.
+const TRUST_POLL: Duration = Duration::from_secs(1);
 /// Report messages waiting to be applied; beyond it they are dropped and counted (nodes send
 /// again what no view confirms).
 const REPORT_QUEUE: usize = 1024;
@@ -119,6 +121,7 @@ pub async fn run(
         nodes: nodes.clone(),
         telemetry: telemetry.clone(),
         published: HashMap::new(),
+        trust: 0,
     };
     tasks.spawn(publisher.run(connected.clone(), stop.clone()));
     let filters = [(topics.reports(), QoS::AtLeastOnce), (topics.nodes(), QoS::AtMostOnce)];
@@ -193,21 +196,32 @@ struct Publisher {
     telemetry: Arc<Telemetry>,
     /// Per device, a hash of the view last published (without its time).
     published: HashMap<String, u64>,
+    /// The trust generation the views were last computed under.
+    trust: u64,
 }
 
 impl Publisher {
     async fn run(mut self, connected: Arc<AtomicBool>, stop: CancellationToken) {
         let mut recheck = tokio::time::interval(RECHECK);
+        let mut trust_poll = tokio::time::interval(TRUST_POLL);
         loop {
             if self.changes.is_empty() {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = self.changes.marked() => {}
                     _ = recheck.tick() => self.mark_all(),
+                    _ = trust_poll.tick() => {}
                 }
             } else if futures::FutureExt::now_or_never(recheck.tick()).is_some() {
                 // A busy planner rechecks too: trust that expired or came back reaches the
                 // nodes within the recheck interval, not after the backlog.
+                self.mark_all();
+            }
+            let trust = self.planner.trust().generation();
+            if trust != self.trust {
+                // Verified metadata changed (a refresh): every view's trust deadline with it,
+                // at once rather than at the next recheck.
+                self.trust = trust;
                 self.mark_all();
             }
             if connected.swap(false, Ordering::Relaxed) {

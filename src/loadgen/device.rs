@@ -79,6 +79,9 @@ pub struct DfuDevice {
     pub last_sha256: Option<[u8; 32]>,
     /// The firmware target (DFU `component`) this exchange updates; `None` is `main`.
     pub component: Option<String>,
+    /// Sent with each Status and echoed in its answer: several clients of one device on one
+    /// command topic (a target each) tell their answers apart by it.
+    pub correlation_id: Option<u32>,
 }
 
 impl DfuDevice {
@@ -96,6 +99,7 @@ impl DfuDevice {
             last_image: Vec::new(),
             last_sha256: None,
             component: None,
+            correlation_id: None,
         }
     }
 
@@ -112,6 +116,7 @@ impl DfuDevice {
             window: self.window,
             update,
             component: self.component.as_deref(),
+            correlation_id: self.correlation_id,
             ..Status::new(&self.running)
         };
         let mut out = Vec::new();

@@ -2,6 +2,7 @@
 //! an admin client, and a simulated device that speaks DFU over real MQTT (rumqttc).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod mosquitto;
 pub mod raw;
 pub mod serve;
@@ -48,6 +49,22 @@ pub fn with_tuf(c: &mut Config, ci: bool) {
         c.tuf.ci_metadata_url = url("ci", "metadata");
         c.tuf.ci_targets_url = url("ci", "targets");
     }
+}
+
+/// Runs `fixtures/tuf/live_repo.py` with the Python that has python-tuf (`FWGATE_PYTHON`,
+/// which .ci/run sets, else `python3`).
+pub fn live_repo(args: &[&str]) {
+    let python = std::env::var("FWGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = tuf_fixtures().join("live_repo.py");
+    let out = std::process::Command::new(&python).arg(&script).args(args).output().unwrap_or_else(|e| {
+        panic!("{python} does not run ({e}): this test signs a TUF repository with python-tuf; .ci/run installs it")
+    });
+    assert!(
+        out.status.success(),
+        "{python} {} failed (python-tuf 7 is needed: pip install tuf==7.0.1 'securesystemslib[crypto]'; .ci/run installs it):\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The bytes of a fixture repository's target file.
@@ -134,6 +151,25 @@ pub async fn add_image(base: &str, name: &str, version: &str, data: Vec<u8>) -> 
     .await;
     assert!(status == 201 || status == 200, "image upload: {status} {v}");
     v
+}
+
+/// Images v1 and v2 of each FAS target (`bios@1`, `bios@2`, …), both tagged default, for
+/// nodeBMCs; a device held back from one is asked to come back after 7 s
+/// (`pollingSpeedSeconds`).
+pub async fn fas_images(base: &str, targets: &[&str]) {
+    for target in targets {
+        for v in ["1", "2"] {
+            let name = target.to_lowercase();
+            let seed = v.parse::<u64>().unwrap() * 10 + target.len() as u64;
+            add_image(base, &name, v, image(4096, seed)).await;
+            let identity = serde_json::json!({"deviceType": "nodeBMC", "manufacturer": "intel", "models": ["s2600"],
+                "target": target, "tags": ["default"], "firmwareVersion": format!("{target}-{v}"),
+                "semanticFirmwareVersion": format!("{v}.0.0"), "pollingSpeedSeconds": 7});
+            let path = format!("/api/v1/images/{name}/{v}/identity");
+            let (status, body) = admin(base, reqwest::Method::PUT, &path, None, Some(identity)).await;
+            assert!((200..300).contains(&status), "{path}: {status} {body}");
+        }
+    }
 }
 
 pub async fn add_device(base: &str, id: &str) {
