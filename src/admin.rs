@@ -114,6 +114,17 @@ impl From<FleetError> for AppError {
     }
 }
 
+impl From<crate::planner::RegisterError> for AppError {
+    fn from(e: crate::planner::RegisterError) -> Self {
+        use crate::planner::RegisterError as R;
+        match e {
+            R::Fleet(e) => e.into(),
+            R::Waves(e) => e.into(),
+            R::Rollouts(e) => e.into(),
+        }
+    }
+}
+
 impl From<PlannerError> for AppError {
     fn from(e: PlannerError) -> Self {
         match e {
@@ -384,14 +395,10 @@ async fn add_devices(
         OneOrMany::Many(v) => v,
     };
     let (fleet, waves, rollouts) = (s.fleet.clone(), s.waves.clone(), s.rollouts.clone());
+    // Devices joining a tag with a complete wave get its version, and ones matching a dynamic
+    // rollout's filter join it; a crash before that is finished when the gateway opens.
     let out = blocking(move || {
-        let ids: Vec<String> = specs.iter().map(|d| d.id.clone()).collect();
-        let out = fleet.upsert(specs, now_secs())?;
-        // Devices joining a tag with a complete wave get its version, and ones matching a
-        // dynamic rollout's filter join it.
-        waves.devices_changed(&ids, now_secs())?;
-        rollouts.devices_changed(&ids, now_secs())?;
-        Ok::<_, AppError>(out)
+        crate::planner::register_devices(&fleet, &waves, Some(&rollouts), specs, now_secs()).map_err(AppError::from)
     })
     .await?;
     Ok(Json(out))

@@ -12,7 +12,10 @@ use sha2::Sha256;
 
 pub mod changes;
 pub mod filter;
+mod registration;
 pub mod select;
+
+pub use registration::Registration;
 
 use self::select::{DeviceFacts, FleetIndex, Idx, Rejection, Selection, MAX_TAGS};
 use crate::protocol::topic::valid_device_id;
@@ -185,6 +188,8 @@ pub struct Fleet {
     /// deletion while it marks its device: a flush never writes back a device deleted after
     /// it gathered it.
     flushing: std::sync::Mutex<()>,
+    /// The key of the next registration intent (see [`Fleet::register`]).
+    next_registration: std::sync::atomic::AtomicU64,
 }
 
 fn facts(d: &Device) -> DeviceFacts<'_> {
@@ -206,6 +211,7 @@ impl Fleet {
             index.upsert(facts(&d))?;
             devices.insert(d.spec.id.clone(), Entry::new(d));
         }
+        let next_registration = registration::next_key(&store)?.into();
         Ok(Fleet {
             store,
             devices,
@@ -213,6 +219,7 @@ impl Fleet {
             index: std::sync::RwLock::new(index),
             changes: Default::default(),
             flushing: Default::default(),
+            next_registration,
         })
     }
 
@@ -256,6 +263,16 @@ impl Fleet {
     }
 
     pub fn upsert(&self, specs: Vec<DeviceSpec>, now: u64) -> Result<Upserted, FleetError> {
+        self.upsert_noting(specs, now, None)
+    }
+
+    /// [`Fleet::upsert`], writing `note` (a registration intent) in the same batch.
+    fn upsert_noting(
+        &self,
+        specs: Vec<DeviceSpec>,
+        now: u64,
+        note: Option<(&[u8], &[u8])>,
+    ) -> Result<Upserted, FleetError> {
         let mut seen = std::collections::HashSet::new();
         for s in &specs {
             s.validate()?;
@@ -296,6 +313,9 @@ impl Fleet {
             };
             batch.put_json(Cf::Devices, device.spec.id.as_bytes(), &device)?;
             records.push(device);
+        }
+        if let Some((key, value)) = note {
+            batch.put(Cf::Meta, key, value);
         }
         batch.commit()?;
         let mut index = self.index_mut();

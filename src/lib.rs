@@ -222,6 +222,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
         planner::actions::Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now)
             .map_err(|e| load(&e))?,
     );
+    // Registrations a crash cut short between the registry write and the plans' reaction.
+    let finished = planner::finish_registrations(&fleet, &waves, Some(&rollouts), now).map_err(|e| load(&e))?;
+    if finished > 0 {
+        info!(registrations = finished, "finished registrations a crash interrupted");
+    }
     // Outcomes are handled as they arrive, on each plan's own thread; they end with `shutdown`.
     let workers = vec![rollouts.spawn(shutdown.clone()), actions.spawn(shutdown.clone())];
     info!(

@@ -9,6 +9,7 @@ mod admission;
 mod audit;
 mod deletion;
 mod outcomes;
+mod registration;
 mod remote;
 pub mod rollouts;
 pub mod rules;
@@ -16,6 +17,7 @@ mod step;
 pub mod waves;
 
 pub use deletion::delete_device;
+pub use registration::{finish_registrations, register_devices, RegisterError};
 pub use step::Step;
 
 pub(crate) use outcomes::{next_batch, spawn_worker};

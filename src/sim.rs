@@ -131,6 +131,7 @@ impl Node {
         let engine =
             DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine();
         let dfu = Dfu::new(planner.clone(), fleet.clone(), engine, Arc::new(Telemetry::new()));
+        crate::planner::finish_registrations(&fleet, &waves, Some(&rollouts), now).map_err(|x| e(&x))?;
         Ok(Node { store, fleet, firmware, planner, waves, rollouts, actions, dfu })
     }
 

@@ -82,12 +82,13 @@ pub(super) fn register(node: &Node, sim: &mut Sim) {
     let id = format!("d{:03}", sim.devices.registered);
     let spec = spec(sim, &id);
     let production = spec.production;
-    if node.fleet.upsert(vec![spec], sim.now).is_err() {
-        sim.note(format!("registering {id} failed"));
+    let r = crate::planner::register_devices(&node.fleet, &node.waves, Some(&node.rollouts), vec![spec], sim.now);
+    // The registry write may have landed while the plans' reaction failed (a crash between
+    // them, finished at the next open): the device exists then.
+    if node.fleet.get(&id).is_none() {
+        sim.note(format!("registering {id} failed: {}", r.err().map(|e| e.to_string()).unwrap_or_default()));
         return;
     }
-    let _ = node.waves.devices_changed(std::slice::from_ref(&id), sim.now);
-    let _ = node.rollouts.devices_changed(std::slice::from_ref(&id), sim.now);
     let parts = COMPONENTS
         .iter()
         .map(|c| {

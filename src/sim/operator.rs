@@ -210,9 +210,7 @@ fn register_or_retag(node: &Node, sim: &mut Sim) {
     let Some(mut spec) = node.fleet.get(&id).map(|d| d.spec) else { return };
     spec.tag = Some(format!("t{}", sim.rng.u32(0..2)));
     let tag = spec.tag.clone();
-    let r = node.fleet.upsert(vec![spec], sim.now);
-    let _ = node.waves.devices_changed(std::slice::from_ref(&id), sim.now);
-    let _ = node.rollouts.devices_changed(std::slice::from_ref(&id), sim.now);
+    let r = crate::planner::register_devices(&node.fleet, &node.waves, Some(&node.rollouts), vec![spec], sim.now);
     sim.note(format!("retag {id} to {tag:?}: {}", r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())));
 }
 

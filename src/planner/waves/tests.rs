@@ -278,6 +278,30 @@ fn a_dry_run_with_a_seed_prints_the_sample_the_rollout_then_stages() {
 }
 
 #[test]
+fn a_registration_cut_short_by_a_crash_before_the_waves_acted_is_finished_at_open() {
+    let w = world();
+    w.waves.init(init("w", "2.0", "release"), 1).unwrap();
+    w.waves.complete("w", 2).unwrap();
+    // A new device joins the tag, and p29 leaves it; the registry write lands, then the
+    // gateway dies before the waves hear of it.
+    let (_, r) =
+        w.fleet.register(vec![device("new", "release", &[], false), device("p29", "other", &[], false)], 3).unwrap();
+    assert_eq!(r.ids, ["new", "p29"]);
+    let w = reopen(w);
+    // What a restart alone leaves: opening the waves stages the newcomer (they reconcile
+    // complete waves), but p29 still has the wave of a tag it left.
+    assert_eq!(state_of(&w, "new", "w"), Some(OpState::Pending));
+    assert_eq!(state_of(&w, "p29", "w"), Some(OpState::Pending));
+    // The intent written with the registry finishes it, once.
+    assert_eq!(crate::planner::finish_registrations(&w.fleet, &w.waves, None, 4).unwrap(), 1);
+    assert_eq!(state_of(&w, "new", "w"), Some(OpState::Pending));
+    assert_eq!(state_of(&w, "p29", "w"), Some(OpState::Canceled));
+    let w = reopen(w);
+    assert_eq!(crate::planner::finish_registrations(&w.fleet, &w.waves, None, 5).unwrap(), 0);
+    assert_eq!(staged(&w, "w").len(), 30, "p29 out, new in");
+}
+
+#[test]
 fn complete_reaches_every_device_of_the_tag_and_the_ones_that_join_later() {
     let w = world();
     w.waves.init(init("w", "2.0", "release"), 1).unwrap();
