@@ -42,6 +42,7 @@ pub struct Config {
     pub fleet: FleetConfig,
     pub tuf: TufConfig,
     pub rollouts: RolloutsConfig,
+    pub actions: ActionsConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
@@ -52,6 +53,20 @@ pub struct Config {
 pub struct RolloutsConfig {
     /// A new rollout waits for `rollouts approve` (or `deny`) before it may start.
     pub approval_required: bool,
+}
+
+/// FAS-style actions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionsConfig {
+    /// A dry run is deleted this long after it was made; 0 keeps dry runs until deleted.
+    pub dry_run_keep_secs: u64,
+}
+
+impl Default for ActionsConfig {
+    fn default() -> Self {
+        ActionsConfig { dry_run_keep_secs: crate::planner::actions::DRY_RUN_KEEP_SECS }
+    }
 }
 
 /// The TUF repositories whose targets production and CI devices may receive.

@@ -220,7 +220,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
     );
     let actions = Arc::new(
         planner::actions::Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now)
-            .map_err(|e| load(&e))?,
+            .map_err(|e| load(&e))?
+            .keep_dry_runs(config.actions.dry_run_keep_secs),
     );
     // Registrations a crash cut short between the registry write and the plans' reaction.
     let finished = planner::finish_registrations(&fleet, &waves, Some(&rollouts), now).map_err(|e| load(&e))?;

@@ -18,9 +18,10 @@ impl From<ActionError> for AppError {
             ActionError::Planner(p) => return p.into(),
             ActionError::Plan(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ActionError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ActionError::NotAbortable { .. } | ActionError::SnapshotExists(_) | ActionError::Expired(_) => {
-                (StatusCode::CONFLICT, "conflict")
-            }
+            ActionError::NotAbortable { .. }
+            | ActionError::NotDeletable { .. }
+            | ActionError::SnapshotExists(_)
+            | ActionError::Expired(_) => (StatusCode::CONFLICT, "conflict"),
             ActionError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ActionError::NoSnapshot(_) | ActionError::NoOperation(_) => (StatusCode::NOT_FOUND, "not_found"),
             ActionError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -32,7 +33,7 @@ impl From<ActionError> for AppError {
 pub(super) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list, create))
-        .routes(routes!(show))
+        .routes(routes!(show, delete))
         .routes(routes!(status))
         .routes(routes!(operations))
         .routes(routes!(abort))
@@ -86,6 +87,18 @@ async fn create(
     responses((status = 200, body = ActionView), (status = 404, body = ErrorBody)))]
 async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<ActionView>, AppError> {
     Ok(Json(view(&s, &id)?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/actions/{id}", tag = "actions", params(("id" = String, Path)),
+    responses((status = 200, description = "deleted (a completed or aborted action; its operations stay in the devices' histories)", body = Action),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete(
+    _auth: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Action>, AppError> {
+    let actions = s.actions.clone();
+    Ok(Json(blocking(move || actions.delete(&id)).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/actions/{id}/status", tag = "actions", params(("id" = String, Path)),

@@ -1,5 +1,5 @@
 //! `fwgate actions`: FAS-style firmware actions — create from a FAS action JSON, list, show,
-//! status, abort.
+//! status, abort, delete.
 
 use super::*;
 
@@ -16,6 +16,9 @@ pub enum ActionsCommand {
     /// Abort a blocked or running action: what has not started is withdrawn, transfers under
     /// way stop at their device's next Status.
     Abort { id: String },
+    /// Delete a completed or aborted action (dry runs also expire by themselves,
+    /// `actions.dry_run_keep_secs`); its operations stay in the devices' histories.
+    Delete { id: String },
 }
 
 fn print_operations(v: &Value) {
@@ -103,6 +106,14 @@ pub async fn actions(cmd: ActionsCommand, remote: &Remote) -> Result<()> {
                 println!("{v:#}");
             } else {
                 println!("action {id} {}", s(&v, "state"));
+            }
+        }
+        ActionsCommand::Delete { id } => {
+            let v = c.send(c.http.delete(path(&id, ""))).await?;
+            if remote.json {
+                println!("{v:#}");
+            } else {
+                println!("action {id} deleted (it was {})", s(&v, "state"));
             }
         }
     }

@@ -11,7 +11,7 @@ pub mod snapshot;
 
 pub use model::*;
 pub use plan::{plan, PlanError};
-pub use run::{Action, ActionError, ActionState, Actions};
+pub use run::{Action, ActionError, ActionState, Actions, DRY_RUN_KEEP_SECS};
 pub use snapshot::{Snapshot, SnapshotDevice, SnapshotRequest, SnapshotTarget};
 
 use crate::firmware::ImageMeta;

@@ -21,7 +21,7 @@ pub(super) fn act(node: &Node, sim: &mut Sim, roll: u32) {
         55..=59 => create_rollout(node, sim),
         60..=66 => rollout_action(node, sim),
         67..=71 => create_action(node, sim),
-        72..=73 => abort_action(node, sim),
+        72..=73 => abort_or_delete_action(node, sim),
         74..=75 => snapshot_or_restore(node, sim),
         76..=80 => register_or_retag(node, sim),
         81..=83 => delete_device(node, sim),
@@ -162,12 +162,20 @@ fn create_action(node: &Node, sim: &mut Sim) {
     ));
 }
 
-fn abort_action(node: &Node, sim: &mut Sim) {
+fn abort_or_delete_action(node: &Node, sim: &mut Sim) {
     let all = node.actions.list();
     if all.is_empty() {
         return;
     }
     let id = all[sim.rng.usize(0..all.len())].action_id.clone();
+    if sim.rng.u32(0..3) == 0 {
+        let r = node.actions.delete(&id);
+        sim.note(format!(
+            "delete action {id}: {}",
+            r.map(|a| format!("was {}", a.state.as_str())).unwrap_or_else(|e| e.to_string())
+        ));
+        return;
+    }
     let r = node.actions.abort(&id, sim.now);
     sim.note(format!(
         "abort action {id}: {}",

@@ -6,7 +6,7 @@
 //! stands is the planner's record of it (origin `action:ID`, the target as its component), so
 //! a restart loses nothing and counts nothing twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -83,6 +83,8 @@ pub enum ActionError {
     NotFound(String),
     #[error("action {id} is {state}: only a blocked or running action can be aborted")]
     NotAbortable { id: String, state: &'static str },
+    #[error("action {id} is {state}: only a completed or aborted action can be deleted (abort it first)")]
+    NotDeletable { id: String, state: &'static str },
     #[error("{0}")]
     Invalid(String),
     #[error("no snapshot {0}")]
@@ -121,6 +123,13 @@ struct Book {
     actions: BTreeMap<String, Action>,
     /// Per running action, how many of its pushed operations have not ended.
     open: HashMap<String, usize>,
+    /// Actions waiting to run (configured or blocked), by creation order: what runs next is
+    /// found without walking every action ever made.
+    waiting: BTreeSet<(u64, String)>,
+}
+
+fn waits(a: &Action) -> bool {
+    matches!(a.state, ActionState::Configured | ActionState::Blocked)
 }
 
 pub struct Actions {
@@ -133,6 +142,10 @@ pub struct Actions {
     /// The second the image time limits were last checked: limits are in seconds, so once a
     /// second is enough (the worker wakes five times a second).
     stages_checked: std::sync::atomic::AtomicU64,
+    /// How long a dry run is kept after it was made (seconds).
+    keep_dry_runs: u64,
+    /// The minute dry runs were last looked at for expiry.
+    dry_runs_checked: std::sync::atomic::AtomicU64,
 }
 
 impl Actions {
@@ -151,6 +164,9 @@ impl Actions {
             if !a.dryrun && !matches!(a.state, ActionState::Completed | ActionState::Aborted) {
                 planner.pin(&origin(&a.action_id));
             }
+            if waits(&a) {
+                book.waiting.insert((a.order, a.action_id.clone()));
+            }
             book.actions.insert(a.action_id.clone(), a);
         }
         let actions = Actions {
@@ -161,6 +177,8 @@ impl Actions {
             book: Mutex::new(book),
             events: Mutex::new(events),
             stages_checked: Default::default(),
+            keep_dry_runs: retention::DRY_RUN_KEEP_SECS,
+            dry_runs_checked: Default::default(),
         };
         let mut book = actions.lock();
         let running: Vec<String> = book
@@ -256,6 +274,9 @@ impl Actions {
         self.put(&a)?;
         info!(action = %a.action_id, operations = a.operations.len(), dryrun, state = a.state.as_str(), "action created");
         let id = a.action_id.clone();
+        if waits(&a) {
+            book.waiting.insert((a.order, id.clone()));
+        }
         book.actions.insert(id.clone(), a);
         self.settle(&mut book, now)?;
         Ok(book.actions[&id].clone())
@@ -332,9 +353,8 @@ impl Actions {
     /// operations have all ended (then starts the next).
     fn settle(&self, book: &mut Book, now: u64) -> Result<(), ActionError> {
         loop {
-            if let Some(id) =
-                book.actions.values().find(|a| a.state == ActionState::Running).map(|a| a.action_id.clone())
-            {
+            let running = book.open.keys().find(|id| book.actions[*id].state == ActionState::Running).cloned();
+            if let Some(id) = running {
                 if book.open.get(&id).copied().unwrap_or(0) > 0 {
                     return Ok(());
                 }
@@ -348,13 +368,7 @@ impl Actions {
                 info!(action = %id, "action completed");
                 continue;
             }
-            let next = book
-                .actions
-                .values()
-                .filter(|a| matches!(a.state, ActionState::Configured | ActionState::Blocked))
-                .min_by_key(|a| a.order)
-                .map(|a| a.action_id.clone());
-            let Some(id) = next else { return Ok(()) };
+            let Some((_, id)) = book.waiting.first().cloned() else { return Ok(()) };
             self.start(book, &id, now)?;
         }
     }
@@ -394,6 +408,7 @@ impl Actions {
         }
         step.batch().put_json(Cf::Actions, a.action_id.as_bytes(), &a)?;
         step.commit()?;
+        book.waiting.remove(&(a.order, id.to_owned()));
         book.actions.insert(id.to_owned(), a);
         book.open.insert(id.to_owned(), pushed);
         info!(action = id, operations = pushed, "action running");
@@ -424,8 +439,9 @@ impl Actions {
             }
         }
         let late: Vec<(String, u64)> = book
-            .actions
-            .values()
+            .open
+            .keys()
+            .map(|id| &book.actions[id])
             .filter(|a| a.state == ActionState::Running)
             .filter(|a| a.start_time.is_some_and(|t| now >= t + a.request.command.time_limit))
             .map(|a| (a.action_id.clone(), a.request.command.time_limit))
@@ -445,7 +461,8 @@ impl Actions {
             }
         }
         self.expire_slow_stages(&book, now)?;
-        self.settle(&mut book, now)
+        self.settle(&mut book, now)?;
+        self.expire_dry_runs(&mut book, now)
     }
 
     /// Ends the operations of running actions that have spent longer than their image's
@@ -458,8 +475,12 @@ impl Actions {
         }
         let limits: HashMap<String, u64> =
             self.firmware.list().iter().filter_map(|m| Some((m.id(), m.identity.as_ref()?.time_limit?))).collect();
-        let running: HashSet<String> =
-            book.actions.values().filter(|a| a.state == ActionState::Running).map(|a| origin(&a.action_id)).collect();
+        let running: HashSet<String> = book
+            .open
+            .keys()
+            .filter(|id| book.actions[*id].state == ActionState::Running)
+            .map(|id| origin(id))
+            .collect();
         if limits.is_empty() || running.is_empty() {
             return Ok(());
         }
@@ -510,6 +531,7 @@ impl Actions {
         a.state = ActionState::AbortSignaled;
         let a = a.clone();
         self.put(&a)?;
+        book.waiting.remove(&(a.order, id.to_owned()));
         self.abort_now(&mut book, id, now)?;
         self.settle(&mut book, now)?;
         Ok(book.actions[id].clone())
@@ -593,3 +615,7 @@ fn new_id() -> String {
 
 #[path = "audit.rs"]
 mod audit;
+
+#[path = "retention.rs"]
+mod retention;
+pub use retention::DRY_RUN_KEEP_SECS;

@@ -356,3 +356,35 @@ fn a_restore_blocked_behind_an_action_restores_what_that_action_changed() {
     assert_eq!(back, [("x1", "BIOS", Some("bios@1")), ("x2", "BIOS", Some("bios@1"))]);
     assert_eq!(w.planner.operation("x1", "BIOS").unwrap().image, "bios@1", "queued: the BIOS goes back");
 }
+
+#[test]
+fn an_ended_action_can_be_deleted_and_dry_runs_expire_after_their_keep_time() {
+    let w = world();
+    let dry = w.actions.create(serde_json::from_str("{}").unwrap(), 1).unwrap();
+    let a = w.actions.create(live(), 2).unwrap();
+    // A running action is not deleted: it is aborted first.
+    let e = w.actions.delete(&a.action_id).unwrap_err();
+    assert!(matches!(e, ActionError::NotDeletable { state: "running", .. }), "{e}");
+    w.actions.abort(&a.action_id, 3).unwrap();
+    assert_eq!(w.actions.delete(&a.action_id).unwrap().state, ActionState::Aborted);
+    assert!(matches!(w.actions.delete(&a.action_id), Err(ActionError::NotFound(_))));
+    // Its operations stay in the devices' histories.
+    assert!(w.planner.operations_of("x1").iter().any(|o| o.origin.ends_with(&a.action_id)));
+    // The dry run is kept a week, then goes by itself; the deletion survives a restart.
+    let week = DRY_RUN_KEEP_SECS;
+    w.actions.pump(1 + week - 60).unwrap();
+    assert!(w.actions.get(&dry.action_id).is_some());
+    w.actions.pump(1 + week).unwrap();
+    assert!(w.actions.get(&dry.action_id).is_none());
+    let w = reopen(w);
+    assert!(w.actions.list().is_empty(), "{:?}", w.actions.list());
+    // Kept until deleted: 0.
+    let w = World { actions: reopen_actions(&w).keep_dry_runs(0), ..w };
+    let dry = w.actions.create(serde_json::from_str("{}").unwrap(), 10).unwrap();
+    w.actions.pump(10 + 10 * week).unwrap();
+    assert!(w.actions.get(&dry.action_id).is_some());
+}
+
+fn reopen_actions(w: &World) -> Actions {
+    Actions::open(w.store.clone(), w.fleet.clone(), w.firmware.clone(), w.planner.clone(), 0).unwrap()
+}
