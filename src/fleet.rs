@@ -14,6 +14,7 @@ pub mod changes;
 pub mod filter;
 mod registration;
 pub mod select;
+pub mod tombstones;
 
 pub use registration::Registration;
 
@@ -301,17 +302,21 @@ impl Fleet {
         let mut batch = self.store.batch();
         let mut records = Vec::with_capacity(specs.len());
         for spec in specs {
-            let device = match self.devices.get(&spec.id) {
+            let (device, created) = match self.devices.get(&spec.id) {
                 Some(e) => {
                     out.updated += 1;
-                    Device { spec, ..e.device.clone() }
+                    (Device { spec, ..e.device.clone() }, false)
                 }
                 None => {
                     out.created += 1;
-                    Device { spec, running: LiteMap::new(), last_seen: None, created_at: now }
+                    (Device { spec, running: LiteMap::new(), last_seen: None, created_at: now }, true)
                 }
             };
             batch.put_json(Cf::Devices, device.spec.id.as_bytes(), &device)?;
+            if created {
+                // Registered again: no longer a deleted device.
+                tombstones::unstage(&mut batch, &device.spec.id);
+            }
             records.push(device);
         }
         if let Some((key, value)) = note {
@@ -334,7 +339,7 @@ impl Fleet {
     /// deleted by `planner::delete_device`, in one step with them). Returns whether it existed.
     pub fn delete(&self, id: &str) -> Result<bool, FleetError> {
         let mut b = self.store.batch();
-        if !self.stage_delete(&mut b, id) {
+        if !self.stage_delete(&mut b, id, crate::now_secs()) {
             return Ok(false);
         }
         if let Err(e) = b.commit() {
@@ -349,7 +354,7 @@ impl Fleet {
     /// record (a Status, a last-seen flush) and it is no longer found. After `b` is committed,
     /// [`Fleet::finish_delete`]; if that failed, [`Fleet::cancel_delete`]. False for an
     /// unknown device.
-    pub fn stage_delete(&self, b: &mut crate::store::Batch<'_>, id: &str) -> bool {
+    pub fn stage_delete(&self, b: &mut crate::store::Batch<'_>, id: &str, now: u64) -> bool {
         let _flush = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
         let Some(mut e) = self.devices.get_mut(id) else { return false };
         if e.deleting {
@@ -357,6 +362,7 @@ impl Fleet {
         }
         e.deleting = true;
         b.delete(Cf::Devices, id.as_bytes());
+        tombstones::stage(b, id, now);
         true
     }
 

@@ -365,3 +365,41 @@ async fn trust_expiring_while_the_planner_is_busy_and_while_it_is_down_makes_the
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_deleted_just_before_a_planner_crash_is_not_served_by_the_nodes_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "").await;
+    let port = free_port();
+    let p = planner(&sub(dir.path(), "planner"), &broker, port).await;
+    let base = p.admin.clone();
+    let n1 = dataplane(&sub(dir.path(), "n1"), &broker, "dp-1", &base).await;
+    add_image(&base, "app", "2.0.0", image(4096, 3)).await;
+    add_device(&base, "gone").await;
+    assign(&base, "gone", "app@2.0.0").await;
+    for chunk in 0..5 {
+        let specs: Vec<Value> = (chunk * 20_000..(chunk + 1) * 20_000)
+            .map(|i| json!({"id": format!("b{i:06}"), "groups": ["bulk"]}))
+            .collect();
+        call(&base, reqwest::Method::POST, "/api/v1/devices", Some(Value::Array(specs))).await;
+    }
+    settled(&base, &n1.admin).await;
+    // 100,000 views to publish; the deletion's (an empty retained message) is somewhere among
+    // them when the planner is killed right after the deletion is committed.
+    let body = json!({"name": "bulk", "filter": "group==bulk", "image": "app@2.0.0", "groups": 1, "success": 100});
+    call(&base, reqwest::Method::POST, "/api/v1/rollouts", Some(body)).await;
+    call(&base, reqwest::Method::POST, "/api/v1/rollouts/bulk/start", Some(json!({}))).await;
+    let (status, v) = admin(&base, reqwest::Method::DELETE, "/api/v1/devices/gone", None, None).await;
+    assert_eq!(status, 200, "{v}");
+    p.kill();
+
+    // The restarted planner clears the deleted device's view again, whether or not it got out.
+    let p = planner(&sub(dir.path(), "planner"), &broker, port).await;
+    wait_metric(&p.admin, "fwgate_cluster_events_total{event=\"tombstone_cleared\"}", 1.0, 20).await;
+    settled(&p.admin, &n1.admin).await;
+    let mut d = SimDevice::connect(broker.addr(), "gone", Form::Named, "1.0.0", None).await;
+    let ended = d.run(None).await;
+    assert!(matches!(ended, Ended::Synced | Ended::Waited), "a deleted device was served: {ended:?}");
+    assert!(d.offsets.is_empty(), "a deleted device got blocks");
+    d.disconnect().await;
+}

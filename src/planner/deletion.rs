@@ -21,7 +21,7 @@ pub fn delete_device(
     let mut waves = waves.leaving();
     let mut rollouts = rollouts.map(Rollouts::leaving);
     let mut step = planner.step();
-    if !fleet.stage_delete(step.batch(), id) {
+    if !fleet.stage_delete(step.batch(), id, now) {
         return Ok(None);
     }
     let staged = (|| {
