@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::*;
 use common::mosquitto::Mosquitto;
+use common::serve;
 use common::*;
 use fwgate::protocol::{Command, Form};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -402,4 +403,37 @@ async fn a_device_deleted_just_before_a_planner_crash_is_not_served_by_the_nodes
     assert!(matches!(ended, Ended::Synced | Ended::Waited), "a deleted device was served: {ended:?}");
     assert!(d.offsets.is_empty(), "a deleted device got blocks");
     d.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_clock_is_an_hour_behind_does_not_set_the_planners_activity_times() {
+    serve::require("faketime", "faketime");
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "").await;
+    let p = planner(&sub(dir.path(), "planner"), &broker, free_port()).await;
+    let base = p.admin.clone();
+    // libfaketime moves the node's wall clock only: its timers (monotonic) run true.
+    let behind = ["env", "FAKETIME_DONT_FAKE_MONOTONIC=1", "faketime", "-f", "-1h"];
+    let n1 = dataplane_wrapped(&sub(dir.path(), "n1"), &broker, "dp-1", &base, &behind).await;
+    add_image(&base, "app", "2.0.0", image(4096, 4)).await;
+    add_device(&base, "d1").await;
+    assign(&base, "d1", "app@2.0.0").await;
+    settled(&base, &n1.admin).await;
+    let mut d = SimDevice::connect(broker.addr(), "d1", Form::Named, "1.0.0", None).await;
+    assert_eq!(d.run(None).await, Ended::Updated);
+    d.disconnect().await;
+    // The node's reports reached the planner, which timed them by its own clock.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let v = device_state(&base, "d1").await;
+        if v["operations"][0]["state"] == "succeeded" && v["running"]["main"] == "2.0.0" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the planner did not learn the outcome: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let now = fwgate::now_secs();
+    let recent = |t: &Value| t.as_u64().is_some_and(|t| t + 120 >= now && t <= now);
+    assert!(recent(&v["last_seen"]), "last_seen {} is not the planner's now {now}: {v}", v["last_seen"]);
+    assert!(recent(&v["operations"][0]["updated_at"]), "updated_at is not the planner's now {now}: {v}");
 }

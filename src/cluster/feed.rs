@@ -161,12 +161,14 @@ async fn apply(mut rx: mpsc::Receiver<Reports>, planner: Arc<Planner>, fleet: Ar
             let now = crate::now_secs();
             for r in batch.reports {
                 let result = match r {
-                    Report::Step { device, seq, to, progress, served, reported, at } => planner
-                        .advance(&device, seq, to, progress, served.as_deref(), reported.as_deref(), at.min(now))
+                    // Times are the planner's: a node's clock (the report's `at`) may be off,
+                    // and activity times decide who is online and when operations time out.
+                    Report::Step { device, seq, to, progress, served, reported, at: _ } => planner
+                        .advance(&device, seq, to, progress, served.as_deref(), reported.as_deref(), now)
                         .map_err(|e| e.to_string()),
-                    Report::Seen { device, component, version, at } => {
-                        planner.touch(&device, at.min(now));
-                        fleet.observe(&device, &component, &version, at.min(now)).map_err(|e| e.to_string())
+                    Report::Seen { device, component, version, at: _ } => {
+                        planner.touch(&device, now);
+                        fleet.observe(&device, &component, &version, now).map_err(|e| e.to_string())
                     }
                 };
                 match result {

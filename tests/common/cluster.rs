@@ -65,11 +65,22 @@ pub async fn planner_with(
 }
 
 pub async fn dataplane(dir: &std::path::Path, broker: &Mosquitto, id: &str, planner: &str) -> Serve {
+    dataplane_wrapped(dir, broker, id, planner, &[]).await
+}
+
+/// A data-plane node run through `wrapper` (see [`Serve::start_wrapped`]).
+pub async fn dataplane_wrapped(
+    dir: &std::path::Path,
+    broker: &Mosquitto,
+    id: &str,
+    planner: &str,
+    wrapper: &[&str],
+) -> Serve {
     let mut env = broker_env(broker, id, "dataplane");
     env.push(("FWGATE_CLUSTER__PLANNER_URL", planner.into()));
     env.push(("FWGATE_CLUSTER__PLANNER_TOKEN", "test-token".into()));
     env.push(("FWGATE_DFU__WAIT_POLL_SECS", "1".into()));
-    let n = Serve::start_with(dir, &env).await;
+    let n = Serve::start_wrapped(dir, &env, wrapper).await;
     wait_metric(&n.admin, "fwgate_broker_events_total{event=\"subscribed\"}", 1.0, 20).await;
     wait_metric(&n.admin, "fwgate_cluster_events_total{event=\"bus_subscribed\"}", 1.0, 20).await;
     n

@@ -32,13 +32,27 @@ impl Serve {
     /// for another process to take. A start that fails to bind is tried again, up to three
     /// times.
     pub async fn start_with(dir: &Path, env: &[(&str, String)]) -> Serve {
+        Serve::start_wrapped(dir, env, &[]).await
+    }
+
+    /// [`Serve::start_with`], run through `wrapper` (`["faketime", "-f", "-1h"]`: a node whose
+    /// clock is an hour behind).
+    pub async fn start_wrapped(dir: &Path, env: &[(&str, String)], wrapper: &[&str]) -> Serve {
         let config = dir.join("fwgate.toml");
         std::fs::write(&config, "# defaults, with FWGATE_* overrides from the test\n").unwrap();
         for attempt in 1..=3 {
             let run = format!("{attempt}-{}", std::process::id());
             let (ports_file, log) = (dir.join(format!("ports-{run}.json")), dir.join(format!("serve-{run}.log")));
             let _ = std::fs::remove_file(&ports_file);
-            let mut child = Command::new(BIN)
+            let mut cmd = match wrapper.split_first() {
+                Some((first, rest)) => {
+                    let mut c = Command::new(first);
+                    c.args(rest).arg(BIN);
+                    c
+                }
+                None => Command::new(BIN),
+            };
+            let mut child = cmd
                 .args(["serve", "--config"])
                 .arg(&config)
                 .arg("--ports-file")
