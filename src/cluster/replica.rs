@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_or_overtaken_seen_report_is_sent_again_at_the_devices_next_status_ten_seconds_on() {
+        let (r, _, mut reports) = replica();
+        r.apply("d1", Some(View { at_ms: 1, components: vec![] }));
+        let seen = |reports: &mut mpsc::Receiver<Report>| match reports.try_recv() {
+            Ok(Report::Seen { version, .. }) => Some(version),
+            _ => None,
+        };
+        assert!(r.observe("d1", "main", "2.0", 100).unwrap());
+        assert_eq!(seen(&mut reports).as_deref(), Some("2.0"));
+        r.observe("d1", "main", "2.0", 105).unwrap();
+        assert_eq!(seen(&mut reports), None, "not again within 10 s");
+        // That report may have been lost, or overtaken by an older one another node sent: the
+        // device's next Status 10 s on reports what it runs again, and the planner converges.
+        r.observe("d1", "main", "2.0", 110).unwrap();
+        assert_eq!(seen(&mut reports).as_deref(), Some("2.0"));
+        // Another version is reported at once.
+        r.observe("d1", "main", "2.1", 111).unwrap();
+        assert_eq!(seen(&mut reports).as_deref(), Some("2.1"));
+    }
+
+    #[test]
     fn a_state_the_planner_has_not_confirmed_survives_a_view_and_is_sent_again() {
         let (r, _, mut reports) = replica();
         r.apply("d1", Some(active(7, OpState::Pending)));
