@@ -191,6 +191,9 @@ pub struct Fleet {
     flushing: std::sync::Mutex<()>,
     /// The key of the next registration intent (see [`Fleet::register`]).
     next_registration: std::sync::atomic::AtomicU64,
+    /// Ids with a tombstone (see [`tombstones`]): a registration deletes one only if it is
+    /// there, so registering new devices writes nothing more.
+    tombstoned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn facts(d: &Device) -> DeviceFacts<'_> {
@@ -213,6 +216,7 @@ impl Fleet {
             devices.insert(d.spec.id.clone(), Entry::new(d));
         }
         let next_registration = registration::next_key(&store)?.into();
+        let tombstoned = tombstones::load(&store)?.into();
         Ok(Fleet {
             store,
             devices,
@@ -221,6 +225,7 @@ impl Fleet {
             changes: Default::default(),
             flushing: Default::default(),
             next_registration,
+            tombstoned,
         })
     }
 
@@ -313,7 +318,7 @@ impl Fleet {
                 }
             };
             batch.put_json(Cf::Devices, device.spec.id.as_bytes(), &device)?;
-            if created {
+            if created && self.is_tombstoned(&device.spec.id) {
                 // Registered again: no longer a deleted device.
                 tombstones::unstage(&mut batch, &device.spec.id);
             }
@@ -323,6 +328,14 @@ impl Fleet {
             batch.put(Cf::Meta, key, value);
         }
         batch.commit()?;
+        {
+            let mut tombstoned = self.tombstoned.lock().unwrap_or_else(|e| e.into_inner());
+            if !tombstoned.is_empty() {
+                for d in &records {
+                    tombstoned.remove(&d.spec.id);
+                }
+            }
+        }
         let mut index = self.index_mut();
         for d in records {
             // Checked above: the tags fit and the registry is bounded below u32::MAX.
@@ -362,7 +375,7 @@ impl Fleet {
         }
         e.deleting = true;
         b.delete(Cf::Devices, id.as_bytes());
-        tombstones::stage(b, id, now);
+        self.stage_tombstone(b, id, now);
         true
     }
 

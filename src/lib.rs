@@ -223,6 +223,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Gatewa
             .map_err(|e| load(&e))?
             .keep_dry_runs(config.actions.dry_run_keep_secs),
     );
+    // Tombstones of deletions older than a week (the cluster feed clears their views).
+    fleet.prune_tombstones(now).map_err(|e| load(&e))?;
     // Registrations a crash cut short between the registry write and the plans' reaction.
     let finished = planner::finish_registrations(&fleet, &waves, Some(&rollouts), now).map_err(|e| load(&e))?;
     if finished > 0 {
