@@ -18,6 +18,7 @@ use tracing::info;
 
 mod book;
 mod model;
+mod staging;
 mod status;
 
 use book::{at_least, not_reached, Book, Members};
@@ -330,11 +331,14 @@ impl Waves {
         if req.dry_run {
             return Ok(report);
         }
-        let (staged, refused, deferred) = self.stage(&mut book, &wave, &chosen, now)?;
+        // The operations and the wave's record of this rollout (with the devices deferred
+        // until trust is back) are one step (see `staging`).
+        let plan = self.plan_stage(&wave, &chosen, now);
+        let staged = plan.planned.len();
         report.staged = staged;
-        report.rejected.extend(refused);
-        let w = book.waves.get_mut(name).expect("checked active above");
-        w.deferred.extend(deferred);
+        report.rejected.extend(plan.refused.iter().cloned());
+        let mut w = book.waves.get(name).expect("checked active above").clone();
+        w.deferred.extend(plan.deferred.iter().cloned());
         w.deferred.sort();
         w.deferred.dedup();
         w.rollouts.push(RolloutRecord {
@@ -350,58 +354,10 @@ impl Waves {
             staged,
             rejected: report.rejected.len(),
         });
-        let w = w.clone();
-        self.put(&w)?;
+        self.commit_stage(&mut book, &wave, &plan, Some(&w), now)?;
+        book.waves.insert(w.name.clone(), w.clone());
         info!(wave = %w.name, staged, population, "wave rolled out");
         Ok(report)
-    }
-
-    /// Gives each chosen device an operation for the wave's image that fits its hardware.
-    fn stage(
-        &self,
-        book: &mut Book,
-        wave: &Wave,
-        chosen: &[(Idx, String)],
-        now: u64,
-    ) -> Result<(usize, Vec<Refused>, Vec<String>), WaveError> {
-        let (images, why) = self.images(wave, now);
-        let origin = wave.origin();
-        let members = book.members.entry(wave.name.clone()).or_default();
-        let mut refused = Vec::new();
-        let mut deferred = Vec::new();
-        let mut staged = 0;
-        for (i, id) in chosen {
-            let Some(hardware) = self.fleet.hardware(id) else {
-                refused.push(Refused { device: id.clone(), reason: "unknown device".into() });
-                continue;
-            };
-            let meta = match pick(&images, hardware.as_deref()) {
-                Ok(m) => m,
-                Err(_) if images.is_empty() => {
-                    let reason = match &why {
-                        Some(d) if d.transient => {
-                            deferred.push(id.clone());
-                            format!("{d}; staged after the next successful TUF refresh")
-                        }
-                        Some(d) => d.reason.clone(),
-                        None => "no image of the wave's version".into(),
-                    };
-                    refused.push(Refused { device: id.clone(), reason });
-                    continue;
-                }
-                Err(reason) => {
-                    refused.push(Refused { device: id.clone(), reason });
-                    continue;
-                }
-            };
-            self.planner.push(id, MAIN_COMPONENT, meta, WAVE_WEIGHT, &origin, now)?;
-            members.insert(*i);
-            staged += 1;
-            if staged % 100_000 == 0 {
-                info!(wave = %wave.name, staged, of = chosen.len(), "staging");
-            }
-        }
-        Ok((staged, refused, deferred))
     }
 
     /// Stages every device of a complete wave's tag and class that is neither in the wave

@@ -539,3 +539,24 @@ fn a_deleted_device_leaves_its_waves_and_counts_and_comes_back_as_a_joiner() {
     let status = w.waves.status("a", 8).unwrap();
     assert_eq!((status.total, status.scheduled), (29, 1));
 }
+
+#[test]
+fn a_rollout_and_its_record_are_one_write_a_crash_leaves_all_or_nothing() {
+    for writes in 0..2 {
+        let w = world();
+        w.waves.init(init("w", "2.0", "release"), 1).unwrap();
+        w.waves.store.crash_after(Some(writes));
+        let r = w.waves.rollout("w", RolloutRequest { group: Some("canary".into()), ..Default::default() }, 2);
+        w.waves.store.crash_after(None);
+        let w = reopen(w);
+        let wave = w.waves.get("w").unwrap();
+        let staged = staged(&w, "w");
+        if writes == 0 {
+            assert!(r.is_err(), "the store was down");
+            assert!(staged.is_empty() && wave.rollouts.is_empty(), "nothing, not half: {staged:?}");
+        } else {
+            assert_eq!(r.unwrap().staged, 5);
+            assert_eq!((staged.len(), wave.rollouts.len()), (5, 1), "all of it");
+        }
+    }
+}
