@@ -191,9 +191,10 @@ pub struct Fleet {
     flushing: std::sync::Mutex<()>,
     /// The key of the next registration intent (see [`Fleet::register`]).
     next_registration: std::sync::atomic::AtomicU64,
-    /// Ids with a tombstone (see [`tombstones`]): a registration deletes one only if it is
-    /// there, so registering new devices writes nothing more.
-    tombstoned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The stored tombstones, id → when deleted (see [`tombstones`]): read from here, and a
+    /// registration deletes one only if it is there, so registering new devices writes
+    /// nothing more.
+    tombstoned: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 fn facts(d: &Device) -> DeviceFacts<'_> {
@@ -306,6 +307,7 @@ impl Fleet {
         let mut out = Upserted::default();
         let mut batch = self.store.batch();
         let mut records = Vec::with_capacity(specs.len());
+        let mut revived = Vec::new();
         for spec in specs {
             let (device, created) = match self.devices.get(&spec.id) {
                 Some(e) => {
@@ -321,6 +323,7 @@ impl Fleet {
             if created && self.is_tombstoned(&device.spec.id) {
                 // Registered again: no longer a deleted device.
                 tombstones::unstage(&mut batch, &device.spec.id);
+                revived.push(device.spec.id.clone());
             }
             records.push(device);
         }
@@ -328,13 +331,8 @@ impl Fleet {
             batch.put(Cf::Meta, key, value);
         }
         batch.commit()?;
-        {
-            let mut tombstoned = self.tombstoned.lock().unwrap_or_else(|e| e.into_inner());
-            if !tombstoned.is_empty() {
-                for d in &records {
-                    tombstoned.remove(&d.spec.id);
-                }
-            }
+        for id in &revived {
+            self.unstage_tombstone(id);
         }
         let mut index = self.index_mut();
         for d in records {
@@ -393,6 +391,7 @@ impl Fleet {
         if let Some(mut e) = self.devices.get_mut(id) {
             e.deleting = false;
         }
+        self.unstage_tombstone(id);
     }
 
     /// The registered devices are exactly the stored ones (what a restart would load): a

@@ -293,8 +293,8 @@ async fn trust_expiring_while_the_planner_is_busy_and_while_it_is_down_makes_the
     let port = free_port();
     let mut p = planner_with(&sub(dir.path(), "planner"), &broker, port, &tuf).await;
     let base = p.admin.clone();
-    let n1 = dataplane(&sub(dir.path(), "n1"), &broker, "dp-1", &base).await;
-    let n2 = dataplane(&sub(dir.path(), "n2"), &broker, "dp-2", &base).await;
+    let _n1 = dataplane(&sub(dir.path(), "n1"), &broker, "dp-1", &base).await;
+    let _n2 = dataplane(&sub(dir.path(), "n2"), &broker, "dp-2", &base).await;
     let path = "/api/v1/images?name=app&version=2.0.0&target=app.bin&repo=ci";
     let (code, v) = admin(&base, reqwest::Method::POST, path, Some(img.clone().into()), None).await;
     assert_eq!(code, 201, "{v}");

@@ -231,14 +231,12 @@ impl Publisher {
                 self.mark_all();
                 // Deleted devices' views are cleared again: a deletion committed just before a
                 // crash may never have reached the broker.
-                let _ = self.fleet.prune_tombstones(crate::now_secs());
-                match self.fleet.tombstones() {
-                    Ok(gone) => {
-                        self.telemetry.cluster_by("tombstone_cleared", gone.len() as u64);
-                        self.changes.mark_all(gone.iter().map(String::as_str));
-                    }
-                    Err(e) => warn!(error = %e, "cannot read the deleted devices' tombstones"),
+                if let Err(e) = self.fleet.prune_tombstones(crate::now_secs()) {
+                    warn!(error = %e, "cannot prune the deleted devices' tombstones");
                 }
+                let gone = self.fleet.tombstones();
+                self.telemetry.cluster_by("tombstone_cleared", gone.len() as u64);
+                self.changes.mark_all(gone.iter().map(String::as_str));
                 info!(devices = self.changes.len(), "publishing every device's view");
             }
             let batch = self.changes.take(BATCH);

@@ -6,7 +6,7 @@
 //! device's pending operation. The feed clears the view of every tombstone whenever it
 //! (re)connects. Tombstones go when the id is registered again, or after [`KEEP_SECS`].
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use super::Fleet;
 use crate::store::{Batch, Cf, StoreError};
@@ -27,60 +27,57 @@ pub(super) fn unstage(b: &mut Batch<'_>, id: &str) {
     b.delete(Cf::Meta, &key(id));
 }
 
-/// The ids with a tombstone in the store.
-pub(super) fn load(store: &crate::store::Store) -> Result<HashSet<String>, StoreError> {
-    let mut out = HashSet::new();
-    store.scan(Cf::Meta, PREFIX, None, |k, _| {
-        out.insert(String::from_utf8_lossy(&k[PREFIX.len()..]).into_owned());
+/// The tombstones in the store: id → when it was deleted.
+pub(super) fn load(store: &crate::store::Store) -> Result<HashMap<String, u64>, StoreError> {
+    let mut out = HashMap::new();
+    store.scan(Cf::Meta, PREFIX, None, |k, v| {
+        let at = <[u8; 8]>::try_from(v).map(u64::from_be_bytes).unwrap_or(0);
+        out.insert(String::from_utf8_lossy(&k[PREFIX.len()..]).into_owned(), at);
         Ok(true)
     })?;
     Ok(out)
 }
 
 impl Fleet {
+    fn tombstoned(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.tombstoned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a deletion's tombstone to its batch. Known in memory before the commit: a
+    /// deletion that is not committed takes it back ([`Fleet::cancel_delete`]).
     pub(super) fn stage_tombstone(&self, b: &mut Batch<'_>, id: &str, now: u64) {
         b.put(Cf::Meta, &key(id), &now.to_be_bytes());
-        // Known before the commit: at worst a registration deletes a tombstone never written.
-        self.tombstoned.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned());
+        self.tombstoned().insert(id.to_owned(), now);
+    }
+
+    pub(super) fn unstage_tombstone(&self, id: &str) {
+        self.tombstoned().remove(id);
     }
 
     pub(super) fn is_tombstoned(&self, id: &str) -> bool {
-        self.tombstoned.lock().unwrap_or_else(|e| e.into_inner()).contains(id)
+        self.tombstoned().contains_key(id)
     }
 
-    /// Devices deleted within [`KEEP_SECS`] and not registered again.
-    pub fn tombstones(&self) -> Result<Vec<String>, StoreError> {
-        let mut out = Vec::new();
-        self.store.scan(Cf::Meta, PREFIX, None, |k, _| {
-            if let Ok(id) = std::str::from_utf8(&k[PREFIX.len()..]) {
-                if !self.contains(id) {
-                    out.push(id.to_owned());
-                }
-            }
-            Ok(true)
-        })?;
-        Ok(out)
+    /// Devices deleted within [`KEEP_SECS`] and not registered again, in id order.
+    pub fn tombstones(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.tombstoned().keys().filter(|id| !self.contains(id)).cloned().collect();
+        out.sort();
+        out
     }
 
     /// Drops tombstones older than [`KEEP_SECS`]; returns how many.
     pub fn prune_tombstones(&self, now: u64) -> Result<usize, StoreError> {
-        let mut old = Vec::new();
-        self.store.scan(Cf::Meta, PREFIX, None, |k, v| {
-            let at = <[u8; 8]>::try_from(v).map(u64::from_be_bytes).unwrap_or(0);
-            if now >= at.saturating_add(KEEP_SECS) {
-                old.push(k.to_vec());
-            }
-            Ok(true)
-        })?;
+        let mut tombstoned = self.tombstoned();
+        let old: Vec<String> =
+            tombstoned.iter().filter(|(_, at)| now >= at.saturating_add(KEEP_SECS)).map(|(id, _)| id.clone()).collect();
         if !old.is_empty() {
             let mut b = self.store.batch();
-            for k in &old {
-                b.delete(Cf::Meta, k);
+            for id in &old {
+                unstage(&mut b, id);
             }
             b.commit()?;
-            let mut set = self.tombstoned.lock().unwrap_or_else(|e| e.into_inner());
-            for k in &old {
-                set.remove(&*String::from_utf8_lossy(&k[PREFIX.len()..]));
+            for id in &old {
+                tombstoned.remove(id);
             }
         }
         Ok(old.len())
@@ -103,7 +100,7 @@ mod tests {
         let open = || Fleet::open(Store::open(dir.path(), false).unwrap(), 10).unwrap();
         let f = open();
         f.upsert(vec![spec("a"), spec("b")], 0).unwrap();
-        assert!(f.tombstones().unwrap().is_empty());
+        assert!(f.tombstones().is_empty());
         let mut b = f.store.batch();
         assert!(f.stage_delete(&mut b, "a", 100));
         assert!(f.stage_delete(&mut b, "b", 200));
@@ -113,17 +110,17 @@ mod tests {
         drop(f);
         // Stored: a restart still knows both.
         let f = open();
-        assert_eq!(f.tombstones().unwrap(), ["a", "b"]);
+        assert_eq!(f.tombstones(), ["a", "b"]);
         // b comes back: its tombstone goes with its registration.
         f.upsert(vec![spec("b")], 300).unwrap();
         drop(f);
         let f = open();
-        assert_eq!(f.tombstones().unwrap(), ["a"]);
+        assert_eq!(f.tombstones(), ["a"]);
         assert_eq!(load(&f.store).unwrap().len(), 1, "b's tombstone deleted from the store");
         // A week after the deletion it is pruned.
         assert_eq!(f.prune_tombstones(100 + KEEP_SECS - 1).unwrap(), 0);
         assert_eq!(f.prune_tombstones(100 + KEEP_SECS).unwrap(), 1);
-        assert!(f.tombstones().unwrap().is_empty());
+        assert!(f.tombstones().is_empty());
         assert!(!f.is_tombstoned("a"));
     }
 }

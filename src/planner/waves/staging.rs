@@ -67,11 +67,12 @@ impl Waves {
         now: u64,
     ) -> Result<usize, WaveError> {
         let origin = wave.origin();
-        let steps = plan.planned.len().div_ceil(STEP_DEVICES).max(1);
+        // At least one step: a record goes even when nothing is staged.
+        let chunks: Vec<&[(Idx, String, Arc<ImageMeta>)]> =
+            if plan.planned.is_empty() { vec![&[]] } else { plan.planned.chunks(STEP_DEVICES).collect() };
+        let steps = chunks.len();
         let mut staged = 0;
-        for k in 0..steps {
-            let chunk = &plan.planned
-                [(k * STEP_DEVICES).min(plan.planned.len())..((k + 1) * STEP_DEVICES).min(plan.planned.len())];
+        for (k, chunk) in chunks.into_iter().enumerate() {
             let mut step = self.planner.step();
             for (_, id, meta) in chunk {
                 step.push(id, MAIN_COMPONENT, meta, WAVE_WEIGHT, &origin, now);
