@@ -18,6 +18,7 @@
 //! transports do; it must not reach into a plan's memory except through its `audit`.
 
 mod check;
+mod cluster;
 mod devices;
 mod operator;
 
@@ -49,11 +50,14 @@ pub struct SimConfig {
     /// RocksDB on the file system (a temp dir) instead of its in-memory environment: the same
     /// database code and crash recovery, slower.
     pub on_disk: bool,
+    /// Cluster mode: devices are served by two simulated data-plane nodes from the views the
+    /// planner's feed publishes, over a network that delays, repeats, reorders and loses.
+    pub cluster: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> SimConfig {
-        SimConfig { seed: 1, steps: 2_000, devices: 10, crash_every: 40, on_disk: false }
+        SimConfig { seed: 1, steps: 2_000, devices: 10, crash_every: 40, on_disk: false, cluster: false }
     }
 }
 
@@ -67,6 +71,9 @@ pub struct Report {
     pub checks: u64,
     /// Status messages the DFU step handled.
     pub statuses: u64,
+    /// Cluster mode: blocks a node served from a view the planner had already replaced (the
+    /// newer one on its way) that the planner would not have served then.
+    pub stale_serves: u64,
     pub failure: Option<Failure>,
 }
 
@@ -95,6 +102,11 @@ const TRAIL: usize = 40;
 
 /// Seconds the operation queue gives a silent transfer in the simulation.
 const OP_TIMEOUT: u64 = 600;
+
+/// The DFU step's settings, the gateway's and the nodes' alike.
+fn engine() -> crate::engine::EngineConfig {
+    DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine()
+}
 
 /// One gateway process: everything it holds in memory, opened from the store.
 struct Node {
@@ -128,11 +140,13 @@ impl Node {
         let actions = Arc::new(
             Actions::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), now).map_err(|x| e(&x))?,
         );
-        let engine =
-            DfuConfig { max_block_size: 256, default_mtu: 256, max_window: 4, ..DfuConfig::default() }.engine();
-        let dfu = Dfu::new(planner.clone(), fleet.clone(), engine, Arc::new(Telemetry::new()));
+        let dfu = Dfu::new(planner.clone(), fleet.clone(), engine(), Arc::new(Telemetry::new()));
         crate::planner::finish_registrations(&fleet, &waves, Some(&rollouts), now).map_err(|x| e(&x))?;
         Ok(Node { store, fleet, firmware, planner, waves, rollouts, actions, dfu })
+    }
+
+    fn engine(&self) -> crate::engine::EngineConfig {
+        engine()
     }
 
     /// Handles the outcomes the plans were told of (what their worker threads do).
@@ -221,6 +235,10 @@ pub fn run(cfg: &SimConfig) -> Report {
 
 fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
     let mut node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open", e))?;
+    let mut net = cfg.cluster.then(|| cluster::Net::new(node.engine()));
+    if let Some(net) = &mut net {
+        net.planner_started(&node, sim.now);
+    }
     devices::setup(&node, sim, cfg.devices).map_err(|e| sim.fail("setup", e))?;
     while sim.step < cfg.steps {
         sim.step += 1;
@@ -232,11 +250,11 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
             sim.note(format!("a crash armed after {writes} more writes"));
         } else if fault {
             sim.note("the gateway is killed".into());
-            node = restart(node, disk, dir, sim)?;
+            node = restart(node, disk, dir, sim, net.as_mut())?;
         }
         let roll = sim.rng.u32(0..94);
         match roll {
-            0..=39 => devices::status_round(&node, sim)?,
+            0..=39 => devices::status_round(&node, sim, net.as_mut())?,
             40..=49 => {
                 let dt = sim.rng.u64(1..90);
                 sim.now += dt;
@@ -250,25 +268,51 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
             _ => devices::misbehave(sim),
         }
         node.pump(sim.now);
+        if let Some(net) = &mut net {
+            if sim.rng.u32(0..cfg.crash_every.max(1) as u32 * 2) == 0 {
+                net.node_fault(sim);
+            }
+            let recheck = sim.rng.u32(0..16) == 0;
+            net.publish(&node, sim, recheck);
+            net.deliver(&node, sim, true);
+            node.pump(sim.now);
+        }
         if node.store.is_down() {
             sim.note("the store went down: crash".into());
-            node = restart(node, disk, dir, sim)?;
+            node = restart(node, disk, dir, sim, net.as_mut())?;
             node.pump(sim.now);
         }
         check::all(&node, sim, sim.step % 8 == 0)?;
+        if let Some(net) = &net {
+            sim.report.stale_serves = net.stale_serves;
+            cluster::audit(net, sim)?;
+        }
     }
     node.store.crash_after(None);
-    devices::quiesce(&node, sim)?;
+    devices::quiesce(&node, sim, net.as_mut())?;
+    if let Some(net) = &mut net {
+        cluster::converged(net, &node, sim)?;
+        sim.report.stale_serves = net.stale_serves;
+    }
     check::settled(&node, sim)
 }
 
 /// Drops everything in memory (no shutdown step: nothing is flushed or finished) and opens
 /// the gateway again from the store, then checks what it loaded.
-fn restart(node: Node, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<Node, Failure> {
+fn restart(
+    node: Node,
+    disk: &Disk,
+    dir: &Path,
+    sim: &mut Sim,
+    net: Option<&mut cluster::Net>,
+) -> Result<Node, Failure> {
     sim.report.crashes += 1;
     node.store.crash_after(None);
     drop(node);
     let node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open after a crash", e))?;
+    if let Some(net) = net {
+        net.planner_started(&node, sim.now);
+    }
     // What open finished may have ended operations (a slice replacing a queued one): the
     // workers' first pass.
     node.pump(sim.now);

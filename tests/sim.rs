@@ -39,6 +39,37 @@ fn no_invariant_breaks_with_the_store_on_disk() {
     }
 }
 
+/// Cluster mode: two data-plane nodes serve the devices from the planner's views over a
+/// network that delays, repeats, reorders and loses, nodes restart and reconnect.
+#[test]
+fn no_invariant_breaks_in_cluster_mode() {
+    let mut failed = Vec::new();
+    let (mut steps, mut crashes, mut statuses) = (0, 0, 0);
+    for seed in 1..13 {
+        let r = run(&SimConfig { seed, steps: 1_500, cluster: true, ..SimConfig::default() });
+        steps += r.steps;
+        crashes += r.crashes;
+        statuses += r.statuses;
+        if let Some(f) = r.failure {
+            failed.push(format!("seed {seed}: {f}"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert_eq!(steps, 1_500 * 12);
+    assert!(crashes > 0 && statuses > 0, "{crashes} crashes, {statuses} Statuses");
+}
+
+#[test]
+fn a_cluster_seed_replays_exactly() {
+    let cfg = SimConfig { seed: 5, steps: 800, cluster: true, ..SimConfig::default() };
+    let (a, b) = (run(&cfg), run(&cfg));
+    assert!(a.failure.is_none(), "{}", a.failure.unwrap());
+    assert_eq!(
+        (a.steps, a.crashes, a.checks, a.statuses, a.stale_serves),
+        (b.steps, b.crashes, b.checks, b.statuses, b.stale_serves)
+    );
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     let cfg = SimConfig { seed: 7, steps: 800, ..SimConfig::default() };

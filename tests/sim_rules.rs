@@ -1,12 +1,16 @@
 //! Each rule the simulator's invariants guard, broken on purpose (`planner::rules`): the
-//! simulator must catch every one, with the invariant that guards it. One test in this binary,
-//! since a broken rule is process-wide.
+//! simulator must catch every one, with the invariant that guards it. A broken rule is
+//! process-wide: the tests of this binary run one at a time (`RULES`).
 
 use fwgate::planner::rules::{set_broken, Rule};
 use fwgate::sim::{run, SimConfig};
 
+/// Held by each test while it breaks a rule.
+static RULES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
+    let _one = RULES.lock().unwrap_or_else(|e| e.into_inner());
     let expected: [(Rule, &[&str]); 5] = [
         (Rule::OneTransfer, &["one transfer per device"]),
         (Rule::Admission, &["admission"]),
@@ -47,4 +51,27 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
     // Mended, the same seeds pass again.
     let r = run(&SimConfig { seed: 1, steps: 2_000, ..SimConfig::default() });
     assert!(r.failure.is_none(), "{}", r.failure.unwrap());
+}
+
+/// Cluster mode's own rule: a node that reconnects drops its views (its clean session gets
+/// only the retained ones, and a device deleted meanwhile has none). Kept, the old view of a
+/// deleted device is served for good.
+#[test]
+fn a_node_keeping_its_views_across_a_reconnect_is_caught() {
+    let _one = RULES.lock().unwrap_or_else(|e| e.into_inner());
+    set_broken(Rule::ReconnectClears, true);
+    let mut caught = None;
+    let mut steps = 0;
+    for seed in 1..=40 {
+        let r = run(&SimConfig { seed, steps: 2_000, cluster: true, ..SimConfig::default() });
+        steps += r.steps;
+        if let Some(f) = r.failure {
+            caught = Some((seed, f));
+            break;
+        }
+    }
+    set_broken(Rule::ReconnectClears, false);
+    let (seed, f) = caught.expect("ReconnectClears broken, and no invariant caught it in 40 seeds");
+    assert_eq!(f.invariant, "views converge", "{f}");
+    println!("ReconnectClears: caught by '{}' at seed {seed}, after {steps} steps in all", f.invariant);
 }

@@ -29,6 +29,10 @@ pub struct SimArgs {
     /// RocksDB on the file system (a temp dir) instead of its in-memory environment.
     #[arg(long)]
     on_disk: bool,
+    /// Cluster mode: two simulated data-plane nodes serve the devices from the planner's
+    /// views, over a network that delays, repeats, reorders and loses.
+    #[arg(long)]
+    cluster: bool,
     /// Break a rule of the planner on purpose (repeatable), to see which invariant catches
     /// it and how soon.
     #[arg(long = "break", value_enum)]
@@ -45,18 +49,25 @@ pub fn sim(args: SimArgs) -> Result<()> {
         devices: args.devices,
         crash_every: args.crash_every,
         on_disk: args.on_disk,
+        cluster: args.cluster,
     };
     for rule in &args.broken {
         crate::planner::rules::set_broken(*rule, true);
     }
     let start = std::time::Instant::now();
     let (mut steps, mut crashes, mut checks, mut statuses, mut failed) = (0u64, 0u64, 0u64, 0u64, Vec::new());
+    let mut stale = 0u64;
     let reports = soak(args.seed, args.seeds, args.seconds, &cfg, |r| {
         if args.verbose || r.failure.is_some() {
             let end = r.failure.as_ref().map_or("ok".to_owned(), |f| format!("FAILED\n{f}"));
             println!(
-                "seed {}: {} steps, {} crashes, {} checks, {} Statuses: {end}",
-                r.seed, r.steps, r.crashes, r.checks, r.statuses
+                "seed {}: {} steps, {} crashes, {} checks, {} Statuses{}: {end}",
+                r.seed,
+                r.steps,
+                r.crashes,
+                r.checks,
+                r.statuses,
+                if args.cluster { format!(", {} stale-view blocks", r.stale_serves) } else { String::new() }
             );
         }
     });
@@ -65,6 +76,7 @@ pub fn sim(args: SimArgs) -> Result<()> {
         crashes += r.crashes;
         checks += r.checks;
         statuses += r.statuses;
+        stale += r.stale_serves;
         if r.failure.is_some() {
             failed.push(r.seed);
         }
@@ -78,6 +90,9 @@ pub fn sim(args: SimArgs) -> Result<()> {
         failed.len(),
         steps as f64 / secs.max(1e-9)
     );
+    if args.cluster {
+        println!("blocks served from a view the planner had already replaced (newer one on its way): {stale}");
+    }
     if !failed.is_empty() {
         bail!("invariants broken with seeds {failed:?}: replay one with `fwgate sim --seed N --seeds 1 --verbose`");
     }

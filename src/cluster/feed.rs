@@ -17,7 +17,7 @@ use tracing::{error, info, warn};
 use super::{bus_event, Answer, ClusterTopics, Entry, Heartbeat, Report, Reports, View};
 use crate::fleet::changes::Changes;
 use crate::fleet::Fleet;
-use crate::planner::Planner;
+use crate::planner::{Planner, PlannerError};
 use crate::telemetry::Telemetry;
 use crate::transport::external::{drive, REQUEST_QUEUE};
 
@@ -160,17 +160,7 @@ async fn apply(mut rx: mpsc::Receiver<Reports>, planner: Arc<Planner>, fleet: Ar
         let done = tokio::task::spawn_blocking(move || {
             let now = crate::now_secs();
             for r in batch.reports {
-                let result = match r {
-                    // Times are the planner's: a node's clock (the report's `at`) may be off,
-                    // and activity times decide who is online and when operations time out.
-                    Report::Step { device, seq, to, progress, served, reported, at: _ } => planner
-                        .advance(&device, seq, to, progress, served.as_deref(), reported.as_deref(), now)
-                        .map_err(|e| e.to_string()),
-                    Report::Seen { device, component, version, at: _ } => {
-                        planner.touch(&device, now);
-                        fleet.observe(&device, &component, &version, now).map_err(|e| e.to_string())
-                    }
-                };
+                let result = apply_report(&planner, &fleet, r, now);
                 match result {
                     Ok(true) => telemetry.cluster("report_applied"),
                     Ok(false) => telemetry.cluster("report_unchanged"),
@@ -184,6 +174,42 @@ async fn apply(mut rx: mpsc::Receiver<Reports>, planner: Arc<Planner>, fleet: Ar
         .await;
         if let Err(e) = done {
             error!(error = %e, "applying reports panicked");
+        }
+    }
+}
+
+/// A device's view as the planner publishes it at `now` (`at_ms`: when the change it carries
+/// was made); `None` when the device is no longer registered (its retained view is cleared).
+pub fn view(
+    planner: &Planner,
+    fleet: &Fleet,
+    device: &str,
+    at_ms: u64,
+    now: u64,
+) -> Result<Option<View>, PlannerError> {
+    if !fleet.contains(device) {
+        return Ok(None);
+    }
+    let facts = planner.trust_facts(device);
+    let components = planner
+        .view_of(device, now)?
+        .into_iter()
+        .map(|(component, l)| Entry { component, answer: Answer::from(l).with_trust(facts) })
+        .collect();
+    Ok(Some(View { at_ms, components }))
+}
+
+/// Applies one report of a node at the planner's time `now`: whether it changed anything.
+/// Times are the planner's: a node's clock (the report's `at`) may be off, and activity
+/// times decide who is online and when operations time out.
+pub fn apply_report(planner: &Planner, fleet: &Fleet, r: Report, now: u64) -> Result<bool, String> {
+    match r {
+        Report::Step { device, seq, to, progress, served, reported, at: _ } => planner
+            .advance(&device, seq, to, progress, served.as_deref(), reported.as_deref(), now)
+            .map_err(|e| e.to_string()),
+        Report::Seen { device, component, version, at: _ } => {
+            planner.touch(&device, now);
+            fleet.observe(&device, &component, &version, now).map_err(|e| e.to_string())
         }
     }
 }
@@ -247,11 +273,7 @@ impl Publisher {
                 batch
                     .into_iter()
                     .map(|(device, at_ms)| {
-                        // None: no longer registered.
-                        let view = fleet.contains(&device).then(|| {
-                            let facts = planner.trust_facts(&device);
-                            planner.view_of(&device, now).map(|v| (v, facts))
-                        });
+                        let view = view(&planner, &fleet, &device, at_ms, now);
                         (device, at_ms, view)
                     })
                     .collect::<Vec<_>>()
@@ -263,19 +285,13 @@ impl Publisher {
             };
             for (device, at_ms, view) in views {
                 let payload = match view {
-                    None => Vec::new(),
-                    Some(Err(e)) => {
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
                         // Tried again at the next recheck.
                         warn!(device, error = %e, "cannot compute a device's view");
                         continue;
                     }
-                    Some(Ok((components, facts))) => {
-                        let components: Vec<Entry> = components
-                            .into_iter()
-                            .map(|(component, l)| Entry { component, answer: Answer::from(l).with_trust(facts) })
-                            .collect();
-                        serde_json::to_vec(&View { at_ms, components }).unwrap_or_default()
-                    }
+                    Ok(Some(view)) => serde_json::to_vec(&view).unwrap_or_default(),
                 };
                 let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(without_time(&payload));
                 if self.published.get(&device) == Some(&hash) {

@@ -97,7 +97,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<DataPl
         let bus = bus.clone();
         tasks.spawn(async move {
             let filters = [(topics.views(), QoS::AtLeastOnce)];
-            let on_event = |event: &'static str| telemetry.cluster(bus_event(event));
+            let on_event = |event: &'static str| {
+                if event == "connected" {
+                    replica.reconnected();
+                }
+                telemetry.cluster(bus_event(event))
+            };
             let on_publish = |p: Publish| take_view(&replica, &telemetry, &delays, &topics, p);
             drive(&bus, events, &filters, &stop, on_event, on_publish).await;
         });

@@ -149,6 +149,50 @@ impl Replica {
         entry.components = components;
     }
 
+    /// The node's connection to the broker was made (again). Its session starts clean, so what
+    /// was published while it was away arrives only as the retained views that follow — and a
+    /// device deleted meanwhile has none: its old view would be served for good. Every view
+    /// is dropped (devices asking before theirs arrives are told to wait); the images stay.
+    pub fn reconnected(&self) {
+        if crate::planner::rules::broken(crate::planner::rules::Rule::ReconnectClears) {
+            return;
+        }
+        self.devices.clear();
+    }
+
+    /// Whether this node holds a view of the device.
+    pub fn holds(&self, device: &str) -> bool {
+        self.devices.contains_key(device)
+    }
+
+    /// The operation this node holds for a device's component, and where it has it.
+    pub fn state(&self, device: &str, component: &str) -> Option<(u64, OpState)> {
+        let d = self.devices.get(device)?;
+        d.components.iter().find_map(|(c, h)| match h {
+            Held::Active(o) if c == component => Some((o.seq, o.state)),
+            _ => None,
+        })
+    }
+
+    /// This node's own rule, for tests and the simulator: no device has two operations in
+    /// flight here.
+    pub fn audit(&self) -> Result<(), String> {
+        for d in self.devices.iter() {
+            let flying: Vec<u64> = d
+                .components
+                .iter()
+                .filter_map(|(_, h)| match h {
+                    Held::Active(o) if o.state.in_flight() => Some(o.seq),
+                    _ => None,
+                })
+                .collect();
+            if flying.len() > 1 {
+                return Err(format!("{} has operations {flying:?} in flight", d.key()));
+            }
+        }
+        Ok(())
+    }
+
     fn cached(&self, sha256: &str) -> bool {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).images.contains_key(sha256)
     }
@@ -333,7 +377,8 @@ impl Source for Replica {
         }
         let Some(to) = to else { return Ok(true) };
         op.state = to;
-        op.sent_ms = crate::now_millis();
+        // The Status's time (this node's clock, as the sweep's).
+        op.sent_ms = now.saturating_mul(1000);
         let report = Report::Step {
             device: device.to_owned(),
             seq,
@@ -515,6 +560,24 @@ mod tests {
             |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
         assert!(start(1).unwrap());
         assert!(!start(2).unwrap(), "BMC may not start while BIOS is in flight");
+    }
+
+    /// Found by the simulator's cluster mode: a node's session starts clean, so after a
+    /// reconnect only the retained views arrive and a device deleted meanwhile has none — its
+    /// old view was served for good (8 of the first 20 cluster seeds ended with a node holding
+    /// a deleted device's view). A reconnect drops every view; the images stay.
+    #[test]
+    fn a_reconnected_node_serves_a_device_only_once_its_view_is_back() {
+        let (r, _, _) = replica();
+        r.apply("gone", Some(active(7, OpState::Pending)));
+        r.apply("kept", Some(active(8, OpState::Pending)));
+        r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
+        r.reconnected();
+        assert!(matches!(r.lookup("gone", "main", 1).unwrap(), Lookup::Nothing));
+        assert!(!r.observe("gone", "main", "0.9", 1).unwrap(), "unknown until a view arrives");
+        r.apply("kept", Some(active(8, OpState::Pending)));
+        assert!(matches!(r.lookup("kept", "main", 1).unwrap(), Lookup::Active(a) if a.seq == 8));
+        assert_eq!(r.cache_size().0, 1, "the image was kept");
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl Changes {
         out
     }
 
+    /// Whether a device is marked (its view not read since its last change).
+    pub fn contains(&self, device: &str) -> bool {
+        self.marked.lock().unwrap_or_else(|e| e.into_inner()).contains_key(device)
+    }
+
     pub fn len(&self) -> usize {
         self.marked.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

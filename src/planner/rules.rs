@@ -19,11 +19,20 @@ pub enum Rule {
     /// A rollout finishes only when every member has ended: it finishes when no group is left
     /// to start.
     FinishSettled,
+    /// Cluster mode: a node that reconnects to the broker drops its views — it keeps them
+    /// (and so the view of a device deleted while it was away).
+    ReconnectClears,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 5] =
-        [Rule::OneTransfer, Rule::Admission, Rule::AtomicStep, Rule::LeftStored, Rule::FinishSettled];
+    pub const ALL: [Rule; 6] = [
+        Rule::OneTransfer,
+        Rule::Admission,
+        Rule::AtomicStep,
+        Rule::LeftStored,
+        Rule::FinishSettled,
+        Rule::ReconnectClears,
+    ];
 
     fn bit(self) -> u32 {
         1 << self as u32

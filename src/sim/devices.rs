@@ -4,7 +4,8 @@
 
 use bytes::Bytes;
 
-use super::{check, Failure, Node, Sim};
+use super::cluster::Net;
+use super::{check, cluster, Failure, Node, Sim};
 use crate::engine::OpState;
 use crate::firmware::ImageIdentity;
 use crate::fleet::{DeviceSpec, Inventory, MAIN_COMPONENT};
@@ -118,7 +119,7 @@ pub(super) fn spec(sim: &mut Sim, id: &str) -> DeviceSpec {
 }
 
 /// A device asks for one of its components, a few times in a row, and does what it is told.
-pub(super) fn status_round(node: &Node, sim: &mut Sim) -> Result<(), Failure> {
+pub(super) fn status_round(node: &Node, sim: &mut Sim, net: Option<&mut Net>) -> Result<(), Failure> {
     if sim.devices.list.is_empty() {
         return Ok(());
     }
@@ -126,13 +127,22 @@ pub(super) fn status_round(node: &Node, sim: &mut Sim) -> Result<(), Failure> {
     let c = sim.rng.usize(0..COMPONENTS.len());
     let n = sim.rng.u32(1..=EXCHANGES);
     let flaky = sim.devices.list[d].flaky;
-    exchange(node, sim, d, c, n, flaky)?;
+    exchange(node, sim, net, d, c, n, flaky)?;
     sim.now += sim.rng.u64(0..3);
     Ok(())
 }
 
 /// Up to `n` Status/Command exchanges of device `d`'s component `c`; stops at a WAIT or SYNC.
-fn exchange(node: &Node, sim: &mut Sim, d: usize, c: usize, n: u32, flaky: bool) -> Result<bool, Failure> {
+/// In cluster mode each Status goes to either node.
+fn exchange(
+    node: &Node,
+    sim: &mut Sim,
+    mut net: Option<&mut Net>,
+    d: usize,
+    c: usize,
+    n: u32,
+    flaky: bool,
+) -> Result<bool, Failure> {
     let id = sim.devices.list[d].id.clone();
     let component = COMPONENTS[c];
     let mut out = Vec::new();
@@ -140,9 +150,18 @@ fn exchange(node: &Node, sim: &mut Sim, d: usize, c: usize, n: u32, flaky: bool)
         let part = &sim.devices.list[d].parts[c];
         let payload = part.status_bytes();
         let reported = part.running.clone();
-        let before = node.planner.head_state(&id, component);
         out.clear();
-        let handled = node.dfu.handle("sim", &id, &payload, sim.now, Shape::Window, &mut out);
+        let (before, handled, by) = match net.as_deref() {
+            Some(net) => {
+                let k = sim.rng.usize(0..net.nodes.len());
+                let before = net.nodes[k].replica.state(&id, component);
+                (before, net.nodes[k].dfu.handle("sim", &id, &payload, sim.now, Shape::Window, &mut out), Some(k))
+            }
+            None => {
+                let before = node.planner.head_state(&id, component);
+                (before, node.dfu.handle("sim", &id, &payload, sim.now, Shape::Window, &mut out), None)
+            }
+        };
         sim.report.statuses += 1;
         if handled == Handled::Failed || node.store.is_down() {
             sim.note(format!("{id}/{component}: the Status failed (store down)"));
@@ -152,8 +171,13 @@ fn exchange(node: &Node, sim: &mut Sim, d: usize, c: usize, n: u32, flaky: bool)
         for bytes in &out {
             let (cmd, _) = Command::decode(bytes).map_err(|e| sim.fail("device protocol", e.to_string()))?;
             if let Command::Write { version, offset, .. } = cmd {
-                let starting = before.is_some_and(|(_, s)| s == OpState::Pending);
-                check::served(node, sim, &id, component, version, offset, starting.then_some(reported.as_str()))?;
+                let starting = before.is_some_and(|(_, s)| s == OpState::Pending).then_some(reported.as_str());
+                match (by, net.as_deref_mut()) {
+                    (Some(k), Some(net)) => {
+                        cluster::served(net, k, node, sim, &id, component, version, offset, starting)?
+                    }
+                    _ => check::served(node, sim, &id, component, version, offset, starting)?,
+                }
             }
             let swap = matches!(cmd, Command::Swap { .. });
             let part = &mut sim.devices.list[d].parts[c];
@@ -212,16 +236,23 @@ pub(super) fn misbehave(sim: &mut Sim) {
 /// The end of a run: no more operators or faults; every device asks for every component
 /// until it is told to wait or is up to date, time runs on a minute at a time (rates release,
 /// limits pass), until no plan has anything left to do or the rounds run out.
-pub(super) fn quiesce(node: &Node, sim: &mut Sim) -> Result<(), Failure> {
+pub(super) fn quiesce(node: &Node, sim: &mut Sim, mut net: Option<&mut Net>) -> Result<(), Failure> {
     sim.note("the fleet quiesces".into());
     for round in 0..QUIESCE_ROUNDS {
         sim.now += 61;
         let _ = node.planner.sweep_timeouts(sim.now);
         node.pump(sim.now);
+        if let Some(net) = net.as_deref_mut() {
+            net.settle(node, sim);
+        }
         for d in 0..sim.devices.list.len() {
             for c in 0..COMPONENTS.len() {
-                exchange(node, sim, d, c, QUIESCE_EXCHANGES, false)?;
+                exchange(node, sim, net.as_deref_mut(), d, c, QUIESCE_EXCHANGES, false)?;
                 node.pump(sim.now);
+                if let Some(net) = net.as_deref_mut() {
+                    // What the nodes saw reaches the planner, and its answer the nodes.
+                    net.settle(node, sim);
+                }
             }
         }
         node.pump(sim.now);
