@@ -1,14 +1,15 @@
 //! A deterministic simulator of the whole planner (DESIGN §4, invariant 11), after
 //! FoundationDB's simulation and TigerBeetle's VOPR: from one seed it drives the real store
-//! (RocksDB in a temp dir), fleet, operation queue, rollouts and actions, and the real DFU
+//! (RocksDB in a temp dir), fleet, operation queue, waves, rollouts and actions, and the real DFU
 //! step, with a simulated clock. Operators create, start, pause, stop and delete rollouts,
-//! assign images, run and abort FAS actions, take and restore snapshots, register, retag and
-//! delete devices; devices ask for their components, download, swap, roll back, go silent and
+//! assign images, run and abort FAS actions, take and restore snapshots, init, roll out,
+//! complete and cancel waves, register, retag and delete devices; devices ask for their components, download, swap, roll back, go silent and
 //! report other versions. At random points the process **crashes**: the store refuses every
 //! write from some point on (a crash between two writes), everything in memory is dropped
 //! without a shutdown step, and the gateway is opened again from the RocksDB directory.
 //!
-//! After every step the invariants are checked ([`check`]); at the end the fleet quiesces
+//! In cluster mode ([`cluster`]) two data-plane nodes serve the devices from the planner's
+//! views over a simulated broker. After every step the invariants are checked ([`check`]); at the end the fleet quiesces
 //! (every device asks until it is told to wait, time runs on) and every plan must have ended
 //! or be waiting with a reason. A failure names its seed, step and invariant; the same seed
 //! replays it exactly (randomness, time and crashes all come from the seed; maps the planner

@@ -457,6 +457,26 @@ impl Waves {
     }
 
     /// Waves, optionally of one state and one tag, in creation order.
+    /// What the simulator checks of waves after every step (`crate::sim`): the waves in
+    /// memory are the stored ones (`stored`), and every wave that can still stage devices has
+    /// its members loaded.
+    pub fn audit(&self, stored: bool) -> Result<(), String> {
+        let book = self.lock();
+        if stored {
+            let loaded = self.store.load_all::<Wave>(Cf::Waves).map_err(|e| e.to_string())?;
+            let mem: Vec<&Wave> = book.waves.values().collect();
+            if loaded.iter().collect::<Vec<_>>() != mem {
+                return Err(format!("waves in memory {mem:?} are not the stored {loaded:?}"));
+            }
+        }
+        for w in book.waves.values().filter(|w| w.state == WaveState::Active) {
+            if !book.members.contains_key(&w.name) {
+                return Err(format!("active wave {} has no members loaded", w.name));
+            }
+        }
+        Ok(())
+    }
+
     pub fn list(&self, state: Option<WaveState>, tag: Option<&str>) -> Vec<Wave> {
         let book = self.lock();
         let mut v: Vec<Wave> = book

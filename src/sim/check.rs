@@ -20,6 +20,7 @@ pub(super) fn all(node: &Node, sim: &mut Sim, full: bool) -> Result<(), Failure>
     run(sim, "one transfer per device", node.planner.audit_transfers())?;
     run(sim, "rollouts: stored, recounted, nothing lost", node.rollouts.audit(full))?;
     run(sim, "actions: stored, recounted, nothing lost", node.actions.audit(full))?;
+    run(sim, "waves: stored", node.waves.audit(full))?;
     if full {
         run(sim, "operations: memory is the store", node.planner.audit_store())?;
         run(sim, "devices: memory is the store", node.fleet.audit_store())?;

@@ -6,6 +6,7 @@ use super::devices::{self, COMPONENTS, IMAGES};
 use super::{Node, Sim};
 use crate::planner::actions::{ActionRequest, SnapshotRequest};
 use crate::planner::rollouts::{Action, CreateRequest, Rate, SuccessAction};
+use crate::planner::waves::{InitRequest, LimitArg, RolloutRequest, WaveState};
 
 /// At most this many rollouts are kept; past it the oldest is deleted.
 const MAX_ROLLOUTS: usize = 6;
@@ -25,6 +26,7 @@ pub(super) fn act(node: &Node, sim: &mut Sim, roll: u32) {
         74..=75 => snapshot_or_restore(node, sim),
         76..=80 => register_or_retag(node, sim),
         81..=83 => delete_device(node, sim),
+        84..=86 => wave(node, sim),
         _ => {
             let _ = node.fleet.flush_last_seen();
             sim.note("last-seen flushed".into());
@@ -232,5 +234,62 @@ fn delete_device(node: &Node, sim: &mut Sim) {
         }
         Ok(None) => sim.note(format!("delete device {id}: unknown")),
         Err(e) => sim.note(format!("delete device {id}: {e}")),
+    }
+}
+
+/// Waves of test devices (no TUF repository verifies here): init one on a tag that has none
+/// active, else roll the active one out to a few devices, complete or cancel it.
+fn wave(node: &Node, sim: &mut Sim) {
+    let tag = format!("t{}", sim.rng.u32(0..2));
+    let active = node.waves.list(Some(WaveState::Active), Some(&tag)).into_iter().find(|w| !w.production);
+    let Some(w) = active else {
+        sim.names += 1;
+        let name = format!("w{}", sim.names);
+        let version = ["1.1.0", "1.2.0", "app@1.2.0", "1.3.0"][sim.rng.usize(0..4)].to_owned();
+        // Half the time the tag's versions are withdrawn: an older version may follow.
+        let prune = if sim.rng.bool() { node.waves.production_versions(&tag, false) } else { Vec::new() };
+        let req = InitRequest {
+            name: name.clone(),
+            version: version.clone(),
+            tag: tag.clone(),
+            production: false,
+            prune,
+            ..Default::default()
+        };
+        let r = node.waves.init(req, sim.now);
+        sim.note(format!(
+            "wave init {name} ({version} on {tag}): {}",
+            r.map(|_| "ok".into()).unwrap_or_else(|e| e.to_string())
+        ));
+        return;
+    };
+    let name = w.name;
+    match sim.rng.u32(0..6) {
+        0..=3 => {
+            let req = RolloutRequest {
+                limit: Some(LimitArg::Count(sim.rng.u64(1..5))),
+                seed: Some(sim.rng.u64(..)),
+                ..Default::default()
+            };
+            let r = node.waves.rollout(&name, req, sim.now);
+            sim.note(format!(
+                "wave rollout {name}: {}",
+                r.map(|r| format!("{} staged", r.staged)).unwrap_or_else(|e| e.to_string())
+            ));
+        }
+        4 => {
+            let r = node.waves.complete(&name, sim.now);
+            sim.note(format!(
+                "wave complete {name}: {}",
+                r.map(|(_, n)| format!("{n} staged")).unwrap_or_else(|e| e.to_string())
+            ));
+        }
+        _ => {
+            let r = node.waves.cancel(&name, sim.now);
+            sim.note(format!(
+                "wave cancel {name}: {}",
+                r.map(|(_, n)| format!("{n} withdrawn")).unwrap_or_else(|e| e.to_string())
+            ));
+        }
     }
 }
