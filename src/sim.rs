@@ -1,19 +1,20 @@
 //! A deterministic simulator of the whole planner (DESIGN §4, invariant 11), after
 //! FoundationDB's simulation and TigerBeetle's VOPR: from one seed it drives the real store
-//! (RocksDB in a temp dir), fleet, operation queue, waves, rollouts and actions, and the real DFU
-//! step, with a simulated clock. Operators create, start, pause, stop and delete rollouts,
+//! (RocksDB in a temp dir), fleet, operation queue, waves, rollouts and actions, and the real
+//! DFU step, with a simulated clock. Operators create, start, pause, stop and delete rollouts,
 //! assign images, run and abort FAS actions, take and restore snapshots, init, roll out,
-//! complete and cancel waves, register, retag and delete devices; devices ask for their components, download, swap, roll back, go silent and
-//! report other versions. At random points the process **crashes**: the store refuses every
-//! write from some point on (a crash between two writes), everything in memory is dropped
-//! without a shutdown step, and the gateway is opened again from the RocksDB directory.
+//! complete and cancel waves, register, retag and delete devices; devices ask for their
+//! components, download, swap, roll back, go silent and report other versions. At random points
+//! the process **crashes**: the store refuses every write from some point on (a crash between
+//! two writes), everything in memory is dropped without a shutdown step, and the gateway is
+//! opened again from the RocksDB directory.
 //!
 //! In cluster mode ([`cluster`]) two data-plane nodes serve the devices from the planner's
-//! views over a simulated broker. After every step the invariants are checked ([`check`]); at the end the fleet quiesces
-//! (every device asks until it is told to wait, time runs on) and every plan must have ended
-//! or be waiting with a reason. A failure names its seed, step and invariant; the same seed
-//! replays it exactly (randomness, time and crashes all come from the seed; maps the planner
-//! iterates are fixed-hashed).
+//! views over a simulated broker. After every step the invariants are checked ([`check`]); at
+//! the end the fleet quiesces (every device asks until it is told to wait, time runs on) and
+//! every plan must have ended or be waiting with a reason. A failure names its seed, step and
+//! invariant; the same seed replays it exactly (randomness, time and crashes all come from the
+//! seed; maps the planner iterates are fixed-hashed).
 //!
 //! It knows the gateway through the planner's public API and the DFU step, as the
 //! transports do; it must not reach into a plan's memory except through its `audit`.
@@ -22,6 +23,7 @@ mod check;
 mod cluster;
 mod devices;
 mod operator;
+mod trust;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use crate::planner::Planner;
 use crate::store::{Disk, Store};
 use crate::telemetry::Telemetry;
 use crate::transport::Dfu;
+use crate::tuf::{RepoConfig, Trust, Verified};
 
 /// What one simulation runs.
 #[derive(Debug, Clone)]
@@ -122,13 +125,23 @@ struct Node {
 }
 
 impl Node {
-    fn open(disk: &Disk, dir: &Path, now: u64) -> Result<Node, String> {
+    /// `verified`: what the start's TUF refresh verifies (`None`: it failed).
+    fn open(disk: &Disk, dir: &Path, now: u64, verified: Option<Verified>) -> Result<Node, String> {
         let e = |e: &dyn std::fmt::Display| format!("opening the store again failed: {e}");
         let store = Store::open_on(disk, dir, false).map_err(|x| e(&x))?;
         let firmware = Arc::new(Firmware::open(store.clone(), FirmwareConfig::default()).map_err(|x| e(&x))?);
         let fleet = Arc::new(Fleet::open(store.clone(), 10_000).map_err(|x| e(&x))?);
+        // A production repository is configured (never fetched: the simulation installs what
+        // a refresh verifies), before the planner and the waves open, as the gateway does.
+        let repo = RepoConfig { root: "sim/root.json".into(), ..RepoConfig::default() };
+        let trust = Arc::new(Trust::new(&repo, &RepoConfig::default(), dir));
+        if let Some(v) = verified {
+            trust.install_verified(v);
+        }
         let planner = Arc::new(
-            Planner::open(store.clone(), fleet.clone(), firmware.clone(), OP_TIMEOUT, now).map_err(|x| e(&x))?,
+            Planner::open(store.clone(), fleet.clone(), firmware.clone(), OP_TIMEOUT, now)
+                .map_err(|x| e(&x))?
+                .with_trust(trust, false),
         );
         let waves = Arc::new(
             Waves::open(store.clone(), fleet.clone(), firmware.clone(), planner.clone(), 3600, now)
@@ -179,6 +192,8 @@ struct Sim {
     trail: std::collections::VecDeque<String>,
     report: Report,
     names: u64,
+    /// The production TUF repository (outside the gateway).
+    repo: trust::Repo,
 }
 
 impl Sim {
@@ -213,6 +228,7 @@ pub fn run(cfg: &SimConfig) -> Report {
         trail: Default::default(),
         report: Report { seed: cfg.seed, ..Report::default() },
         names: 0,
+        repo: trust::Repo::default(),
     };
     let disk = if cfg.on_disk { Ok(Disk::real()) } else { Disk::memory() };
     let result = match disk {
@@ -235,12 +251,14 @@ pub fn run(cfg: &SimConfig) -> Report {
 }
 
 fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), Failure> {
-    let mut node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open", e))?;
+    let mut node = Node::open(disk, dir, sim.now, None).map_err(|e| sim.fail("open", e))?;
     let mut net = cfg.cluster.then(|| cluster::Net::new(node.engine()));
     if let Some(net) = &mut net {
         net.planner_started(&node, sim.now);
     }
     devices::setup(&node, sim, cfg.devices).map_err(|e| sim.fail("setup", e))?;
+    trust::publish(&node, sim);
+    trust::refresh(&node, sim, true);
     while sim.step < cfg.steps {
         sim.step += 1;
         sim.report.steps += 1;
@@ -253,7 +271,7 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
             sim.note("the gateway is killed".into());
             node = restart(node, disk, dir, sim, net.as_mut())?;
         }
-        let roll = sim.rng.u32(0..94);
+        let roll = sim.rng.u32(0..97);
         match roll {
             0..=39 => devices::status_round(&node, sim, net.as_mut())?,
             40..=49 => {
@@ -266,15 +284,18 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
                 }
             }
             50..=89 => operator::act(&node, sim, roll),
-            _ => devices::misbehave(sim),
+            90..=93 => devices::misbehave(sim),
+            _ => trust::event(&node, sim),
         }
         node.pump(sim.now);
         if let Some(net) = &mut net {
             if sim.rng.u32(0..cfg.crash_every.max(1) as u32 * 2) == 0 {
                 net.node_fault(sim);
             }
-            let recheck = sim.rng.u32(0..16) == 0;
-            net.publish(&node, sim, recheck);
+            if sim.rng.u32(0..cfg.crash_every.max(1) as u32 * 2) == 0 {
+                net.stall(sim);
+            }
+            net.publish(&node, sim);
             net.deliver(&node, sim, true);
             node.pump(sim.now);
         }
@@ -290,6 +311,7 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
         }
     }
     node.store.crash_after(None);
+    trust::restore(&node, sim);
     devices::quiesce(&node, sim, net.as_mut())?;
     if let Some(net) = &mut net {
         cluster::converged(net, &node, sim)?;
@@ -310,7 +332,9 @@ fn restart(
     sim.report.crashes += 1;
     node.store.crash_after(None);
     drop(node);
-    let node = Node::open(disk, dir, sim.now).map_err(|e| sim.fail("open after a crash", e))?;
+    // The start's refresh verifies what the repository serves, unless it fails.
+    let verified = sim.repo.current.clone().filter(|_| sim.rng.u32(0..4) != 0);
+    let node = Node::open(disk, dir, sim.now, verified).map_err(|e| sim.fail("open after a crash", e))?;
     if let Some(net) = net {
         net.planner_started(&node, sim.now);
     }

@@ -396,6 +396,18 @@ impl Trust {
         Ok(v)
     }
 
+    /// Takes `v` as what a refresh of its repository verified, as [`Trust::refresh`] does once
+    /// the metadata passed every check. The planner's simulator (`crate::sim`) sets trust this
+    /// way to drive expiry and changing targets through the plans at simulated times; the
+    /// verification itself is proven against real repositories (python-tuf fixtures,
+    /// tuf-conformance).
+    #[doc(hidden)]
+    pub fn install_verified(&self, v: Verified) {
+        let name = if v.repo == CI { CI } else { PRODUCTION };
+        self.verified.write().unwrap_or_else(|e| e.into_inner()).insert(name, Arc::new(v));
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
     /// How many refreshes have verified new metadata since start.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)

@@ -53,25 +53,31 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
     assert!(r.failure.is_none(), "{}", r.failure.unwrap());
 }
 
-/// Cluster mode's own rule: a node that reconnects drops its views (its clean session gets
-/// only the retained ones, and a device deleted meanwhile has none). Kept, the old view of a
-/// deleted device is served for good.
+/// Cluster mode's own rules: a node that reconnects drops its views (its clean session gets
+/// only the retained ones, and a device deleted meanwhile has none; kept, the old view of a
+/// deleted device is served for good), and a node answers WAIT past its view's trust deadline.
 #[test]
-fn a_node_keeping_its_views_across_a_reconnect_is_caught() {
+fn the_nodes_broken_rules_are_caught_in_cluster_mode() {
     let _one = RULES.lock().unwrap_or_else(|e| e.into_inner());
-    set_broken(Rule::ReconnectClears, true);
-    let mut caught = None;
-    let mut steps = 0;
-    for seed in 1..=40 {
-        let r = run(&SimConfig { seed, steps: 2_000, cluster: true, ..SimConfig::default() });
-        steps += r.steps;
-        if let Some(f) = r.failure {
-            caught = Some((seed, f));
-            break;
+    let expected: [(Rule, &str); 2] =
+        [(Rule::ReconnectClears, "views converge"), (Rule::TrustDeadline, "admission (node)")];
+    let mut lines = Vec::new();
+    for (rule, invariant) in expected {
+        set_broken(rule, true);
+        let mut caught = None;
+        let mut steps = 0;
+        for seed in 1..=40 {
+            let r = run(&SimConfig { seed, steps: 2_000, cluster: true, ..SimConfig::default() });
+            steps += r.steps;
+            if let Some(f) = r.failure {
+                caught = Some((seed, f));
+                break;
+            }
         }
+        set_broken(rule, false);
+        let (seed, f) = caught.unwrap_or_else(|| panic!("{rule:?} broken, and no invariant caught it in 40 seeds"));
+        assert_eq!(f.invariant, invariant, "{rule:?}: {f}");
+        lines.push(format!("{rule:?}: caught by '{}' at seed {seed}, after {steps} steps in all", f.invariant));
     }
-    set_broken(Rule::ReconnectClears, false);
-    let (seed, f) = caught.expect("ReconnectClears broken, and no invariant caught it in 40 seeds");
-    assert_eq!(f.invariant, "views converge", "{f}");
-    println!("ReconnectClears: caught by '{}' at seed {seed}, after {steps} steps in all", f.invariant);
+    println!("{}", lines.join("\n"));
 }

@@ -305,7 +305,11 @@ impl Source for Replica {
             Held::Held(why) => Lookup::Held(why.clone()),
             Held::Refused(why) => Lookup::Refused(why.clone()),
             // Past the view's trust deadline nothing is served, planner or not.
-            Held::Active(op) if !op.state.is_terminal() && op.trusted_until.is_some_and(|t| now >= t) => {
+            Held::Active(op)
+                if !op.state.is_terminal()
+                    && op.trusted_until.is_some_and(|t| now >= t)
+                    && !crate::planner::rules::broken(crate::planner::rules::Rule::TrustDeadline) =>
+            {
                 self.telemetry.cluster("trust_expired");
                 Lookup::Held(format!("TUF metadata expired at {}", op.trusted_until.unwrap_or(0)))
             }

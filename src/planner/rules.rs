@@ -22,16 +22,19 @@ pub enum Rule {
     /// Cluster mode: a node that reconnects to the broker drops its views — it keeps them
     /// (and so the view of a device deleted while it was away).
     ReconnectClears,
+    /// Cluster mode: a node answers WAIT past its view's trust deadline — it serves on.
+    TrustDeadline,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 6] = [
+    pub const ALL: [Rule; 7] = [
         Rule::OneTransfer,
         Rule::Admission,
         Rule::AtomicStep,
         Rule::LeftStored,
         Rule::FinishSettled,
         Rule::ReconnectClears,
+        Rule::TrustDeadline,
     ];
 
     fn bit(self) -> u32 {

@@ -18,8 +18,7 @@
 //! only by a node whose newer view is still on its way (counted: the window the design
 //! accepts), and a node with nothing on its way holds the planner's newest view. When the
 //! fleet has quiesced every node holds, for every device, the view the planner computes then.
-//! (TUF is not simulated: the trust deadline a view carries is proven by the real-parts test
-//! in `tests/cluster_faults.rs`.)
+//! Past the trust deadline its view carries a node serves nothing, stale view or not.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use tokio::sync::mpsc;
 use super::{Failure, Node, Sim};
 use crate::cluster::feed;
 use crate::cluster::replica::Replica;
-use crate::cluster::{Report, View};
+use crate::cluster::{Answer, Report, View};
 use crate::engine::OpState;
 use crate::firmware::version_order;
 use crate::fleet::changes::Changes;
@@ -39,6 +38,8 @@ use crate::transport::Dfu;
 pub(super) const NODES: usize = 2;
 /// Steps a view or a report may take to arrive, at most.
 const MAX_DELAY: u64 = 12;
+/// The real feed computes every view again this often (`cluster::feed`'s RECHECK).
+const RECHECK_SECS: u64 = 10;
 
 /// One data-plane node: its replica, the DFU step on it, and what is on its way to it.
 pub(super) struct SimNode {
@@ -76,6 +77,14 @@ pub(super) struct Net {
     engine: crate::engine::EngineConfig,
     /// The network's clock: one tick per step (and per settling round).
     clock: u64,
+    /// The trust generation the views were last computed under (see the real feed).
+    trust: u64,
+    /// When the feed last computed every view again (simulated seconds; the real feed's
+    /// recheck interval).
+    rechecked: u64,
+    /// Until this tick the planner neither publishes nor takes reports (busy, or its bus
+    /// connection down); nodes and devices go on.
+    stalled_until: u64,
     /// Blocks a node served while its view of the device was behind the planner's and the
     /// planner would not have served them then (a transfer of another component in flight,
     /// or admission refusing): the window the design accepts, counted.
@@ -92,6 +101,9 @@ impl Net {
             reports: Vec::new(),
             engine,
             clock: 0,
+            trust: 0,
+            rechecked: 0,
+            stalled_until: 0,
             stale_serves: 0,
         }
     }
@@ -103,6 +115,7 @@ impl Net {
         node.fleet.report_changes(self.changes.clone());
         node.planner.report_changes(self.changes.clone());
         self.published.clear();
+        self.trust = node.planner.trust().generation();
         let _ = node.fleet.prune_tombstones(now);
         let ids = node.fleet.ids_where(|_| true);
         self.changes.mark_all(ids.iter().map(String::as_str));
@@ -112,10 +125,19 @@ impl Net {
 
     /// One round of the feed: the changed devices' views (all of them on a recheck) are
     /// computed, and those that changed published.
-    pub fn publish(&mut self, node: &Node, sim: &mut Sim, recheck: bool) {
-        if recheck {
+    pub fn publish(&mut self, node: &Node, sim: &mut Sim) {
+        // A refresh verified new metadata: every view's trust facts with it. A busy feed marks
+        // them too (as the real one does on every turn), and publishes them once it can.
+        let trust = node.planner.trust().generation();
+        let recheck = sim.now >= self.rechecked + RECHECK_SECS;
+        if recheck || trust != self.trust {
+            self.trust = trust;
+            self.rechecked = sim.now;
             let ids = node.fleet.ids_where(|_| true);
             self.changes.mark_all(ids.iter().map(String::as_str).chain(self.published.keys().map(String::as_str)));
+        }
+        if self.clock < self.stalled_until {
+            return;
         }
         let mut batch = self.changes.take(usize::MAX);
         batch.sort();
@@ -209,6 +231,11 @@ impl Net {
                 i += 1;
             }
         }
+        if self.clock < self.stalled_until {
+            // The planner takes them once it is back.
+            self.reports.extend(due);
+            return;
+        }
         sim.rng.shuffle(&mut due);
         for (_, _, batch) in due {
             for r in batch {
@@ -244,6 +271,14 @@ impl Net {
         }
     }
 
+    /// The planner stops publishing and taking reports for a while (busy, or its connection
+    /// to the broker down): nodes go on from the views they hold, by their own clocks.
+    pub fn stall(&mut self, sim: &mut Sim) {
+        let ticks = sim.rng.u64(10..80);
+        self.stalled_until = self.clock + ticks;
+        sim.note(format!("the planner's feed stalls for {ticks} steps"));
+    }
+
     /// Whether anything is still on its way (views, reports, or marked changes).
     pub fn busy(&self) -> bool {
         !self.changes.is_empty() || !self.reports.is_empty() || self.nodes.iter().any(|n| !n.inbox.is_empty())
@@ -252,8 +287,10 @@ impl Net {
     /// Runs the feed and the network, without faults, until nothing is on its way (the
     /// nodes' re-sends of unconfirmed states included: time passes for them).
     pub fn settle(&mut self, node: &Node, sim: &mut Sim) {
+        self.stalled_until = 0;
+        self.rechecked = 0;
         for round in 0..4 * MAX_DELAY {
-            self.publish(node, sim, round == 0);
+            self.publish(node, sim);
             self.deliver(node, sim, false);
             node.pump(sim.now);
             if !self.busy() && round > MAX_DELAY {
@@ -300,6 +337,16 @@ pub(super) fn served(
                 return fail(sim, "admission (node)", format!("a downgrade from {from}, started by the node"));
             }
         }
+    }
+    // Past its view's trust deadline a node serves nothing, whatever it has heard since.
+    let deadline = net.nodes[k].applied.get(device).cloned().flatten().and_then(|v| {
+        v.components.into_iter().find_map(|e| match e.answer {
+            Answer::Active { seq: s, trusted_until, .. } if e.component == component && s == seq => trusted_until,
+            _ => None,
+        })
+    });
+    if let Some(t) = deadline.filter(|t| sim.now >= *t) {
+        return fail(sim, "admission (node)", format!("its view's trust deadline {t} has passed (now {})", sim.now));
     }
     let Some(why) = planner_refuses(node, device, component, seq, sim.now) else { return Ok(()) };
     let on_its_way = net.changes.contains(device) || net.nodes[k].inbox.iter().any(|(_, d, _)| d == device);

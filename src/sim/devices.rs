@@ -105,14 +105,15 @@ pub(super) fn register(node: &Node, sim: &mut Sim) {
     sim.devices.list.push(SimDevice { id, flaky, parts });
 }
 
-/// A device's registration: tag t0 or t1, nrf52 or esp32, one in six a production device
-/// (which gets nothing: no TUF repository verifies here), all FAS nodeBMCs.
+/// A device's registration: tag t0 or t1, nrf52 or esp32, one in three a production device
+/// (which gets only the application's images the TUF repository signs for its tag), all FAS
+/// nodeBMCs.
 pub(super) fn spec(sim: &mut Sim, id: &str) -> DeviceSpec {
     DeviceSpec {
         id: id.into(),
         tag: Some(format!("t{}", sim.rng.u32(0..2))),
         hardware: Some(if sim.rng.bool() { "nrf52" } else { "esp32" }.into()),
-        production: sim.rng.u32(0..6) == 0,
+        production: sim.rng.u32(0..3) == 0,
         inventory: Some(Box::new(Inventory { device_type: Some("nodeBMC".into()), ..Default::default() })),
         ..Default::default()
     }
