@@ -194,6 +194,10 @@ pub struct Heartbeat {
     /// Unix ms of this heartbeat and of the node's start.
     pub at_ms: u64,
     pub started_ms: u64,
+    /// How many times the node's bus connection was made: a new value tells the planner the
+    /// node reconnected and may have missed the clearing of deleted devices' views.
+    #[serde(default)]
+    pub connections: u64,
     /// The node went away (its last will, or a clean stop).
     pub gone: bool,
     /// Devices whose views the node holds.

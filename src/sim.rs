@@ -78,6 +78,9 @@ pub struct Report {
     /// Cluster mode: blocks a node served from a view the planner had already replaced (the
     /// newer one on its way) that the planner would not have served then.
     pub stale_serves: u64,
+    /// Of those, blocks served while the planner had another transfer of the device in flight
+    /// (from the device's side, two transfers at once while the node's view was behind).
+    pub stale_overlaps: u64,
     pub failure: Option<Failure>,
 }
 
@@ -306,7 +309,7 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
         }
         check::all(&node, sim, sim.step % 8 == 0)?;
         if let Some(net) = &net {
-            sim.report.stale_serves = net.stale_serves;
+            (sim.report.stale_serves, sim.report.stale_overlaps) = (net.stale_serves, net.stale_overlaps);
             cluster::audit(net, sim)?;
         }
     }
@@ -315,7 +318,7 @@ fn drive(cfg: &SimConfig, disk: &Disk, dir: &Path, sim: &mut Sim) -> Result<(), 
     devices::quiesce(&node, sim, net.as_mut())?;
     if let Some(net) = &mut net {
         cluster::converged(net, &node, sim)?;
-        sim.report.stale_serves = net.stale_serves;
+        (sim.report.stale_serves, sim.report.stale_overlaps) = (net.stale_serves, net.stale_overlaps);
     }
     check::settled(&node, sim)
 }

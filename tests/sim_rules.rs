@@ -53,14 +53,15 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
     assert!(r.failure.is_none(), "{}", r.failure.unwrap());
 }
 
-/// Cluster mode's own rules: a node that reconnects drops its views (its clean session gets
-/// only the retained ones, and a device deleted meanwhile has none; kept, the old view of a
-/// deleted device is served for good), and a node answers WAIT past its view's trust deadline.
+/// Cluster mode's own rules: the planner clears deleted devices' views again when a node
+/// reconnects (its clean session gets only the retained views, and a device deleted meanwhile
+/// has none: without it the old view is served for good), and a node answers WAIT past its
+/// view's trust deadline.
 #[test]
 fn the_nodes_broken_rules_are_caught_in_cluster_mode() {
     let _one = RULES.lock().unwrap_or_else(|e| e.into_inner());
     let expected: [(Rule, &str); 2] =
-        [(Rule::ReconnectClears, "views converge"), (Rule::TrustDeadline, "admission (node)")];
+        [(Rule::TombstoneReplay, "views converge"), (Rule::TrustDeadline, "admission (node)")];
     let mut lines = Vec::new();
     for (rule, invariant) in expected {
         set_broken(rule, true);

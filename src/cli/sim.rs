@@ -56,7 +56,7 @@ pub fn sim(args: SimArgs) -> Result<()> {
     }
     let start = std::time::Instant::now();
     let (mut steps, mut crashes, mut checks, mut statuses, mut failed) = (0u64, 0u64, 0u64, 0u64, Vec::new());
-    let mut stale = 0u64;
+    let (mut stale, mut overlaps) = (0u64, 0u64);
     let reports = soak(args.seed, args.seeds, args.seconds, &cfg, |r| {
         if args.verbose || r.failure.is_some() {
             let end = r.failure.as_ref().map_or("ok".to_owned(), |f| format!("FAILED\n{f}"));
@@ -77,6 +77,7 @@ pub fn sim(args: SimArgs) -> Result<()> {
         checks += r.checks;
         statuses += r.statuses;
         stale += r.stale_serves;
+        overlaps += r.stale_overlaps;
         if r.failure.is_some() {
             failed.push(r.seed);
         }
@@ -91,7 +92,10 @@ pub fn sim(args: SimArgs) -> Result<()> {
         steps as f64 / secs.max(1e-9)
     );
     if args.cluster {
-        println!("blocks served from a view the planner had already replaced (newer one on its way): {stale}");
+        println!(
+            "blocks served from a view the planner had already replaced (newer one on its way): {stale}, \
+             {overlaps} of them while the planner had another transfer of the device in flight"
+        );
     }
     if !failed.is_empty() {
         bail!("invariants broken with seeds {failed:?}: replay one with `fwgate sim --seed N --seeds 1 --verbose`");

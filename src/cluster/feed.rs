@@ -59,15 +59,17 @@ pub struct NodeStatus {
 }
 
 impl Nodes {
-    fn heard(&self, payload: &[u8], name: &str, now_ms: u64) -> bool {
+    /// Takes a node's heartbeat: `None` when it is refused, else whether it tells of a new
+    /// bus connection of the node (its first heartbeat here, or a reconnect).
+    fn heard(&self, payload: &[u8], name: &str, now_ms: u64) -> Option<bool> {
         if payload.is_empty() {
             // The retained heartbeat was cleared: the node is gone for good.
             self.heard.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-            return true;
+            return Some(false);
         }
         let beat = match serde_json::from_slice::<Heartbeat>(payload) {
             Ok(b) if b.node == name => b,
-            _ => return false,
+            _ => return None,
         };
         let mut map = self.heard.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_NODES && !map.contains_key(name) {
@@ -75,8 +77,10 @@ impl Nodes {
                 map.remove(&oldest);
             }
         }
+        let new_connection = !beat.gone
+            && map.get(name).is_none_or(|(b, _)| b.connections != beat.connections || b.started_ms != beat.started_ms);
         map.insert(name.to_owned(), (beat, now_ms));
-        true
+        Some(new_connection)
     }
 
     pub fn list(&self, now_ms: u64) -> Vec<NodeStatus> {
@@ -116,7 +120,7 @@ pub async fn run(
         client: client.clone(),
         topics: topics.clone(),
         planner,
-        fleet,
+        fleet: fleet.clone(),
         changes: changes.clone(),
         nodes: nodes.clone(),
         telemetry: telemetry.clone(),
@@ -134,8 +138,16 @@ pub async fn run(
     };
     let on_publish = |p: rumqttc::v5::mqttbytes::v5::Publish| {
         if let Some(name) = topics.name("node", &p.topic) {
-            if nodes.heard(&p.payload, name, crate::now_millis()) {
-                telemetry.cluster("node_heard");
+            match nodes.heard(&p.payload, name, crate::now_millis()) {
+                Some(reconnected) => {
+                    telemetry.cluster("node_heard");
+                    if reconnected {
+                        // Its session started clean: the views cleared while it was away never
+                        // reached it. Cleared again (the deleted devices' tombstones).
+                        replay_tombstones(&fleet, &changes, &telemetry);
+                    }
+                }
+                None => {}
             }
         } else if topics.name("report", &p.topic).is_some() {
             match serde_json::from_slice::<Reports>(&p.payload) {
@@ -176,6 +188,17 @@ async fn apply(mut rx: mpsc::Receiver<Reports>, planner: Arc<Planner>, fleet: Ar
             error!(error = %e, "applying reports panicked");
         }
     }
+}
+
+/// Marks every tombstoned (deleted) device, so that its cleared view is published again: on
+/// the planner's own (re)connection, and when a node tells of a new connection.
+pub fn replay_tombstones(fleet: &Fleet, changes: &Changes, telemetry: &Telemetry) {
+    if crate::planner::rules::broken(crate::planner::rules::Rule::TombstoneReplay) {
+        return;
+    }
+    let gone = fleet.tombstones();
+    telemetry.cluster_by("tombstone_cleared", gone.len() as u64);
+    changes.mark_all(gone.iter().map(String::as_str));
 }
 
 /// A device's view as the planner publishes it at `now` (`at_ms`: when the change it carries
@@ -260,9 +283,7 @@ impl Publisher {
                 if let Err(e) = self.fleet.prune_tombstones(crate::now_secs()) {
                     warn!(error = %e, "cannot prune the deleted devices' tombstones");
                 }
-                let gone = self.fleet.tombstones();
-                self.telemetry.cluster_by("tombstone_cleared", gone.len() as u64);
-                self.changes.mark_all(gone.iter().map(String::as_str));
+                replay_tombstones(&self.fleet, &self.changes, &self.telemetry);
                 info!(devices = self.changes.len(), "publishing every device's view");
             }
             let batch = self.changes.take(BATCH);
@@ -351,14 +372,18 @@ mod tests {
         let nodes = Nodes::default();
         nodes.newest_change_ms.store(1_000, Ordering::Relaxed);
         let beat = Heartbeat { node: "n1".into(), newest_change_ms: 400, ..Default::default() };
-        assert!(nodes.heard(&serde_json::to_vec(&beat).unwrap(), "n1", 5_000));
+        assert_eq!(nodes.heard(&serde_json::to_vec(&beat).unwrap(), "n1", 5_000), Some(true), "first heard");
+        assert_eq!(nodes.heard(&serde_json::to_vec(&beat).unwrap(), "n1", 5_000), Some(false));
         // A heartbeat naming another node than its topic is not taken.
-        assert!(!nodes.heard(&serde_json::to_vec(&beat).unwrap(), "n2", 5_000));
-        assert!(!nodes.heard(b"not json", "n3", 5_000));
+        assert_eq!(nodes.heard(&serde_json::to_vec(&beat).unwrap(), "n2", 5_000), None);
+        assert_eq!(nodes.heard(b"not json", "n3", 5_000), None);
         let l = nodes.list(7_000);
         assert_eq!(l.len(), 1);
         assert_eq!((l[0].lag_ms, l[0].heard_secs_ago), (600, 2));
-        assert!(nodes.heard(b"", "n1", 8_000));
+        // The node reconnected: its next heartbeat says so.
+        let again = Heartbeat { connections: 1, ..beat.clone() };
+        assert_eq!(nodes.heard(&serde_json::to_vec(&again).unwrap(), "n1", 7_000), Some(true));
+        assert_eq!(nodes.heard(b"", "n1", 8_000), Some(false));
         assert!(nodes.list(8_000).is_empty());
     }
 }

@@ -42,6 +42,13 @@ pub struct DataPlane {
     shutdown: CancellationToken,
 }
 
+/// The node's bus connections: how many were made, and a wake-up for the heartbeat.
+#[derive(Default)]
+struct Connected {
+    count: std::sync::atomic::AtomicU64,
+    beat_now: tokio::sync::Notify,
+}
+
 /// How long changes took to reach this node (ms), for its heartbeat.
 struct Delays {
     histogram: Mutex<hdrhistogram::Histogram<u64>>,
@@ -91,15 +98,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<DataPl
         None,
     ));
     let (bus, events) = AsyncClient::new(opts, REQUEST_QUEUE);
+    let connected = Arc::new(Connected::default());
     {
         let (replica, telemetry, delays, topics, stop) =
             (replica.clone(), telemetry.clone(), delays.clone(), topics.clone(), shutdown.clone());
+        let connected = connected.clone();
         let bus = bus.clone();
         tasks.spawn(async move {
             let filters = [(topics.views(), QoS::AtLeastOnce)];
             let on_event = |event: &'static str| {
                 if event == "connected" {
-                    replica.reconnected();
+                    // The heartbeat says so at once: the planner clears deleted devices' views
+                    // again, which this clean session cannot have received while it was away.
+                    connected.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    connected.beat_now.notify_one();
                 }
                 telemetry.cluster(bus_event(event))
             };
@@ -125,6 +137,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<DataPl
         replica.clone(),
         telemetry.clone(),
         delays.clone(),
+        connected,
         shutdown.clone(),
     ));
     let fetcher = Fetcher::new(&config)?;
@@ -217,6 +230,7 @@ async fn heartbeat(
     replica: Arc<Replica>,
     telemetry: Arc<Telemetry>,
     delays: Arc<Delays>,
+    connected: Arc<Connected>,
     stop: CancellationToken,
 ) {
     let started_ms = now_millis();
@@ -225,6 +239,7 @@ async fn heartbeat(
         let gone = tokio::select! {
             _ = stop.cancelled() => true,
             _ = tick.tick() => false,
+            _ = connected.beat_now.notified() => false,
         };
         let (p50, p99, samples) = {
             let h = delays.histogram.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,6 +251,7 @@ async fn heartbeat(
             role: "dataplane".into(),
             at_ms: now_millis(),
             started_ms,
+            connections: connected.count.load(std::sync::atomic::Ordering::Relaxed),
             gone,
             views: replica.len() as u64,
             statuses: telemetry.broker_count("status"),

@@ -149,22 +149,6 @@ impl Replica {
         entry.components = components;
     }
 
-    /// The node's connection to the broker was made (again). Its session starts clean, so what
-    /// was published while it was away arrives only as the retained views that follow — and a
-    /// device deleted meanwhile has none: its old view would be served for good. Every view
-    /// is dropped (devices asking before theirs arrives are told to wait); the images stay.
-    pub fn reconnected(&self) {
-        if crate::planner::rules::broken(crate::planner::rules::Rule::ReconnectClears) {
-            return;
-        }
-        self.devices.clear();
-    }
-
-    /// Whether this node holds a view of the device.
-    pub fn holds(&self, device: &str) -> bool {
-        self.devices.contains_key(device)
-    }
-
     /// The operation this node holds for a device's component, and where it has it.
     pub fn state(&self, device: &str, component: &str) -> Option<(u64, OpState)> {
         let d = self.devices.get(device)?;
@@ -564,24 +548,6 @@ mod tests {
             |seq| r.record("x1", seq, OpState::Pending, Some(OpState::Downloading), Some(0), Some("aa"), None, 5);
         assert!(start(1).unwrap());
         assert!(!start(2).unwrap(), "BMC may not start while BIOS is in flight");
-    }
-
-    /// Found by the simulator's cluster mode: a node's session starts clean, so after a
-    /// reconnect only the retained views arrive and a device deleted meanwhile has none — its
-    /// old view was served for good (8 of the first 20 cluster seeds ended with a node holding
-    /// a deleted device's view). A reconnect drops every view; the images stay.
-    #[test]
-    fn a_reconnected_node_serves_a_device_only_once_its_view_is_back() {
-        let (r, _, _) = replica();
-        r.apply("gone", Some(active(7, OpState::Pending)));
-        r.apply("kept", Some(active(8, OpState::Pending)));
-        r.insert_image("aa".into(), Bytes::from_static(b"abcd"));
-        r.reconnected();
-        assert!(matches!(r.lookup("gone", "main", 1).unwrap(), Lookup::Nothing));
-        assert!(!r.observe("gone", "main", "0.9", 1).unwrap(), "unknown until a view arrives");
-        r.apply("kept", Some(active(8, OpState::Pending)));
-        assert!(matches!(r.lookup("kept", "main", 1).unwrap(), Lookup::Active(a) if a.seq == 8));
-        assert_eq!(r.cache_size().0, 1, "the image was kept");
     }
 
     #[test]

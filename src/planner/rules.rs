@@ -19,9 +19,9 @@ pub enum Rule {
     /// A rollout finishes only when every member has ended: it finishes when no group is left
     /// to start.
     FinishSettled,
-    /// Cluster mode: a node that reconnects to the broker drops its views — it keeps them
-    /// (and so the view of a device deleted while it was away).
-    ReconnectClears,
+    /// Cluster mode: the planner clears deleted devices' views again when it or a node
+    /// (re)connects — it does not (a node that was away keeps a deleted device's view).
+    TombstoneReplay,
     /// Cluster mode: a node answers WAIT past its view's trust deadline — it serves on.
     TrustDeadline,
 }
@@ -33,7 +33,7 @@ impl Rule {
         Rule::AtomicStep,
         Rule::LeftStored,
         Rule::FinishSettled,
-        Rule::ReconnectClears,
+        Rule::TombstoneReplay,
         Rule::TrustDeadline,
     ];
 

@@ -4,7 +4,8 @@
 //! What the broker guarantees is what the design relies on (MQTT QoS 1, retained views): a
 //! node receives the views of one device in the order they were published, each at least once
 //! (a view may come twice), after any delay; a node that reconnects loses what was on its way
-//! and receives every retained view again. Reports are sent at least once too, but the planner
+//! and receives every retained view again (its heartbeat tells the planner of the new
+//! connection, and the planner clears the deleted devices' views again). Reports are sent at least once too, but the planner
 //! may get them late, twice, in any order between the nodes and within one, or not at all (a
 //! full queue drops them; nodes send again what no view confirms). Devices ask either node
 //! for any message (a shared subscription). Nodes restart (their replica is lost) and
@@ -75,6 +76,7 @@ pub(super) struct Net {
     /// Report messages on their way to the planner: (arrives at step, from node, reports).
     reports: Vec<(u64, usize, Vec<Report>)>,
     engine: crate::engine::EngineConfig,
+    telemetry: Arc<Telemetry>,
     /// The network's clock: one tick per step (and per settling round).
     clock: u64,
     /// The trust generation the views were last computed under (see the real feed).
@@ -85,10 +87,14 @@ pub(super) struct Net {
     /// Until this tick the planner neither publishes nor takes reports (busy, or its bus
     /// connection down); nodes and devices go on.
     stalled_until: u64,
+    /// Heartbeats telling of a node's new connection, on their way to the planner (tick).
+    hellos: Vec<u64>,
     /// Blocks a node served while its view of the device was behind the planner's and the
     /// planner would not have served them then (a transfer of another component in flight,
     /// or admission refusing): the window the design accepts, counted.
     pub stale_serves: u64,
+    /// Of those, blocks served while the planner had another transfer of the device in flight.
+    pub stale_overlaps: u64,
 }
 
 impl Net {
@@ -100,11 +106,14 @@ impl Net {
             changes: Arc::new(Changes::default()),
             reports: Vec::new(),
             engine,
+            telemetry: Arc::new(Telemetry::new()),
             clock: 0,
             trust: 0,
             rechecked: 0,
             stalled_until: 0,
+            hellos: Vec::new(),
             stale_serves: 0,
+            stale_overlaps: 0,
         }
     }
 
@@ -119,8 +128,7 @@ impl Net {
         let _ = node.fleet.prune_tombstones(now);
         let ids = node.fleet.ids_where(|_| true);
         self.changes.mark_all(ids.iter().map(String::as_str));
-        let gone = node.fleet.tombstones();
-        self.changes.mark_all(gone.iter().map(String::as_str));
+        feed::replay_tombstones(&node.fleet, &self.changes, &self.telemetry);
     }
 
     /// One round of the feed: the changed devices' views (all of them on a recheck) are
@@ -150,9 +158,10 @@ impl Net {
                     continue;
                 }
             };
+            // As the real feed: a view equal to the one published is skipped; a cleared one is
+            // always published again (its subscribers drop the device).
             let same = match (&view, self.published.get(&device)) {
                 (Some(v), Some(p)) => v.components == p.components,
-                (None, None) => self.retained.get(&device).is_none(),
                 _ => false,
             };
             if same {
@@ -221,6 +230,13 @@ impl Net {
                 _ => self.reports.push((sim.step + sim.rng.u64(0..=MAX_DELAY), n, batch)),
             }
         }
+        // A node's new connection: the planner clears deleted devices' views again (taken
+        // by its event loop even while the feed is busy).
+        let before = self.hellos.len();
+        self.hellos.retain(|at| *at > self.clock);
+        if self.hellos.len() < before {
+            feed::replay_tombstones(&node.fleet, &self.changes, &self.telemetry);
+        }
         // Due reports, in any order.
         let mut due = Vec::new();
         let mut i = 0;
@@ -255,12 +271,11 @@ impl Net {
             let name = self.nodes[n].name.clone();
             self.nodes[n] = SimNode::new(name, self.engine.clone());
         } else {
+            // Its views stay; what was on its way is lost.
             self.nodes[n].inbox.clear();
-            self.nodes[n].replica.reconnected();
-            // The views it applied that it still holds.
-            let node = &mut self.nodes[n];
-            node.applied.retain(|d, _| node.replica.holds(d));
         }
+        // Its heartbeat tells the planner of the new connection, a little later.
+        self.hellos.push(self.clock + sim.rng.u64(0..=MAX_DELAY));
         sim.note(format!("{}: {}", self.nodes[n].name, if restart { "restarts" } else { "reconnects" }));
         let node = &mut self.nodes[n];
         let devices: Vec<(String, View)> = self.retained.iter().map(|(d, v)| (d.clone(), v.clone())).collect();
@@ -352,6 +367,11 @@ pub(super) fn served(
     let on_its_way = net.changes.contains(device) || net.nodes[k].inbox.iter().any(|(_, d, _)| d == device);
     if on_its_way {
         net.stale_serves += 1;
+        // The planner has another transfer of this device in flight: from the device's side,
+        // two at once for as long as this node's view is behind.
+        if node.planner.operations_of(device).iter().any(|o| o.seq != seq && o.state.in_flight()) {
+            net.stale_overlaps += 1;
+        }
         sim.note(format!("{name} served {device}/{component} from a replaced view: {why}"));
         return Ok(());
     }
