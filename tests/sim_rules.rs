@@ -5,6 +5,25 @@
 use fwgate::planner::rules::{set_broken, Rule};
 use fwgate::sim::{run, SimConfig};
 
+/// With `rule` broken, runs seeds 1, 2, … (2,000 steps each, at most 40) until one fails:
+/// that seed, its failure, and the steps run in all. The rule is mended before it returns.
+fn first_failure(rule: Rule, cluster: bool) -> (u64, fwgate::sim::Failure, u64) {
+    set_broken(rule, true);
+    let mut caught = None;
+    let mut steps = 0;
+    for seed in 1..=40 {
+        let r = run(&SimConfig { seed, steps: 2_000, cluster, ..SimConfig::default() });
+        steps += r.steps;
+        if let Some(f) = r.failure {
+            caught = Some((seed, f));
+            break;
+        }
+    }
+    set_broken(rule, false);
+    let (seed, f) = caught.unwrap_or_else(|| panic!("{rule:?} broken, and no invariant caught it in 40 seeds"));
+    (seed, f, steps)
+}
+
 /// Held by each test while it breaks a rule.
 static RULES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -27,19 +46,7 @@ fn every_deliberately_broken_rule_is_caught_by_its_invariant() {
     ];
     let mut lines = Vec::new();
     for (rule, invariants) in expected {
-        set_broken(rule, true);
-        let mut caught = None;
-        let mut steps = 0;
-        for seed in 1..=40 {
-            let r = run(&SimConfig { seed, steps: 2_000, ..SimConfig::default() });
-            steps += r.steps;
-            if let Some(f) = r.failure {
-                caught = Some((seed, f));
-                break;
-            }
-        }
-        set_broken(rule, false);
-        let (seed, f) = caught.unwrap_or_else(|| panic!("{rule:?} broken, and no invariant caught it in 40 seeds"));
+        let (seed, f, steps) = first_failure(rule, false);
         assert!(
             invariants.contains(&f.invariant),
             "{rule:?} was caught by '{}', not by {invariants:?}: {f}",
@@ -64,19 +71,7 @@ fn the_nodes_broken_rules_are_caught_in_cluster_mode() {
         [(Rule::TombstoneReplay, "views converge"), (Rule::TrustDeadline, "admission (node)")];
     let mut lines = Vec::new();
     for (rule, invariant) in expected {
-        set_broken(rule, true);
-        let mut caught = None;
-        let mut steps = 0;
-        for seed in 1..=40 {
-            let r = run(&SimConfig { seed, steps: 2_000, cluster: true, ..SimConfig::default() });
-            steps += r.steps;
-            if let Some(f) = r.failure {
-                caught = Some((seed, f));
-                break;
-            }
-        }
-        set_broken(rule, false);
-        let (seed, f) = caught.unwrap_or_else(|| panic!("{rule:?} broken, and no invariant caught it in 40 seeds"));
+        let (seed, f, steps) = first_failure(rule, true);
         assert_eq!(f.invariant, invariant, "{rule:?}: {f}");
         lines.push(format!("{rule:?}: caught by '{}' at seed {seed}, after {steps} steps in all", f.invariant));
     }

@@ -49,14 +49,8 @@ pub(super) fn served(
     if !op.state.in_flight() || op.version != version {
         return fail(sim, format!("its operation {} is {} for {}", op.seq, op.state.as_str(), op.version));
     }
-    let (name, v) = op.image.split_once('@').unwrap_or((&op.image, ""));
-    let Some(meta) = node.firmware.get(name, v) else { return fail(sim, format!("image {} is unknown", op.image)) };
-    let Some(device_spec) = node.fleet.get(device) else { return fail(sim, "the device is not registered".into()) };
-    if !meta.fits_hardware(device_spec.spec.hardware.as_deref()) {
-        return fail(sim, format!("image {} is not for hardware {:?}", op.image, device_spec.spec.hardware));
-    }
-    if let Err(d) = node.planner.admit(device_spec.spec.production, &meta, device_spec.spec.tag.as_deref(), sim.now) {
-        return fail(sim, format!("admission refuses it: {}", d.reason));
+    if let Some(why) = image_refused(node, device, &op.image, sim.now) {
+        return fail(sim, why);
     }
     if let Some(from) = starting {
         if let (Some(a), Some(b)) = (version_order(from), version_order(&op.version)) {
@@ -66,6 +60,19 @@ pub(super) fn served(
         }
     }
     Ok(())
+}
+
+/// Why `image` may not reach the device now: unknown, not for its hardware, or refused by
+/// admission for its class and tag.
+pub(super) fn image_refused(node: &Node, device: &str, image: &str, now: u64) -> Option<String> {
+    let (name, v) = image.split_once('@').unwrap_or((image, ""));
+    let Some(meta) = node.firmware.get(name, v) else { return Some(format!("image {image} is unknown")) };
+    let Some(d) = node.fleet.get(device) else { return Some("the device is not registered".into()) };
+    if !meta.fits_hardware(d.spec.hardware.as_deref()) {
+        return Some(format!("image {image} is not for hardware {:?}", d.spec.hardware));
+    }
+    let refused = node.planner.admit(d.spec.production, &meta, d.spec.tag.as_deref(), now).err();
+    refused.map(|d| format!("admission refuses it: {}", d.reason))
 }
 
 /// After the fleet quiesced: every rollout has ended or waits with a reason (paused, waiting

@@ -389,7 +389,9 @@ pub(super) fn served(
 
 /// Why the planner would not serve a block of operation `seq` of a device's component now.
 fn planner_refuses(node: &Node, device: &str, component: &str, seq: u64, now: u64) -> Option<String> {
-    let Some(spec) = node.fleet.get(device) else { return Some("the device is not registered".into()) };
+    if node.fleet.get(device).is_none() {
+        return Some("the device is not registered".into());
+    }
     let ops = node.planner.operations_of(device);
     let Some(op) = ops.iter().find(|o| o.seq == seq) else {
         return Some(format!("the planner has no operation {seq}"));
@@ -408,15 +410,7 @@ fn planner_refuses(node: &Node, device: &str, component: &str, seq: u64, now: u6
             other.map(|o| (o.seq, o.component.clone()))
         ));
     }
-    let (name, v) = op.image.split_once('@').unwrap_or((&op.image, ""));
-    let Some(meta) = node.firmware.get(name, v) else { return Some(format!("image {} is unknown", op.image)) };
-    if !meta.fits_hardware(spec.spec.hardware.as_deref()) {
-        return Some(format!("image {} is not for hardware {:?}", op.image, spec.spec.hardware));
-    }
-    if let Err(d) = node.planner.admit(spec.spec.production, &meta, spec.spec.tag.as_deref(), now) {
-        return Some(format!("admission refuses it: {}", d.reason));
-    }
-    None
+    super::check::image_refused(node, device, &op.image, now)
 }
 
 /// After the fleet quiesced: every node holds the planner's view of every device, and that
